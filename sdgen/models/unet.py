@@ -1,0 +1,303 @@
+"""The denoising UNet (diffusers' UNet2DConditionModel), for SD 1.x, SD 2.x and SDXL configs.
+
+    noisy latents ─ conv_in ─ down blocks ─ mid block ─ up blocks ─ norm, SiLU, conv_out ─ predicted noise (or v)
+                               │  (skips) ─────────────────────┘
+    timestep ─ sinusoidal ─ MLP ─ (+ SDXL: text embeds and size/crop ids) ─ added in every ResNet block
+    text context ─ cross-attention in every transformer block
+
+A down block is [ResNet, (Transformer)] x layers, then a stride-2 conv; an up block concatenates a skip before each
+ResNet and ends with nearest x2 + conv. A transformer block is self-attention, cross-attention and a GEGLU MLP, each
+pre-normed and residual. Internally feature maps are NHWC; the model takes and returns NCHW like diffusers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import kernels
+from ..errors import BadModelFileError
+from .layers import (Conv2d, GroupNorm, LayerNorm, Linear, Params, nchw_to_nhwc, nhwc_to_nchw, timestep_embedding,
+                     upsample_nearest)
+
+
+def _per_block(value, n: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: list = field(default_factory=lambda: [320, 640, 1280, 1280])
+    down_block_types: list = field(default_factory=lambda: ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+    up_block_types: list = field(default_factory=lambda: ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    layers_per_block: int | list = 2
+    attention_head_dim: int | list = 8
+    num_attention_heads: int | list | None = None
+    cross_attention_dim: int | list = 768
+    transformer_layers_per_block: int | list = 1
+    reverse_transformer_layers_per_block: list | None = None
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    use_linear_projection: bool = False
+    only_cross_attention: bool | list = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    class_embed_type: str | None = None
+    time_cond_proj_dim: int | None = None
+    resnet_time_scale_shift: str = "default"
+    sample_size: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        cfg = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        unsupported = {
+            "class_embed_type": cfg.class_embed_type,
+            "time_cond_proj_dim": cfg.time_cond_proj_dim,
+            "resnet_time_scale_shift": None if cfg.resnet_time_scale_shift == "default" else cfg.resnet_time_scale_shift,
+            "addition_embed_type": None if cfg.addition_embed_type in (None, "text_time") else cfg.addition_embed_type,
+        }
+        for key, value in unsupported.items():
+            if value is not None:
+                raise BadModelFileError(f"unet config: {key}={value!r} is not supported")
+        if any(_per_block(cfg.only_cross_attention, 1)):
+            raise BadModelFileError("unet config: only_cross_attention is not supported")
+        return cfg
+
+
+class ResnetBlock:
+    """GroupNorm, SiLU, conv; + time embedding; GroupNorm, SiLU, conv; + (1x1-projected) input."""
+
+    def __init__(self, p: Params, cin: int, cout: int, temb_channels: int | None, groups: int, eps: float):
+        self.norm1 = GroupNorm(p.sub("norm1"), groups, cin, eps)
+        self.conv1 = Conv2d(p.sub("conv1"), cin, cout)
+        self.time_emb_proj = Linear(p.sub("time_emb_proj"), temb_channels, cout) if temb_channels else None
+        self.norm2 = GroupNorm(p.sub("norm2"), groups, cout, eps)
+        self.conv2 = Conv2d(p.sub("conv2"), cout, cout)
+        self.conv_shortcut = Conv2d(p.sub("conv_shortcut"), cin, cout, 1) if cin != cout else None
+
+    def __call__(self, x: np.ndarray, temb: np.ndarray | None) -> np.ndarray:
+        h = self.conv1(self.norm1(x, silu=True))
+        if self.time_emb_proj is not None and temb is not None:
+            h += self.time_emb_proj(kernels.silu(temb))[:, None, None, :]
+        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return self.conv2(self.norm2(h, silu=True), residual=shortcut)
+
+
+class Attention:
+    """Multi-head attention with q from x and k, v from the context (x itself for self-attention)."""
+
+    def __init__(self, p: Params, dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
+        self.heads = heads
+        self.self_attention = context_dim is None
+        kv_dim = dim if context_dim is None else context_dim
+        q = Linear(p.sub("to_q"), dim, dim, bias=bias)
+        k = Linear(p.sub("to_k"), kv_dim, dim, bias=bias)
+        v = Linear(p.sub("to_v"), kv_dim, dim, bias=bias)
+        if self.self_attention:
+            self.qkv = Linear.fused([q, k, v])
+        else:
+            self.q, self.kv = q, Linear.fused([k, v])
+        self.to_out = Linear(p.sub("to_out.0"), dim, dim)
+
+    def __call__(self, x: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        if self.self_attention:
+            q, k, v = np.split(self.qkv(x), 3, axis=-1)
+        else:
+            q = self.q(x)
+            k, v = np.split(self.kv(context), 2, axis=-1)
+        out = kernels.attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), self.heads)
+        return self.to_out(out)
+
+
+class TransformerBlock:
+    """x + self-attn(LN x); x + cross-attn(LN x, context); x + GEGLU-MLP(LN x)."""
+
+    def __init__(self, p: Params, dim: int, heads: int, context_dim: int):
+        self.norm1 = LayerNorm(p.sub("norm1"), dim)
+        self.attn1 = Attention(p.sub("attn1"), dim, heads)
+        self.norm2 = LayerNorm(p.sub("norm2"), dim)
+        self.attn2 = Attention(p.sub("attn2"), dim, heads, context_dim)
+        self.norm3 = LayerNorm(p.sub("norm3"), dim)
+        self.ff_in = Linear(p.sub("ff.net.0.proj"), dim, dim * 8)
+        self.ff_out = Linear(p.sub("ff.net.2"), dim * 4, dim)
+
+    def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        hidden, gate = np.split(self.ff_in(self.norm3(x)), 2, axis=-1)
+        return x + self.ff_out(hidden * kernels.gelu(gate))
+
+
+class Transformer2D:
+    """GroupNorm, project to tokens, transformer blocks, project back, + input."""
+
+    def __init__(self, p: Params, channels: int, heads: int, depth: int, context_dim: int, groups: int):
+        self.norm = GroupNorm(p.sub("norm"), groups, channels, 1e-6)
+        self.proj_in = _pointwise(p.sub("proj_in"), channels)
+        self.blocks = [TransformerBlock(p.sub(f"transformer_blocks.{i}"), channels, heads, context_dim)
+                       for i in range(depth)]
+        self.proj_out = _pointwise(p.sub("proj_out"), channels)
+
+    def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
+        n, h, w, c = x.shape
+        tokens = self.proj_in(self.norm(x).reshape(n, h * w, c))
+        for block in self.blocks:
+            tokens = block(tokens, context)
+        return self.proj_out(tokens).reshape(n, h, w, c) + x
+
+
+def _pointwise(p: Params, channels: int) -> Linear:
+    """proj_in / proj_out: a 1x1 conv (SD1) or a linear layer (SD2, SDXL) -- the same map on NHWC tokens."""
+    weight = p["weight"]
+    if weight.ndim == 4:
+        p = Params({"weight": weight.reshape(weight.shape[0], -1), "bias": p["bias"]}, source=p.source + ":" + p.prefix)
+    return Linear(p, channels, channels)
+
+
+class DownBlock:
+    def __init__(self, p: Params, cin: int, cout: int, layers: int, temb: int, groups: int, eps: float,
+                 attention: dict | None, downsample: bool):
+        self.resnets = [ResnetBlock(p.sub(f"resnets.{i}"), cin if i == 0 else cout, cout, temb, groups, eps)
+                        for i in range(layers)]
+        self.attentions = [Transformer2D(p.sub(f"attentions.{i}"), cout, groups=groups, **attention)
+                           for i in range(layers)] if attention else None
+        self.downsampler = Conv2d(p.sub("downsamplers.0.conv"), cout, cout, 3, stride=2) if downsample else None
+
+    def __call__(self, x, temb, context, skips: list):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsampler is not None:
+            x = self.downsampler(x)
+            skips.append(x)
+        return x
+
+
+class UpBlock:
+    def __init__(self, p: Params, cin: int, cprev: int, cout: int, layers: int, temb: int, groups: int, eps: float,
+                 attention: dict | None, upsample: bool):
+        self.resnets = []
+        for i in range(layers):
+            skip_channels = cin if i == layers - 1 else cout
+            resnet_in = cprev if i == 0 else cout
+            self.resnets.append(ResnetBlock(p.sub(f"resnets.{i}"), resnet_in + skip_channels, cout, temb, groups, eps))
+        self.attentions = [Transformer2D(p.sub(f"attentions.{i}"), cout, groups=groups, **attention)
+                           for i in range(layers)] if attention else None
+        self.upsampler = Conv2d(p.sub("upsamplers.0.conv"), cout, cout) if upsample else None
+
+    def __call__(self, x, temb, context, skips: list, upsample_size=None):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(np.concatenate([x, skips.pop()], axis=-1), temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+        if self.upsampler is not None:
+            x = self.upsampler(upsample_nearest(x, upsample_size))
+        return x
+
+
+class MidBlock:
+    def __init__(self, p: Params, channels: int, temb: int, groups: int, eps: float, attention: dict):
+        self.resnets = [ResnetBlock(p.sub(f"resnets.{i}"), channels, channels, temb, groups, eps) for i in range(2)]
+        self.attention = Transformer2D(p.sub("attentions.0"), channels, groups=groups, **attention)
+
+    def __call__(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        x = self.attention(x, context)
+        return self.resnets[1](x, temb)
+
+
+class UNet:
+    def __init__(self, cfg: UNetConfig, tensors: dict[str, np.ndarray], source: str = "unet"):
+        p = Params(tensors, source=source)
+        self.cfg = cfg
+        ch = list(cfg.block_out_channels)
+        n = len(ch)
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        heads = _per_block(cfg.num_attention_heads or cfg.attention_head_dim, n)
+        layers = _per_block(cfg.layers_per_block, n)
+        context_dims = _per_block(cfg.cross_attention_dim, n)
+        depths = _per_block(cfg.transformer_layers_per_block, n)
+        up_depths = cfg.reverse_transformer_layers_per_block or list(reversed(depths))
+        temb = ch[0] * 4
+
+        def attention(kind: str, i: int, depth: int, head_list=heads, ctx=context_dims):
+            if "CrossAttn" not in kind:
+                return None
+            return {"heads": head_list[i], "depth": depth, "context_dim": ctx[i]}
+
+        self.time_linear_1 = Linear(p.sub("time_embedding.linear_1"), ch[0], temb)
+        self.time_linear_2 = Linear(p.sub("time_embedding.linear_2"), temb, temb)
+        self.add_linear_1 = self.add_linear_2 = None
+        if cfg.addition_embed_type == "text_time":
+            self.add_linear_1 = Linear(p.sub("add_embedding.linear_1"), cfg.projection_class_embeddings_input_dim, temb)
+            self.add_linear_2 = Linear(p.sub("add_embedding.linear_2"), temb, temb)
+        self.conv_in = Conv2d(p.sub("conv_in"), cfg.in_channels, ch[0])
+
+        self.down_blocks = []
+        cout = ch[0]
+        for i, kind in enumerate(cfg.down_block_types):
+            cin, cout = cout, ch[i]
+            self.down_blocks.append(DownBlock(p.sub(f"down_blocks.{i}"), cin, cout, layers[i], temb, groups, eps,
+                                              attention(kind, i, depths[i]), downsample=i < n - 1))
+
+        self.mid_block = None
+        if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
+            self.mid_block = MidBlock(p.sub("mid_block"), ch[-1], temb, groups, eps,
+                                      {"heads": heads[-1], "depth": depths[-1], "context_dim": context_dims[-1]})
+        elif cfg.mid_block_type is not None:
+            raise BadModelFileError(f"unet config: mid_block_type {cfg.mid_block_type!r} is not supported")
+
+        rch, rheads, rlayers, rctx = ch[::-1], heads[::-1], layers[::-1], context_dims[::-1]
+        self.up_blocks = []
+        cout = rch[0]
+        for i, kind in enumerate(cfg.up_block_types):
+            cprev, cout = cout, rch[i]
+            cin = rch[min(i + 1, n - 1)]
+            self.up_blocks.append(UpBlock(p.sub(f"up_blocks.{i}"), cin, cprev, cout, rlayers[i] + 1, temb, groups, eps,
+                                          attention(kind, i, up_depths[i], rheads, rctx), upsample=i < n - 1))
+
+        self.conv_norm_out = GroupNorm(p.sub("conv_norm_out"), groups, ch[0], eps)
+        self.conv_out = Conv2d(p.sub("conv_out"), ch[0], cfg.out_channels)
+
+    def time_embedding(self, timestep, batch: int, text_embeds=None, time_ids=None) -> np.ndarray:
+        t = np.broadcast_to(np.asarray(timestep, dtype=np.float64).reshape(-1), (batch,))
+        emb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
+        emb = self.time_linear_2(kernels.silu(self.time_linear_1(emb)))
+        if self.add_linear_1 is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this UNet (SDXL) needs text_embeds and time_ids")
+            ids = timestep_embedding(np.asarray(time_ids, dtype=np.float32).reshape(-1), self.cfg.addition_time_embed_dim,
+                                     self.cfg.flip_sin_to_cos, self.cfg.freq_shift).reshape(batch, -1)
+            add = np.concatenate([np.asarray(text_embeds, dtype=np.float32), ids], axis=-1)
+            emb = emb + self.add_linear_2(kernels.silu(self.add_linear_1(add)))
+        return emb
+
+    def __call__(self, sample: np.ndarray, timestep, context: np.ndarray, text_embeds: np.ndarray | None = None,
+                 time_ids: np.ndarray | None = None) -> np.ndarray:
+        """sample: (B, C, H, W) NCHW; timestep: scalar or (B,); context: (B, L, D). Returns NCHW."""
+        batch = sample.shape[0]
+        temb = self.time_embedding(timestep, batch, text_embeds, time_ids)
+        context = np.ascontiguousarray(context, dtype=np.float32)
+        x = self.conv_in(nchw_to_nhwc(sample))
+        skips = [x]
+        for block in self.down_blocks:
+            x = block(x, temb, context, skips)
+        if self.mid_block is not None:
+            x = self.mid_block(x, temb, context)
+        for block in self.up_blocks:
+            # the upsampled size follows the skip it will be joined with (needed when H or W is not a multiple of 2^n)
+            target = None
+            if block.upsampler is not None:
+                target = skips[-len(block.resnets) - 1].shape[1:3]
+            x = block(x, temb, context, skips, upsample_size=target)
+        x = self.conv_out(self.conv_norm_out(x, silu=True))
+        return nhwc_to_nchw(x)

@@ -1,0 +1,86 @@
+"""Tiny random-weight models of the real architectures, built with diffusers/transformers (test-only dependencies).
+
+Widths are tiny so the tests are fast; the structure (block types, attention, skip wiring, norms) is the real one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SD1_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+)
+# SD2-style: linear projections, per-level head counts; SDXL-style: several transformer layers per block + time ids
+SD2_UNET = dict(SD1_UNET, use_linear_projection=True, attention_head_dim=(2, 4, 4))
+SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=(2, 4, 8), use_linear_projection=True,
+    transformer_layers_per_block=(1, 2, 3), addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32,
+)
+SD1_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+    norm_num_groups=32, sample_size=64,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD1_CLIP = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=49406,
+    eos_token_id=49407, pad_token_id=1,
+)
+
+
+def seeded(seed: int = 0):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
+    """Give every parameter random values (diffusers zero-initialises some output layers, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.shape[1] * (p[0, 0].numel() if p.ndim == 4 else 1) if p.ndim >= 2 else p.shape[0]
+                p.copy_(scale * torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
+    return module.eval()
+
+
+def make_unet(config: dict, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+    return randomize(UNet2DConditionModel(**config), seed)
+
+
+def make_vae(config: dict = SD1_VAE, seed: int = 0):
+    from diffusers import AutoencoderKL
+    return randomize(AutoencoderKL(**config), seed)
+
+
+def make_clip(config: dict = SD1_CLIP, seed: int = 0, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    if projection_dim is None:
+        return randomize(CLIPTextModel(CLIPTextConfig(**config)), seed)
+    return randomize(CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=projection_dim)), seed)
+
+
+def state_dict_numpy(module: torch.nn.Module, strip_prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in module.state_dict().items():
+        if strip_prefix and k.startswith(strip_prefix):
+            k = k[len(strip_prefix):]
+        out[k] = v.detach().float().numpy().copy()
+    return out
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
