@@ -84,3 +84,45 @@ def rel_err(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+SD15_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+)
+
+
+def build_sd_folder(path, family: str = "sd1", seed: int = 0):
+    """Save a tiny SD pipeline with diffusers' save_pretrained (safetensors) and return its folder."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from sdgen.tokenizer import write_vocab_files
+
+    tok_dir = path / "_tokenizer_src"
+    write_vocab_files(tok_dir)
+    pipe = StableDiffusionPipeline(
+        vae=make_vae(SD1_VAE, seed + 1), text_encoder=make_clip(SD1_CLIP, seed + 2),
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=make_unet(SD1_UNET, seed + 3),
+        scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = path / "model"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def diffusers_txt2img(path, prompt, scheduler=None, seed=0, steps=4, guidance=7.5, width=None, height=None,
+                      negative_prompt=None):
+    """The reference: diffusers' StableDiffusionPipeline on the CPU, uint8 pixels as its PIL output would have."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    if scheduler is not None:
+        cls, options = scheduler
+        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+               width=width, height=height, generator=torch.Generator().manual_seed(seed), output_type="np")
+    return (out.images * 255).round().astype(np.uint8)
