@@ -76,8 +76,8 @@ class CLIPEncoderLayer:
 class CLIPTextModel:
     """Weights in the canonical naming (no ``text_model.`` prefix): embeddings.*, encoder.layers.N.*, final_layer_norm.*"""
 
-    def __init__(self, cfg: CLIPTextConfig, tensors: dict[str, np.ndarray], source: str = "text_encoder"):
-        p = Params(tensors, source=source)
+    def __init__(self, cfg: CLIPTextConfig, tensors: "dict[str, np.ndarray] | Params", source: str = "text_encoder"):
+        p = tensors if isinstance(tensors, Params) else Params(tensors, source=source)
         c = cfg.hidden_size
         self.cfg = cfg
         self.token_embedding = p.shaped("embeddings.token_embedding.weight", (cfg.vocab_size, c))

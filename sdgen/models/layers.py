@@ -51,6 +51,60 @@ class Params:
             )
         return t
 
+    def matrix(self, name: str, rows: int, cols: int) -> np.ndarray:
+        """A (rows, cols) weight stored either as a matrix or as a 1x1 convolution kernel (rows, cols, 1, 1)."""
+        t = self[name]
+        if t.ndim == 4 and t.shape[2:] == (1, 1):
+            t = t.reshape(t.shape[0], t.shape[1])
+        return self.shaped_like(name, t, (rows, cols))
+
+    def shaped_like(self, name: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if tuple(t.shape) != tuple(shape):
+            raise BadModelFileError(
+                f"{self.source}: tensor {self.prefix + name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+            )
+        return t
+
+
+class RandomParams(Params):
+    """Random weights of exactly the shapes the architecture asks for: the real compute cost without a checkpoint
+    (benchmarks on machines without weights). Deterministic per name; scaled by 1/sqrt(fan-in) so activations stay
+    in a sane range; norm weights near 1."""
+
+    def __init__(self, seed: int = 0, prefix: str = "", source: str = "random weights", cache: dict | None = None):
+        super().__init__({} if cache is None else cache, prefix, source)
+        self.seed = seed
+
+    def sub(self, name: str | int) -> "RandomParams":
+        return RandomParams(self.seed, f"{self.prefix}{name}.", self.source, self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return True
+
+    def has_prefix(self, name: str) -> bool:
+        return True
+
+    def shaped(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        key = self.prefix + name
+        if key not in self.tensors:
+            import zlib
+            rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
+            if len(shape) == 1 and ("norm" in key and name == "weight"):
+                t = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32))
+            elif len(shape) == 1:
+                t = 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            else:
+                fan_in = int(np.prod(shape[1:]))
+                t = rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(fan_in))
+            self.tensors[key] = t.astype(np.float32, copy=False)
+        return self.tensors[key]
+
+    def matrix(self, name: str, rows: int, cols: int) -> np.ndarray:
+        return self.shaped(name, (rows, cols))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        raise BadModelFileError(f"random weights: {self.prefix + name!r} was asked for without a shape")
+
 
 def _f32(a: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
@@ -58,7 +112,7 @@ def _f32(a: np.ndarray | None) -> np.ndarray | None:
 
 class Linear:
     def __init__(self, p: Params, in_features: int, out_features: int, bias: bool = True):
-        self.weight = _f32(p.shaped("weight", (out_features, in_features)))
+        self.weight = _f32(p.matrix("weight", out_features, in_features))
         self.bias = _f32(p.shaped("bias", (out_features,))) if bias else None
 
     @classmethod

@@ -140,10 +140,11 @@ class Transformer2D:
 
     def __init__(self, p: Params, channels: int, heads: int, depth: int, context_dim: int, groups: int):
         self.norm = GroupNorm(p.sub("norm"), groups, channels, 1e-6)
-        self.proj_in = _pointwise(p.sub("proj_in"), channels)
+        # a 1x1 conv (SD1) or a linear layer (SD2, SDXL): the same map on NHWC tokens
+        self.proj_in = Linear(p.sub("proj_in"), channels, channels)
         self.blocks = [TransformerBlock(p.sub(f"transformer_blocks.{i}"), channels, heads, context_dim)
                        for i in range(depth)]
-        self.proj_out = _pointwise(p.sub("proj_out"), channels)
+        self.proj_out = Linear(p.sub("proj_out"), channels, channels)
 
     def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
         n, h, w, c = x.shape
@@ -152,13 +153,6 @@ class Transformer2D:
             tokens = block(tokens, context)
         return self.proj_out(tokens).reshape(n, h, w, c) + x
 
-
-def _pointwise(p: Params, channels: int) -> Linear:
-    """proj_in / proj_out: a 1x1 conv (SD1) or a linear layer (SD2, SDXL) -- the same map on NHWC tokens."""
-    weight = p["weight"]
-    if weight.ndim == 4:
-        p = Params({"weight": weight.reshape(weight.shape[0], -1), "bias": p["bias"]}, source=p.source + ":" + p.prefix)
-    return Linear(p, channels, channels)
 
 
 class DownBlock:
@@ -216,8 +210,8 @@ class MidBlock:
 
 
 class UNet:
-    def __init__(self, cfg: UNetConfig, tensors: dict[str, np.ndarray], source: str = "unet"):
-        p = Params(tensors, source=source)
+    def __init__(self, cfg: UNetConfig, tensors: "dict[str, np.ndarray] | Params", source: str = "unet"):
+        p = tensors if isinstance(tensors, Params) else Params(tensors, source=source)
         self.cfg = cfg
         ch = list(cfg.block_out_channels)
         n = len(ch)

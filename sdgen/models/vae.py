@@ -128,8 +128,8 @@ class Encoder:
 
 
 class AutoencoderKL:
-    def __init__(self, cfg: VAEConfig, tensors: dict[str, np.ndarray], source: str = "vae", encoder: bool = True):
-        p = Params(tensors, source=source)
+    def __init__(self, cfg: VAEConfig, tensors: "dict[str, np.ndarray] | Params", source: str = "vae", encoder: bool = True):
+        p = tensors if isinstance(tensors, Params) else Params(tensors, source=source)
         self.cfg = cfg
         lat = cfg.latent_channels
         self.decoder = Decoder(p.sub("decoder"), cfg)
