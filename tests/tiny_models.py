@@ -104,7 +104,7 @@ def build_sd_folder(path, family: str = "sd1", seed: int = 0):
     pipe = StableDiffusionPipeline(
         vae=make_vae(SD1_VAE, seed + 1), text_encoder=make_clip(SD1_CLIP, seed + 2),
         tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=make_unet(SD1_UNET, seed + 3),
-        scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     out = path / "model"

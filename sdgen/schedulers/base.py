@@ -1,0 +1,168 @@
+"""The Scheduler base class: config handling shaped like diffusers' ConfigMixin, the noise schedule every scheduler
+starts from, and the step-index bookkeeping of the sigma-based schedulers.
+
+A scheduler is driven exactly like a diffusers one::
+
+    sched.set_timesteps(n)
+    latents = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = sched.scale_model_input(latents, t)
+        latents = sched.step(model(x, t), t, latents, generator=generator)
+
+Samples are float32 numpy arrays, batch first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import UsageError
+from . import schedules as S
+
+
+class Scheduler:
+    #: The diffusers class this one reproduces.
+    diffusers_class: ClassVar[str] = ""
+    #: The config keys this scheduler accepts, with the defaults of the diffusers class's ``__init__``.
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: Number of model evaluations per step (1 for all schedulers here).
+    order: ClassVar[int] = 1
+    #: Whether ``rescale_betas_zero_snr`` also clamps the last alpha_bar to 2**-24 (the sigma-based ones do).
+    _zero_snr_clamp_last: ClassVar[bool] = False
+
+    def __init__(self, **config):
+        unknown = sorted(set(config) - set(self.defaults))
+        if unknown:
+            raise UsageError(f"{self.diffusers_class} has no option {', '.join(unknown)}")
+        self.config: dict[str, Any] = {**self.defaults, **config}
+        c = self.config
+        pt = c.get("prediction_type")
+        if pt is not None and pt not in self._prediction_types():
+            raise UsageError(f"{self.diffusers_class} does not support prediction_type {pt!r} "
+                             f"(one of {', '.join(self._prediction_types())})")
+        if c.get("timestep_spacing", "leading") not in S.TIMESTEP_SPACINGS:
+            raise UsageError(f"timestep_spacing {c['timestep_spacing']!r} is not supported "
+                             f"(one of {', '.join(S.TIMESTEP_SPACINGS)})")
+        self.betas = S.make_betas(c["num_train_timesteps"], c["beta_start"], c["beta_end"], c["beta_schedule"],
+                                  c.get("trained_betas"))
+        if c.get("rescale_betas_zero_snr"):
+            self.betas = S.rescale_zero_terminal_snr(self.betas)
+        self.alphas = S.F32(1.0) - self.betas
+        self.alphas_cumprod = S.cumprod_f32(self.alphas)
+        if c.get("rescale_betas_zero_snr") and self._zero_snr_clamp_last:
+            self.alphas_cumprod[-1] = 2.0 ** -24
+        self.num_inference_steps: int | None = None
+        self.timesteps = np.arange(0, c["num_train_timesteps"])[::-1].astype(np.int64)
+
+    # ------------------------------------------------------------------------------------------ config
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> "Scheduler":
+        """Like diffusers' ``cls.from_config(other.config, **overrides)``: take the keys of config this class knows
+        (except those the other scheduler only had as defaults, listed in ``_use_default_values``), this class's
+        defaults for the rest, then the overrides."""
+        defaulted = set(config.get("_use_default_values") or ())
+        shared = {k: v for k, v in config.items() if k in cls.defaults and k not in defaulted}
+        shared.update(overrides)
+        return cls(**shared)
+
+    @classmethod
+    def _prediction_types(cls) -> tuple[str, ...]:
+        return ("epsilon", "v_prediction")
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.config.items() if v != self.defaults.get(k)}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    # ------------------------------------------------------------------------------------------ interface
+    init_noise_sigma = 1.0
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        raise NotImplementedError
+
+    def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
+        return sample
+
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, generator=None) -> np.ndarray:
+        raise NotImplementedError
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:
+        """sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise, per batch item (DDPM-style schedulers)."""
+        t = S.as_timestep_array(timesteps).astype(np.int64)
+        ac = self.alphas_cumprod.astype(original_samples.dtype)[t]
+        a = S.per_batch(np.sqrt(ac), original_samples.ndim)
+        b = S.per_batch(np.sqrt(1 - ac), original_samples.ndim)
+        return a * original_samples + b * noise
+
+    def __len__(self) -> int:
+        return self.config["num_train_timesteps"]
+
+
+class SigmaScheduler(Scheduler):
+    """Base of the schedulers that walk a sigma table with a step index (Euler, Euler ancestral, DPM-Solver)."""
+
+    #: index_for_timestep of a timestep not in the schedule: the last index (DPM-Solver) or an error (Euler).
+    _missing_timestep_is_last: ClassVar[bool] = False
+    _zero_snr_clamp_last = True
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at this index instead of looking the first timestep up (img2img sets it)."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep, schedule_timesteps: np.ndarray | None = None) -> int:
+        """Position of timestep in the schedule; the second match if it occurs twice (so that an img2img run that
+        starts mid-schedule does not skip a sigma)."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        hits = np.nonzero(schedule_timesteps == np.asarray(timestep).reshape(()))[0]
+        if len(hits) == 0:
+            if self._missing_timestep_is_last:
+                return len(self.timesteps) - 1
+            raise UsageError(f"timestep {timestep} is not one of the scheduler's timesteps")
+        return int(hits[1] if len(hits) > 1 else hits[0])
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _reset_step_index(self) -> None:
+        self._step_index = None
+        self._begin_index = None
+
+    def _noise_step_indices(self, timesteps) -> list[int]:
+        t = S.as_timestep_array(timesteps)
+        if self._begin_index is None:
+            return [self.index_for_timestep(x) for x in t]
+        if self._step_index is not None:
+            return [self._step_index] * len(t)
+        return [self._begin_index] * len(t)
+
+    @property
+    def init_noise_sigma(self):
+        max_sigma = self.sigmas.max()
+        if self.config["timestep_spacing"] in ("linspace", "trailing"):
+            return max_sigma
+        return S.sqrt32(max_sigma * max_sigma + S.F32(1))
+
+    def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
+        """sample / sqrt(sigma^2 + 1): the model was trained on unit-variance inputs."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self._step_index]
+        return sample / S.sqrt32(sigma * sigma + S.F32(1))
