@@ -109,6 +109,13 @@ def _run(fn) -> None:
             raise
         _err("out of memory: try a smaller size or batch")
         raise typer.Exit(5)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:  # a bug, not bad input: still one line, with the way to see more
+        if _state["debug"]:
+            raise
+        _err(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        raise typer.Exit(1)
 
 
 def main() -> None:
