@@ -19,9 +19,10 @@ from typing import Iterator
 import numpy as np
 
 from . import checkpoint
-from .errors import BadModelFileError, UsageError
+from .errors import UsageError
 from .image import to_uint8
 from .models.clip import CLIPTextConfig, CLIPTextModel
+from .models.layers import RandomParams
 from .models.unet import UNet, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .rng import TorchGenerator
@@ -51,6 +52,7 @@ class BatchGenerator:
 class Conditioning:
     context: np.ndarray                    # (B, L, D): negative rows first when guidance is on, like diffusers
     guided: bool
+    pooled: np.ndarray | None = None       # SDXL: (B, D) pooled text embedding of the second encoder, same row order
 
 
 @dataclass
@@ -61,62 +63,114 @@ class Timings:
     vae_decode_s: float = 0.0
 
 
-def _family(model_index: dict) -> str:
+def model_family(model_index: dict) -> str:
+    """"sdxl" for the two-encoder SDXL layout, else "sd" (SD 1.x and 2.x share one pipeline)."""
     cls = model_index.get("_class_name", "")
     if "XL" in cls or "text_encoder_2" in model_index:
         return "sdxl"
     return "sd"
 
 
+def _load_text_encoder(path: Path, component: str, variant, random_seed):
+    if random_seed is None:
+        cfg, tensors = checkpoint.load_component(path, component, variant)
+    else:
+        cfg, tensors = checkpoint.read_json(path / component / "config.json", component), RandomParams(random_seed)
+    return CLIPTextModel(CLIPTextConfig.from_dict(cfg), tensors, source=str(path / component)), cfg
+
+
+def _load_tokenizer(path: Path, component: str, te_cfg: dict) -> CLIPTokenizer:
+    if (path / component / "vocab.json").exists():
+        return CLIPTokenizer.from_folder(path / component)
+    # OpenCLIP text encoders (SD2, SDXL's second) pad with "!"; OpenAI's CLIP with the end-of-text token
+    return CLIPTokenizer.default(pad_token="!" if te_cfg.get("hidden_act") == "gelu" else "<|endoftext|>")
+
+
 class Pipeline:
-    def __init__(self, path: Path, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet,
-                 vae: AutoencoderKL, scheduler_config: dict, name: str | None = None):
+    """SD 1.x / 2.x (one text encoder, its last hidden state) and SDXL (two encoders, penultimate hidden states
+    concatenated, pooled embedding and size/crop ids as extra conditioning), as diffusers' StableDiffusionPipeline
+    and StableDiffusionXLPipeline."""
+
+    def __init__(self, path: Path, family: str, tokenizers: list[CLIPTokenizer], text_encoders: list[CLIPTextModel],
+                 unet: UNet, vae: AutoencoderKL, scheduler_config: dict, name: str | None = None,
+                 force_zeros_for_empty_prompt: bool = False):
         self.path = path
+        self.family = family
         self.name = name or path.name
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
         self.unet = unet
         self.vae = vae
         self.scheduler_config = scheduler_config
         self.vae_scale_factor = vae.cfg.downscale
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.timings = Timings()
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None, variant: str | None = None) -> "Pipeline":
-        """Load a diffusers-layout model folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/)."""
+    def load(cls, path: str | Path, name: str | None = None, variant: str | None = None,
+             random_weights: int | None = None) -> "Pipeline":
+        """Load a diffusers-layout model folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/).
+
+        random_weights=SEED builds the architecture from the folder's configs with random weights instead (for
+        benchmarks on machines without the checkpoint: the same compute, clearly not a real model).
+        """
         t0 = time.perf_counter()
         path = Path(path)
         model_index = checkpoint.read_model_index(path)
-        if _family(model_index) != "sd":
-            raise BadModelFileError(f"{path}: {model_index.get('_class_name')} models are not supported yet")
-        te_cfg, te_tensors = checkpoint.load_component(path, "text_encoder", variant)
-        unet_cfg, unet_tensors = checkpoint.load_component(path, "unet", variant)
-        vae_cfg, vae_tensors = checkpoint.load_component(path, "vae", variant)
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(te_cfg), te_tensors, source=str(path / "text_encoder"))
-        unet = UNet(UNetConfig.from_dict(unet_cfg), unet_tensors, source=str(path / "unet"))
-        vae = AutoencoderKL(VAEConfig.from_dict(vae_cfg), vae_tensors, source=str(path / "vae"))
-        tok_dir = path / "tokenizer"
-        if (tok_dir / "vocab.json").exists():
-            tokenizer = CLIPTokenizer.from_folder(tok_dir)
+        family = model_family(model_index)
+        names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+        text_encoders, tokenizers = [], []
+        for i, component in enumerate(names):
+            encoder, te_cfg = _load_text_encoder(path, component, variant, random_weights)
+            text_encoders.append(encoder)
+            tokenizers.append(_load_tokenizer(path, "tokenizer" + component[len("text_encoder"):], te_cfg))
+        if random_weights is None:
+            unet_cfg, unet_tensors = checkpoint.load_component(path, "unet", variant)
+            vae_cfg, vae_tensors = checkpoint.load_component(path, "vae", variant)
         else:
-            # SD2's OpenCLIP text encoder pads with "!"; SD1's CLIP with the end-of-text token
-            tokenizer = CLIPTokenizer.default(pad_token="!" if te_cfg.get("hidden_act") == "gelu" else "<|endoftext|>")
-        pipe = cls(path, tokenizer, text_encoder, unet, vae, checkpoint.load_scheduler_config(path), name)
+            unet_cfg, unet_tensors = checkpoint.read_json(path / "unet" / "config.json", "unet"), RandomParams(random_weights)
+            vae_cfg, vae_tensors = checkpoint.read_json(path / "vae" / "config.json", "vae"), RandomParams(random_weights)
+        unet = UNet(UNetConfig.from_dict(unet_cfg), unet_tensors, source=str(path / "unet"))
+        vae = AutoencoderKL(VAEConfig.from_dict(vae_cfg), vae_tensors, source=str(path / "vae"),
+                            encoder=random_weights is None)
+        pipe = cls(path, family, tokenizers, text_encoders, unet, vae, checkpoint.load_scheduler_config(path), name,
+                   force_zeros_for_empty_prompt=family == "sdxl" and model_index.get("force_zeros_for_empty_prompt", True))
         pipe.timings.load_s = time.perf_counter() - t0
         return pipe
 
     # -- stages -------------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str], negative_prompts: list[str], guided: bool) -> Conditioning:
+    def _encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Context (B, 77, D) and, for SDXL, the pooled embedding (B, D2) of a list of prompts."""
+        if self.family == "sd":
+            tok, enc = self.tokenizers[0], self.text_encoders[0]
+            ids = np.stack([tok(p, max_length=tok.model_max_length) for p in prompts])
+            return enc(ids).last_hidden_state, None
+        contexts, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            ids = np.stack([tok(p, max_length=tok.model_max_length) for p in prompts])
+            out = enc(ids, output_hidden_states=True)
+            contexts.append(out.hidden_states[-2])
+            if enc.text_projection is not None:
+                pooled = out.pooled
+        return np.concatenate(contexts, axis=-1), pooled
+
+    def encode_prompt(self, prompts: list[str], negative_prompts: list[str | None], guided: bool) -> Conditioning:
+        """Encode prompts; with guidance, negative rows come first. A negative prompt of None is the empty prompt,
+        except for SDXL models that zero the unconditional embeddings instead (force_zeros_for_empty_prompt)."""
         t0 = time.perf_counter()
-        max_length = self.tokenizer.model_max_length
-        ids = np.stack([self.tokenizer(p, max_length=max_length) for p in prompts])
-        context = self.text_encoder(ids).last_hidden_state
+        context, pooled = self._encode(prompts)
         if guided:
-            neg_ids = np.stack([self.tokenizer(p, max_length=max_length) for p in negative_prompts])
-            context = np.concatenate([self.text_encoder(neg_ids).last_hidden_state, context])
+            if self.force_zeros_for_empty_prompt and all(n is None for n in negative_prompts):
+                neg_context, neg_pooled = np.zeros_like(context), None if pooled is None else np.zeros_like(pooled)
+            else:
+                neg_context, neg_pooled = self._encode([n or "" for n in negative_prompts])
+            context = np.concatenate([neg_context, context])
+            if pooled is not None:
+                pooled = np.concatenate([neg_pooled, pooled])
         self.timings.text_encode_s += time.perf_counter() - t0
-        return Conditioning(np.ascontiguousarray(context, dtype=np.float32), guided)
+        return Conditioning(np.ascontiguousarray(context, dtype=np.float32), guided,
+                            None if pooled is None else np.ascontiguousarray(pooled, dtype=np.float32))
 
     def generate_latents(self, cond: Conditioning, seeds: list[int], steps: int, guidance: float, width: int,
                          height: int, scheduler: str | None = None) -> Iterator[np.ndarray]:
@@ -126,11 +180,16 @@ class Pipeline:
         generator = BatchGenerator(seeds)
         shape = (len(seeds), self.unet.cfg.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents = (generator.randn(shape) * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        extra = {}
+        if cond.pooled is not None:
+            # SDXL's micro-conditioning: original size, crop top-left, target size (diffusers' defaults)
+            time_ids = np.array([height, width, 0, 0, height, width], dtype=np.float32)
+            extra = {"text_embeds": cond.pooled, "time_ids": np.tile(time_ids, (cond.pooled.shape[0], 1))}
         for t in sched.timesteps:
             t0 = time.perf_counter()
             x = np.concatenate([latents, latents]) if cond.guided else latents
             x = sched.scale_model_input(x, t)
-            noise = self.unet(x, t, cond.context)
+            noise = self.unet(x, t, cond.context, **extra)
             if cond.guided:
                 uncond, text = np.split(noise, 2)
                 noise = uncond + np.float32(guidance) * (text - uncond)
@@ -159,7 +218,7 @@ class Pipeline:
         if width * height > MAX_PIXELS:
             raise UsageError(f"{width}x{height} is too large (at most {MAX_PIXELS} pixels)")
 
-    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", seed: int | list[int] = 0,
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, seed: int | list[int] = 0,
                 steps: int = 20, guidance: float = 7.5, width: int | None = None, height: int | None = None,
                 scheduler: str | None = None) -> np.ndarray:
         """Generate images; returns (H, W, 3) uint8 for one prompt and seed, else (B, H, W, 3)."""
@@ -168,7 +227,7 @@ class Pipeline:
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
         if len(prompts) == 1 and len(seeds) > 1:
             prompts = prompts * len(seeds)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(prompts)
         width = width or self.default_size()
         height = height or self.default_size()
         self.check_request(steps, width, height)

@@ -92,37 +92,82 @@ SD15_SCHEDULER = dict(
 )
 
 
+SD2_CLIP = dict(SD1_CLIP, hidden_act="gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1)
+XL_CLIP_1 = dict(SD1_CLIP)
+XL_CLIP_2 = dict(SD1_CLIP, hidden_act="gelu", num_hidden_layers=4, intermediate_size=41)
+
+# family -> how its tiny folder is built: (unet config, scheduler class, scheduler options, text encoders, pads)
+FAMILIES = {
+    "sd1": (SD1_UNET, "PNDMScheduler", {}),
+    "sd2": (SD2_UNET, "PNDMScheduler", {}),                                              # sd21-base style
+    "sd2-v": (SD2_UNET, "DDIMScheduler", {"prediction_type": "v_prediction"}),           # sd21 (768-v) style
+    "sdxl": (SDXL_UNET, "EulerDiscreteScheduler", {"timestep_spacing": "leading"}),
+    "sdxl-turbo": (SDXL_UNET, "EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "sd-turbo": (SD2_UNET, "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
+
+
 def build_sd_folder(path, family: str = "sd1", seed: int = 0):
-    """Save a tiny SD pipeline with diffusers' save_pretrained (safetensors) and return its folder."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    """Save a tiny pipeline of the family with diffusers' save_pretrained (safetensors) and return its folder."""
+    import diffusers
     from transformers import CLIPTokenizer
 
     from sdgen.tokenizer import write_vocab_files
 
-    tok_dir = path / "_tokenizer_src"
-    write_vocab_files(tok_dir)
-    pipe = StableDiffusionPipeline(
-        vae=make_vae(SD1_VAE, seed + 1), text_encoder=make_clip(SD1_CLIP, seed + 2),
-        tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=make_unet(SD1_UNET, seed + 3),
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    unet_cfg, sched_cls, sched_opts = FAMILIES[family]
+    scheduler = getattr(diffusers, sched_cls).from_config(dict(SD15_SCHEDULER, **sched_opts))
+
+    def tokenizer(pad):
+        tok_dir = path / f"_tokenizer_src_{'bang' if pad == '!' else 'eot'}"
+        write_vocab_files(tok_dir, pad_token=pad)
+        return CLIPTokenizer.from_pretrained(tok_dir)
+
+    vae, unet = make_vae(SD1_VAE, seed + 1), make_unet(unet_cfg, seed + 3)
+    if family.startswith("sdxl"):
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=vae, unet=unet, scheduler=scheduler,
+            text_encoder=make_clip(XL_CLIP_1, seed + 2), tokenizer=tokenizer("<|endoftext|>"),
+            text_encoder_2=make_clip(XL_CLIP_2, seed + 4, projection_dim=32), tokenizer_2=tokenizer("!"),
+        )
+    else:
+        sd2 = family.startswith("sd2") or family == "sd-turbo"
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae, unet=unet, scheduler=scheduler,
+            text_encoder=make_clip(SD2_CLIP if sd2 else SD1_CLIP, seed + 2),
+            tokenizer=tokenizer("!" if sd2 else "<|endoftext|>"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     out = path / "model"
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+_LOADED = {}
+
+
+def diffusers_pipeline(path):
+    """The reference pipeline for a folder (loaded once per test session)."""
+    from diffusers import DiffusionPipeline
+
+    key = str(path)
+    if key not in _LOADED:
+        pipe = DiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        _LOADED[key] = (pipe, pipe.scheduler.config)
+    return _LOADED[key]
 
 
 def diffusers_txt2img(path, prompt, scheduler=None, seed=0, steps=4, guidance=7.5, width=None, height=None,
                       negative_prompt=None):
     """The reference: diffusers' StableDiffusionPipeline on the CPU, uint8 pixels as its PIL output would have."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe, original_config = diffusers_pipeline(path)
     if scheduler is not None:
         cls, options = scheduler
-        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
-    pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = getattr(diffusers, cls).from_config(original_config, **options)
+    else:
+        pipe.scheduler = getattr(diffusers, original_config["_class_name"]).from_config(original_config)
     out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                width=width, height=height, generator=torch.Generator().manual_seed(seed), output_type="np")
     return (out.images * 255).round().astype(np.uint8)
