@@ -71,17 +71,52 @@ def model_family(model_index: dict) -> str:
     return "sd"
 
 
-def _load_text_encoder(path: Path, component: str, variant, random_seed):
-    if random_seed is None:
-        cfg, tensors = checkpoint.load_component(path, component, variant)
+@dataclass
+class ModelSource:
+    """What a model is made of, wherever it came from: per component, its config and its tensors."""
+    family: str
+    model_index: dict
+    scheduler_config: dict
+    components: dict            # component -> (config dict, tensors dict or RandomParams)
+    tokenizer_dirs: dict        # "tokenizer"/"tokenizer_2" -> folder with vocab files, or None (use the bundled one)
+
+
+def open_model(path: Path, variant: str | None = None, random_weights: int | None = None,
+               config_dir: Path | None = None) -> ModelSource:
+    """A diffusers folder, or a single-file checkpoint (.safetensors with the original LDM/SGM names; its configs
+    come from config_dir or the configs sdgen ships for the detected family)."""
+    if path.is_file() or checkpoint.is_pickle_path(path):
+        parts = checkpoint.load_single_file(path, config_dir=config_dir)
+        family = "sdxl" if "text_encoder_2" in parts else "sd"
+        if config_dir is None:
+            config_dir = checkpoint.single_file.default_config_dir("sdxl" if family == "sdxl" else _sd_family(parts))
+        root = Path(config_dir)
     else:
-        cfg, tensors = checkpoint.read_json(path / component / "config.json", component), RandomParams(random_seed)
-    return CLIPTextModel(CLIPTextConfig.from_dict(cfg), tensors, source=str(path / component)), cfg
+        parts, root = None, path
+    model_index = checkpoint.read_model_index(root)
+    family = model_family(model_index)
+    names = ["text_encoder", "unet", "vae"] + (["text_encoder_2"] if family == "sdxl" else [])
+    components = {}
+    for name in names:
+        if parts is not None:
+            components[name] = parts[name]
+        elif random_weights is not None:
+            components[name] = (checkpoint.read_json(root / name / "config.json", name), RandomParams(random_weights))
+        else:
+            components[name] = checkpoint.load_component(root, name, variant)
+    tokenizer_dirs = {t: (root / t if (root / t / "vocab.json").exists() or (root / t / "tokenizer.json").exists()
+                          else None) for t in ("tokenizer", "tokenizer_2")}
+    return ModelSource(family, model_index, checkpoint.load_scheduler_config(root), components, tokenizer_dirs)
 
 
-def _load_tokenizer(path: Path, component: str, te_cfg: dict) -> CLIPTokenizer:
-    if (path / component / "vocab.json").exists():
-        return CLIPTokenizer.from_folder(path / component)
+def _sd_family(parts: dict) -> str:
+    """sd1 or sd2 from a converted single file: OpenCLIP (SD2) text encoders use gelu."""
+    return "sd2" if parts["text_encoder"][0].get("hidden_act") == "gelu" else "sd1"
+
+
+def _tokenizer(folder: Path | None, te_cfg: dict) -> CLIPTokenizer:
+    if folder is not None:
+        return CLIPTokenizer.from_folder(folder)
     # OpenCLIP text encoders (SD2, SDXL's second) pad with "!"; OpenAI's CLIP with the end-of-text token
     return CLIPTokenizer.default(pad_token="!" if te_cfg.get("hidden_act") == "gelu" else "<|endoftext|>")
 
@@ -108,33 +143,34 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None, variant: str | None = None,
-             random_weights: int | None = None) -> "Pipeline":
-        """Load a diffusers-layout model folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/).
+             random_weights: int | None = None, vae: str | Path | None = None,
+             config_dir: str | Path | None = None) -> "Pipeline":
+        """Load a model: a diffusers folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/) or
+        a single-file .safetensors checkpoint (configs from config_dir, else those sdgen ships for its family).
 
-        random_weights=SEED builds the architecture from the folder's configs with random weights instead (for
-        benchmarks on machines without the checkpoint: the same compute, clearly not a real model).
+        vae=PATH replaces the model's VAE with a separately downloaded one (diffusers or original format).
+        random_weights=SEED builds the architecture from the configs with random weights instead (benchmarks on
+        machines without the checkpoint: the same compute, clearly not a real model).
         """
         t0 = time.perf_counter()
         path = Path(path)
-        model_index = checkpoint.read_model_index(path)
-        family = model_family(model_index)
-        names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+        src = open_model(path, variant, random_weights, None if config_dir is None else Path(config_dir))
+        encoders = ["text_encoder", "text_encoder_2"] if src.family == "sdxl" else ["text_encoder"]
         text_encoders, tokenizers = [], []
-        for i, component in enumerate(names):
-            encoder, te_cfg = _load_text_encoder(path, component, variant, random_weights)
-            text_encoders.append(encoder)
-            tokenizers.append(_load_tokenizer(path, "tokenizer" + component[len("text_encoder"):], te_cfg))
-        if random_weights is None:
-            unet_cfg, unet_tensors = checkpoint.load_component(path, "unet", variant)
-            vae_cfg, vae_tensors = checkpoint.load_component(path, "vae", variant)
-        else:
-            unet_cfg, unet_tensors = checkpoint.read_json(path / "unet" / "config.json", "unet"), RandomParams(random_weights)
-            vae_cfg, vae_tensors = checkpoint.read_json(path / "vae" / "config.json", "vae"), RandomParams(random_weights)
-        unet = UNet(UNetConfig.from_dict(unet_cfg), unet_tensors, source=str(path / "unet"))
-        vae = AutoencoderKL(VAEConfig.from_dict(vae_cfg), vae_tensors, source=str(path / "vae"),
-                            encoder=random_weights is None)
-        pipe = cls(path, family, tokenizers, text_encoders, unet, vae, checkpoint.load_scheduler_config(path), name,
-                   force_zeros_for_empty_prompt=family == "sdxl" and model_index.get("force_zeros_for_empty_prompt", True))
+        for component in encoders:
+            cfg, tensors = src.components[component]
+            text_encoders.append(CLIPTextModel(CLIPTextConfig.from_dict(cfg), tensors, source=f"{path}:{component}"))
+            tokenizers.append(_tokenizer(src.tokenizer_dirs["tokenizer" + component[len("text_encoder"):]], cfg))
+        unet_cfg, unet_tensors = src.components["unet"]
+        vae_cfg, vae_tensors = src.components["vae"]
+        if vae is not None:
+            vae_cfg, vae_tensors = checkpoint.load_vae_file(Path(vae), config=vae_cfg)
+        unet = UNet(UNetConfig.from_dict(unet_cfg), unet_tensors, source=f"{path}:unet")
+        vae_model = AutoencoderKL(VAEConfig.from_dict(vae_cfg), vae_tensors, source=f"{vae or path}:vae",
+                                  encoder=random_weights is None)
+        force_zeros = src.family == "sdxl" and src.model_index.get("force_zeros_for_empty_prompt", True)
+        pipe = cls(path, src.family, tokenizers, text_encoders, unet, vae_model, src.scheduler_config,
+                   name or (path.stem if path.is_file() else path.name), force_zeros_for_empty_prompt=force_zeros)
         pipe.timings.load_s = time.perf_counter() - t0
         return pipe
 

@@ -13,6 +13,7 @@ from tiny_models import build_sd_folder, diffusers_txt2img
 
 CASES = [
     # family, width, height, steps, guidance, negative prompt
+    ("sd1", 64, 64, 3, 7.5, None),
     ("sd2", 64, 64, 4, 7.5, "ugly"),
     ("sd2-v", 64, 48, 4, 7.5, None),
     ("sdxl", 64, 64, 4, 5.0, None),        # zeroed unconditional embeddings (force_zeros_for_empty_prompt)
@@ -42,3 +43,36 @@ def test_family_txt2img_matches_diffusers(folders, family, width, height, steps,
     ref = diffusers_txt2img(folder, prompt, negative_prompt=negative, seed=11, steps=steps, guidance=guidance,
                             width=width, height=height)[0]
     assert_images_close(ours, ref)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_single_file_gives_the_same_image_as_the_folder(folders, tmp_path, family):
+    """The same weights as a single LDM/SGM-named .safetensors (configs from the folder, as diffusers'
+    from_single_file(config=...)): identical pixels, since identical tensors go through identical code."""
+    from ldm_export import export_single_file
+
+    folder = folders(family)
+    single = export_single_file(folder, family, tmp_path / f"{family}.safetensors")
+    kwargs = dict(seed=5, steps=3, guidance=6.0, width=64, height=64)
+    from_folder = Pipeline.load(folder).txt2img("a watercolor fox", **kwargs)
+    from_file = Pipeline.load(single, config_dir=folder).txt2img("a watercolor fox", **kwargs)
+    assert np.array_equal(from_folder, from_file)
+
+
+def test_vae_override_matches_diffusers_with_that_vae(folders, tmp_path):
+    """--vae PATH: the model's VAE replaced by another one (here: different random weights, diffusers format)."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from tiny_models import SD1_VAE, make_vae
+
+    folder = folders("sd1")
+    make_vae(SD1_VAE, seed=99).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    vae_file = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    ours = Pipeline.load(folder, vae=vae_file).txt2img("a castle", seed=2, steps=3, guidance=7.0)
+    ref_pipe = StableDiffusionPipeline.from_pretrained(folder, vae=AutoencoderKL.from_pretrained(tmp_path / "vae"),
+                                                       safety_checker=None, requires_safety_checker=False)
+    ref_pipe.set_progress_bar_config(disable=True)
+    out = ref_pipe("a castle", num_inference_steps=3, guidance_scale=7.0, output_type="np",
+                   generator=torch.Generator().manual_seed(2))
+    assert_images_close(ours, (out.images[0] * 255).round().astype(np.uint8))
