@@ -209,9 +209,13 @@ class Pipeline:
                             None if pooled is None else np.ascontiguousarray(pooled, dtype=np.float32))
 
     def generate_latents(self, cond: Conditioning, seeds: list[int], steps: int, guidance: float, width: int,
-                         height: int, scheduler: str | None = None) -> Iterator[np.ndarray]:
-        """Yield the latents after each denoising step (the last yield is the final latents)."""
-        sched = make_scheduler(scheduler, self.scheduler_config)
+                         height: int, scheduler: str | None = None,
+                         scheduler_options: dict | None = None) -> Iterator[np.ndarray]:
+        """Yield the latents after each denoising step (the last yield is the final latents).
+
+        scheduler: a name from sdgen.schedulers (None: the model's own); scheduler_options override config keys
+        (e.g. {"timestep_spacing": "trailing"})."""
+        sched = make_scheduler(scheduler, self.scheduler_config, **(scheduler_options or {}))
         sched.set_timesteps(steps)
         generator = BatchGenerator(seeds)
         shape = (len(seeds), self.unet.cfg.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)

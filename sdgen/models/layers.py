@@ -71,12 +71,12 @@ class RandomParams(Params):
     (benchmarks on machines without weights). Deterministic per name; scaled by 1/sqrt(fan-in) so activations stay
     in a sane range; norm weights near 1."""
 
-    def __init__(self, seed: int = 0, prefix: str = "", source: str = "random weights", cache: dict | None = None):
-        super().__init__({} if cache is None else cache, prefix, source)
+    def __init__(self, seed: int = 0, prefix: str = "", source: str = "random weights"):
+        super().__init__({}, prefix, source)
         self.seed = seed
 
     def sub(self, name: str | int) -> "RandomParams":
-        return RandomParams(self.seed, f"{self.prefix}{name}.", self.source, self.tensors)
+        return RandomParams(self.seed, f"{self.prefix}{name}.", self.source)
 
     def __contains__(self, name: str) -> bool:
         return True
@@ -85,19 +85,20 @@ class RandomParams(Params):
         return True
 
     def shaped(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A fresh random tensor (not kept here: the layer that asked owns the only copy)."""
+        import zlib
+
         key = self.prefix + name
-        if key not in self.tensors:
-            import zlib
-            rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
-            if len(shape) == 1 and ("norm" in key and name == "weight"):
-                t = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32))
-            elif len(shape) == 1:
-                t = 0.1 * rng.standard_normal(shape, dtype=np.float32)
-            else:
-                fan_in = int(np.prod(shape[1:]))
-                t = rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(fan_in))
-            self.tensors[key] = t.astype(np.float32, copy=False)
-        return self.tensors[key]
+        rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
+        if len(shape) == 1 and ("norm" in key and name == "weight"):
+            t = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        elif len(shape) == 1:
+            t = 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            t = rng.standard_normal(shape, dtype=np.float32)
+            t *= np.float32(1.0 / np.sqrt(fan_in))
+        return t.astype(np.float32, copy=False)
 
     def matrix(self, name: str, rows: int, cols: int) -> np.ndarray:
         return self.shaped(name, (rows, cols))

@@ -1,0 +1,101 @@
+"""`sdgen bench`: time each stage of a generation (load, text encoding, UNet steps, VAE decode) and peak memory.
+
+A registry name whose weights are not on this machine can be benchmarked with random weights of the real
+architecture (configs shipped in sdgen/data/configs): the same compute cost, clearly marked as "random".
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import registry
+from .errors import ModelNotFoundError, UsageError
+
+CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
+# registry family -> the architecture config used when only the family is known
+_FAMILY_CONFIGS = {"sd1": "sd15", "sd2": "sd21-base", "sdxl": "sdxl"}
+
+
+@dataclass
+class BenchResult:
+    model: str
+    family: str
+    width: int
+    height: int
+    steps: int
+    batch: int
+    guidance: float
+    threads: int
+    weights: str            # "file" or "random"
+    load_s: float
+    text_encode_s: float
+    unet_step_s: float      # mean per step, first step excluded when there are several
+    first_step_s: float
+    vae_decode_s: float
+    total_s: float
+    peak_rss_mb: float
+
+
+def architecture_dir(name: str, spec: registry.ModelSpec | None) -> Path:
+    """The shipped config folder for a registry model (by name, else by family)."""
+    for candidate in (name, {"sd14": "sd15"}.get(name)):
+        if candidate and (CONFIGS / candidate / "model_index.json").exists():
+            return CONFIGS / candidate
+    if spec is not None and spec.family in _FAMILY_CONFIGS:
+        return CONFIGS / _FAMILY_CONFIGS[spec.family]
+    raise UsageError(f"no architecture config for {name!r}; known: {', '.join(sorted(p.name for p in CONFIGS.iterdir()))}")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def run(model: str, width: int | None = None, height: int | None = None, steps: int | None = None, batch: int = 1,
+        guidance: float | None = None, threads: int | None = None, random_weights: bool = False,
+        scheduler: str | None = None, seed: int = 0, on_step=None) -> BenchResult:
+    from .pipeline import Pipeline
+    from .threads import set_threads
+
+    threads = set_threads(threads)
+    t_start = time.perf_counter()
+    spec = registry.get_spec(model)
+    if random_weights:
+        path, weights = architecture_dir(model, spec), "random"
+    else:
+        try:
+            spec, path = registry.resolve_model(model)
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"{e} -- or benchmark its architecture with --random-weights") from None
+        weights = "file"
+    pipe = Pipeline.load(path, name=spec.name if spec else None, random_weights=0 if random_weights else None)
+    steps = steps if steps is not None else (spec.steps if spec else 20)
+    guidance = guidance if guidance is not None else (spec.guidance if spec else 7.5)
+    width = width or (spec.width if spec and spec.width else pipe.default_size())
+    height = height or (spec.height if spec and spec.height else pipe.default_size())
+    scheduler = scheduler or (spec.scheduler if spec else None)
+    pipe.check_request(steps, width, height)
+    guided = guidance > 1.0
+    cond = pipe.encode_prompt(["a photograph of an astronaut riding a horse"] * batch, [None] * batch, guided)
+    latents = None
+    for latents in pipe.generate_latents(cond, [seed + i for i in range(batch)], steps, guidance, width, height,
+                                         scheduler):
+        if on_step is not None:
+            on_step()
+    pipe.decode(latents)
+    total = time.perf_counter() - t_start
+    t = pipe.timings
+    per_step = t.unet_steps_s[1:] if len(t.unet_steps_s) > 1 else t.unet_steps_s
+    return BenchResult(
+        model=model, family=(spec.family if spec else pipe.family), width=width, height=height, steps=steps,
+        batch=batch, guidance=guidance, threads=threads, weights=weights, load_s=round(t.load_s, 3),
+        text_encode_s=round(t.text_encode_s, 3), unet_step_s=round(sum(per_step) / len(per_step), 3),
+        first_step_s=round(t.unet_steps_s[0], 3), vae_decode_s=round(t.vae_decode_s, 3), total_s=round(total, 3),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+    )
+
+
+def as_dict(result: BenchResult) -> dict:
+    return asdict(result)
