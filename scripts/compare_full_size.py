@@ -35,8 +35,7 @@ def build_random_model(model: str, out: Path, seed: int = 0) -> Path:
     """Save a random-weight diffusers folder of the architecture sdgen ships configs for."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import SchedulerMixin  # noqa: F401  (diffusers import check)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     import diffusers
     from sdgen.tokenizer import write_vocab_files
@@ -47,20 +46,33 @@ def build_random_model(model: str, out: Path, seed: int = 0) -> Path:
     cfg_dir = ROOT / "sdgen" / "data" / "configs" / model
     read = lambda rel: json.loads((cfg_dir / rel).read_text())  # noqa: E731
     index = read("model_index.json")
-    if "text_encoder_2" in index:
-        raise SystemExit("SDXL layouts are compared by a later script")
     torch.manual_seed(seed)
+
+    def text_encoder(component, s):
+        cfg = {k: v for k, v in read(f"{component}/config.json").items() if k not in ("architectures",)}
+        cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+        return randomize(cls(CLIPTextConfig(**cfg)), s), cfg
+
+    def tokenizer(te_cfg):
+        pad = "!" if te_cfg.get("hidden_act") == "gelu" else "<|endoftext|>"
+        tok_dir = out.parent / (out.name + ("-tokenizer-bang" if pad == "!" else "-tokenizer-eot"))
+        write_vocab_files(tok_dir, pad_token=pad)
+        return CLIPTokenizer.from_pretrained(tok_dir)
+
     unet = randomize(UNet2DConditionModel.from_config(read("unet/config.json")), seed)
     vae = randomize(AutoencoderKL.from_config(read("vae/config.json")), seed + 1)
-    te_cfg = {k: v for k, v in read("text_encoder/config.json").items() if k not in ("architectures",)}
-    text_encoder = randomize(CLIPTextModel(CLIPTextConfig(**te_cfg)), seed + 2)
+    te, te_cfg = text_encoder("text_encoder", seed + 2)
     sched_cfg = read("scheduler/scheduler_config.json")
     scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
-    tok_dir = out.parent / (out.name + "-tokenizer-src")
-    write_vocab_files(tok_dir, pad_token="!" if te_cfg.get("hidden_act") == "gelu" else "<|endoftext|>")
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if "text_encoder_2" in index:
+        te2, te2_cfg = text_encoder("text_encoder_2", seed + 3)
+        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer(te_cfg),
+                                                   text_encoder_2=te2, tokenizer_2=tokenizer(te2_cfg), unet=unet,
+                                                   scheduler=scheduler)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae, text_encoder=te, tokenizer=tokenizer(te_cfg), unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 

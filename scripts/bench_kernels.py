@@ -1,0 +1,175 @@
+"""Benchmark sdgen's kernels against PyTorch (fp32, CPU) on Stable Diffusion's layer shapes, in one process.
+
+    python scripts/bench_kernels.py [--threads 2] [--repeat 3] [--only conv|attention|norm] [--quick]
+
+Each case runs every implementation `repeat` times, interleaved (ours, torch, ours, torch, ...), and keeps the
+minimum, so that a busy machine disturbs both sides alike. Ratios are ours / torch (below 1: we are faster).
+torch is only needed here and in tests, never at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CONV_SHAPES = [  # (Cin = Cout, H, W, batch)
+    (320, 64, 64, 2),
+    (640, 32, 32, 2),
+    (1280, 16, 16, 2),
+    (1280, 8, 8, 2),
+    (512, 64, 64, 1),
+    (512, 128, 128, 1),
+    (256, 256, 256, 1),
+    (128, 512, 512, 1),
+]
+ATTN_SHAPES = [  # (batch, Lq, Lk, C, heads)
+    (2, 4096, 4096, 320, 8),
+    (2, 1024, 1024, 640, 8),
+    (2, 256, 256, 1280, 8),
+    (1, 4096, 4096, 512, 1),
+    (2, 4096, 77, 320, 8),
+    (2, 1024, 77, 640, 8),
+    (2, 256, 77, 1280, 8),
+]
+
+
+def timed_min(fns: dict, repeat: int) -> dict:
+    """Run each callable once to warm up, then `repeat` rounds interleaved; minimum seconds per name."""
+    best = {}
+    for name, fn in fns.items():
+        fn()
+        best[name] = float("inf")
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def bench_conv(torch, repeat: int, quick: bool, variants: list[str]) -> None:
+    from sdgen.kernels import Conv2dPlan, conv2d
+    from sdgen.kernels.conv import choose_variant
+
+    print("\n3x3 stride-1 conv, Cin = Cout, pad 1 (ms; ratio = ours / torch.nn.functional.conv2d)")
+    hdr = f"{'C':>5} {'HxW':>9} {'N':>2} {'torch':>8}" + "".join(f" {v:>16}" for v in variants) + "  auto"
+    print(hdr)
+    rng = np.random.default_rng(0)
+    for c, h, w, n in CONV_SHAPES:
+        if quick and h * w * c > 64 * 64 * 640:
+            continue
+        x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+        wt = (rng.standard_normal((c, c, 3, 3), dtype=np.float32) / np.sqrt(9 * c)).astype(np.float32)
+        b = rng.standard_normal(c, dtype=np.float32)
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        wtt, bt = torch.from_numpy(wt), torch.from_numpy(b)
+        fns = {"torch": lambda: torch.nn.functional.conv2d(xt, wtt, bt, padding=1)}
+        big = h * w * c >= 256 * 256 * 256
+        for v in variants:
+            if v == "im2col" and big:
+                continue  # minutes on the largest maps; Winograd is the path there
+            plan = Conv2dPlan(wt, b, 1, 1, variant=v)
+            plan.prepare(h, w, n)
+            fns[v] = (lambda p: lambda: conv2d(x, p))(plan)
+        with torch.no_grad():
+            best = timed_min(fns, 1 if big else repeat)
+        tt = best["torch"]
+        row = f"{c:>5} {h:>4}x{w:<4} {n:>2} {tt * 1e3:>8.1f}"
+        for v in variants:
+            if v in best:
+                row += f" {best[v] * 1e3:>8.1f} ({best[v] / tt:4.2f})"
+            else:
+                row += f" {'-':>16}"
+        row += "  " + choose_variant(c, c, h, w, n)
+        print(row, flush=True)
+
+
+def bench_attention(torch, repeat: int, quick: bool) -> None:
+    from sdgen.kernels import attention
+
+    print("\nattention (ms; ratio = ours / torch scaled_dot_product_attention on (B, heads, L, d))")
+    print(f"{'B':>2} {'Lq':>5} {'Lk':>5} {'C':>5} {'heads':>5} {'torch':>8} {'ours':>8} {'ratio':>6}")
+    rng = np.random.default_rng(0)
+    for b, lq, lk, c, hd in ATTN_SHAPES:
+        if quick and lq * lk > 1024 * 1024:
+            continue
+        d = c // hd
+        q = rng.standard_normal((b, lq, c), dtype=np.float32)
+        k = rng.standard_normal((b, lk, c), dtype=np.float32)
+        v = rng.standard_normal((b, lk, c), dtype=np.float32)
+        # torch gets the layout it wants, made outside the timing
+        qt = torch.from_numpy(q).view(b, lq, hd, d).transpose(1, 2).contiguous()
+        kt = torch.from_numpy(k).view(b, lk, hd, d).transpose(1, 2).contiguous()
+        vt = torch.from_numpy(v).view(b, lk, hd, d).transpose(1, 2).contiguous()
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        fns = {"torch": lambda: sdpa(qt, kt, vt), "ours": lambda: attention(q, k, v, hd)}
+        with torch.no_grad():
+            best = timed_min(fns, repeat)
+        tt, to = best["torch"], best["ours"]
+        print(f"{b:>2} {lq:>5} {lk:>5} {c:>5} {hd:>5} {tt * 1e3:>8.1f} {to * 1e3:>8.1f} {to / tt:>6.2f}", flush=True)
+
+
+def bench_norm(torch, repeat: int) -> None:
+    from sdgen.kernels import geglu, group_norm, layer_norm
+
+    print("\nnorms and activations (ms; ratio = ours / torch)")
+    rng = np.random.default_rng(0)
+    F = torch.nn.functional
+    cases = []
+    x = rng.standard_normal((2, 64, 64, 320), dtype=np.float32)
+    g, bb = rng.standard_normal(320, dtype=np.float32), rng.standard_normal(320, dtype=np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    gt, bt = torch.from_numpy(g), torch.from_numpy(bb)
+    cases.append(("group_norm+silu 2x64x64x320", lambda: group_norm(x, 32, g, bb, 1e-5, True),
+                  lambda: F.silu(F.group_norm(xt, 32, gt, bt, 1e-5))))
+    t = rng.standard_normal((2, 4096, 320), dtype=np.float32)
+    tt = torch.from_numpy(t)
+    cases.append(("layer_norm 2x4096x320", lambda: layer_norm(t, g, bb, 1e-5), lambda: F.layer_norm(tt, (320,), gt, bt, 1e-5)))
+    z = rng.standard_normal((2, 4096, 2560), dtype=np.float32)
+    zt = torch.from_numpy(z)
+
+    def tgeglu():
+        a, gate = zt.chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+    cases.append(("geglu 2x4096x2560", lambda: geglu(z), tgeglu))
+    print(f"{'case':<30} {'torch':>8} {'ours':>8} {'ratio':>6}")
+    for name, ours, theirs in cases:
+        with torch.no_grad():
+            best = timed_min({"ours": ours, "torch": theirs}, repeat)
+        print(f"{name:<30} {best['torch'] * 1e3:>8.1f} {best['ours'] * 1e3:>8.1f} {best['ours'] / best['torch']:>6.2f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", choices=["conv", "attention", "norm"], action="append")
+    ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
+    ap.add_argument("--variants", default="im2col,f23,f43", help="conv paths to time, comma separated")
+    args = ap.parse_args()
+
+    import torch
+
+    from sdgen.threads import set_threads
+
+    set_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, torch {torch.__version__}, numpy {np.__version__}; minimum of {args.repeat} runs")
+    only = args.only or ["conv", "attention", "norm"]
+    if "conv" in only:
+        bench_conv(torch, args.repeat, args.quick, args.variants.split(","))
+    if "attention" in only:
+        bench_attention(torch, args.repeat, args.quick)
+    if "norm" in only:
+        bench_norm(torch, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
