@@ -1,20 +1,23 @@
 """Full-size parity check: sdgen against diffusers on the real architecture with random weights.
 
-Builds the model named in sdgen/data/configs/<model> (e.g. the ~860M-parameter SD1.5 UNet) with random weights in
-diffusers, saves it as a diffusers folder (once; cached under --workdir), then runs both implementations with the
-same prompt, seed and scheduler and prints the differences: text embeddings, one UNet forward, one VAE decode and the
-whole image. Timings are printed too but are not a benchmark (see scripts/bench_vs_diffusers.py).
+Builds the model named in sdgen/data/configs/<model> (e.g. the ~860M-parameter SD1.5 UNet, SDXL's 2.6B) with random
+weights in diffusers, saves it as a diffusers folder (once; cached under --workdir), then runs diffusers and sdgen,
+each in its own process (so the two copies of the weights are never in memory together), with the same prompt, seed
+and scheduler, and prints the differences: text embeddings, one UNet forward, one VAE decode and the whole image.
+Timings are printed but are not a benchmark (see scripts/bench_vs_diffusers.py).
 
     python scripts/compare_full_size.py --model sd15 --size 512 --steps 20 --scheduler "dpm++ 2m"
-
-Needs the test extra (torch, diffusers, transformers) and ~12 GB of memory for SD1.5 at 512x512.
+    python scripts/compare_full_size.py --model sd21 --size 768 --steps 20 --scheduler ddim
+    python scripts/compare_full_size.py --model sdxl-turbo --size 512 --steps 4 --guidance 0 --scheduler euler_a
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ DIFFUSERS_SCHEDULERS = {
     "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "dpm++ 2m": "DPMSolverMultistepScheduler",
 }
+PROMPT, NEGATIVE = "portrait photo of a old warrior chief", "blurry"
 
 
 def build_random_model(model: str, out: Path, seed: int = 0) -> Path:
@@ -82,80 +86,127 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
+def inputs(folder: Path, size: int) -> dict:
+    """The fixed UNet/VAE inputs both sides get."""
+    index = json.loads((folder / "model_index.json").read_text())
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    xl = "text_encoder_2" in index
+    lat = size // 8
+    rng = np.random.default_rng(0)
+    out = {"x": rng.standard_normal((2, 4, lat, lat), dtype=np.float32),
+           "z": rng.standard_normal((1, 4, lat, lat), dtype=np.float32), "xl": xl}
+    if xl:
+        out["text_embeds"] = rng.standard_normal((2, 1280), dtype=np.float32)
+        out["time_ids"] = np.tile(np.array([size, size, 0, 0, size, size], np.float32), (2, 1))
+    out["ctx_dim"] = unet_cfg["cross_attention_dim"]
+    return out
+
+
+def run_diffusers(folder: Path, args, out_file: Path) -> None:
+    import torch
+    import diffusers
+
+    torch.set_num_threads(args.threads)
+    inp = inputs(folder, args.size)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if args.scheduler:
+        pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    res, times = {}, {}
+    with torch.no_grad():
+        if inp["xl"]:
+            emb, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                                              do_classifier_free_guidance=True,
+                                                              negative_prompt=NEGATIVE)
+            res["pooled"] = torch.cat([neg_pooled, pooled]).numpy()
+        else:
+            emb, neg = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+        res["context"] = torch.cat([neg, emb]).numpy()
+        ctx = torch.from_numpy(res["context"])
+        extra = {}
+        if inp["xl"]:
+            extra = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(inp["text_embeds"]),
+                                           "time_ids": torch.from_numpy(inp["time_ids"])}}
+        t0 = time.perf_counter()
+        res["unet"] = pipe.unet(torch.from_numpy(inp["x"]), torch.tensor(500), encoder_hidden_states=ctx,
+                                **extra).sample.numpy()
+        times["unet"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res["vae"] = pipe.vae.decode(torch.from_numpy(inp["z"])).sample.numpy()
+        times["vae"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = pipe(PROMPT, negative_prompt=NEGATIVE if args.guidance > 1 else None, num_inference_steps=args.steps,
+               guidance_scale=args.guidance, width=args.size, height=args.size,
+               generator=torch.Generator().manual_seed(args.seed), output_type="np")
+    times["image"] = time.perf_counter() - t0
+    res["image"] = (out.images[0] * 255).round().astype(np.uint8)
+    np.savez(out_file, **res, **{f"time_{k}": v for k, v in times.items()})
+
+
+def run_sdgen(folder: Path, args, ref_file: Path) -> None:
+    from sdgen.pipeline import Pipeline
+    from sdgen.threads import set_threads
+
+    set_threads(args.threads)
+    ref = np.load(ref_file)
+    inp = inputs(folder, args.size)
+    pipe = Pipeline.load(folder)
+    cond = pipe.encode_prompt([PROMPT], [NEGATIVE], guided=True)
+    print(f"text embeddings      rel err {rel(cond.context, ref['context']):.2e}"
+          + (f"  (pooled {rel(cond.pooled, ref['pooled']):.2e})" if inp["xl"] else ""))
+    extra = {"text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]} if inp["xl"] else {}
+    t0 = time.perf_counter()
+    unet_out = pipe.unet(inp["x"], 500, ref["context"], **extra)
+    t_unet = time.perf_counter() - t0
+    print(f"UNet forward         rel err {rel(unet_out, ref['unet']):.2e}  "
+          f"(diffusers {float(ref['time_unet']):.1f} s, sdgen {t_unet:.1f} s)")
+    t0 = time.perf_counter()
+    vae_out = pipe.vae.decode(inp["z"])
+    t_vae = time.perf_counter() - t0
+    print(f"VAE decode           rel err {rel(vae_out, ref['vae']):.2e}  "
+          f"(diffusers {float(ref['time_vae']):.1f} s, sdgen {t_vae:.1f} s)")
+    t0 = time.perf_counter()
+    image = pipe.txt2img(PROMPT, negative_prompt=NEGATIVE if args.guidance > 1 else None, seed=args.seed,
+                         steps=args.steps, guidance=args.guidance, width=args.size, height=args.size,
+                         scheduler=args.scheduler)
+    t_image = time.perf_counter() - t0
+    diff = np.abs(image.astype(np.int16) - ref["image"].astype(np.int16))
+    print(f"whole image          max diff {diff.max()} grey levels, {100 * (diff <= 1).mean():.3f}% of values within "
+          f"1, {100 * (diff == 0).mean():.3f}% equal; image std {ref['image'].std():.1f}  "
+          f"(diffusers {float(ref['time_image']):.1f} s, sdgen {t_image:.1f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="sd15")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--scheduler", default="dpm++ 2m", choices=sorted(DIFFUSERS_SCHEDULERS))
+    ap.add_argument("--scheduler", default=None, choices=sorted(DIFFUSERS_SCHEDULERS),
+                    help="default: the model's own scheduler config")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
+    ap.add_argument("--side", choices=["diffusers", "sdgen"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    folder = args.workdir / args.model
+    if args.side == "diffusers":
+        return run_diffusers(folder, args, args.data)
+    if args.side == "sdgen":
+        return run_sdgen(folder, args, args.data)
 
-    import torch
-    import diffusers
-    from sdgen.pipeline import Pipeline
-    from sdgen.threads import set_threads
-
-    torch.set_num_threads(args.threads)
-    set_threads(args.threads)
-    folder = build_random_model(args.model, args.workdir / args.model)
-    prompt, negative = "portrait photo of a old warrior chief", "blurry"
+    build_random_model(args.model, folder)
     print(f"model {args.model} (random weights) at {folder}; {args.size}x{args.size}, {args.steps} steps "
-          f"{args.scheduler}, guidance {args.guidance}, seed {args.seed}, {args.threads} threads")
-
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[args.scheduler]).from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    ours = Pipeline.load(folder)
-
-    # 1. text embeddings
-    with torch.no_grad():
-        ref_emb, ref_neg = ref.encode_prompt(prompt, "cpu", 1, True, negative)
-    cond = ours.encode_prompt([prompt], [negative], guided=True)
-    print(f"text embeddings      rel err {rel(cond.context[1], ref_emb[0].numpy()):.2e}  "
-          f"(negative {rel(cond.context[0], ref_neg[0].numpy()):.2e})")
-
-    # 2. one UNet forward (batch 2, as with guidance)
-    lat = args.size // ours.vae_scale_factor
-    x = np.random.default_rng(0).standard_normal((2, 4, lat, lat), dtype=np.float32)
-    ctx = cond.context
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ref_out = ref.unet(torch.from_numpy(x), torch.tensor(500), encoder_hidden_states=torch.from_numpy(ctx)).sample
-    t_ref = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    our_out = ours.unet(x, 500, ctx)
-    t_ours = time.perf_counter() - t0
-    print(f"UNet forward         rel err {rel(our_out, ref_out.numpy()):.2e}  (diffusers {t_ref:.1f} s, sdgen {t_ours:.1f} s)")
-
-    # 3. one VAE decode
-    z = np.random.default_rng(1).standard_normal((1, 4, lat, lat), dtype=np.float32)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ref_img = ref.vae.decode(torch.from_numpy(z)).sample.numpy()
-    t_ref = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    our_img = ours.vae.decode(z)
-    t_ours = time.perf_counter() - t0
-    print(f"VAE decode           rel err {rel(our_img, ref_img):.2e}  (diffusers {t_ref:.1f} s, sdgen {t_ours:.1f} s)")
-
-    # 4. the whole image
-    t0 = time.perf_counter()
-    out = ref(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-              width=args.size, height=args.size, generator=torch.Generator().manual_seed(args.seed), output_type="np")
-    t_ref = time.perf_counter() - t0
-    ref_px = (out.images[0] * 255).round().astype(np.uint8)
-    t0 = time.perf_counter()
-    our_px = ours.txt2img(prompt, negative_prompt=negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                          width=args.size, height=args.size, scheduler=args.scheduler)
-    t_ours = time.perf_counter() - t0
-    diff = np.abs(our_px.astype(np.int16) - ref_px.astype(np.int16))
-    print(f"whole image          max diff {diff.max()} grey levels, {100 * (diff <= 1).mean():.3f}% of values within 1, "
-          f"{100 * (diff == 0).mean():.3f}% equal; image std {ref_px.std():.1f}  "
-          f"(diffusers {t_ref:.1f} s, sdgen {t_ours:.1f} s)")
+          f"{args.scheduler or 'default scheduler'}, guidance {args.guidance}, seed {args.seed}, {args.threads} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "diffusers.npz"
+        base = [sys.executable, __file__] + sys.argv[1:] + ["--data", str(data)]
+        for side in ("diffusers", "sdgen"):
+            proc = subprocess.run(base + ["--side", side], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if proc.returncode:
+                sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
+            sys.stdout.write(proc.stdout)
 
 
 if __name__ == "__main__":
