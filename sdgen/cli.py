@@ -1,99 +1,267 @@
-"""The command line: parse options, call the pipeline, report. Nothing else happens here.
+"""The command line: parse options, hand the work to sdgen.batch / registry / pull, report. Nothing else happens here.
 
-Output contract for scripts: each written image's path goes to stdout, one per line; progress and messages go to
-stderr (progress only on a terminal); errors are one line on stderr with a distinct exit code (sdgen.errors).
+Output contract for scripts: each written image's path goes to stdout, one per line (or one JSON object per line
+with ``--json``); progress and messages go to stderr (progress only on a terminal); every error is one line on
+stderr, ``sdgen: error: ...``, with a distinct exit code (sdgen.errors): 1 other, 2 usage (bad option values,
+malformed prompt-file lines), 3 model not found, 4 bad model file, 5 out of memory, 6 output not writable or
+existing, 130 interrupted (Ctrl-C or SIGTERM). ``sdgen --debug ...`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import signal
 import sys
-import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from .errors import InterruptedError_, SdgenError
+try:  # typer >= 0.22 carries its own copy of click, whose exceptions these are
+    from typer._click import exceptions as _click_errors
+except ImportError:  # older typer uses click itself
+    from click import exceptions as _click_errors
+
+from .errors import InterruptedError_, SdgenError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"max_content_width": 110},
                   help="Stable Diffusion on the CPU, matching diffusers number for number.")
 
 _state = {"debug": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors. [default: off]",
+                                     show_default=False)) -> None:
     _state["debug"] = debug
 
 
 def _err(message: str) -> None:
-    print(f"sdgen: error: {message}", file=sys.stderr)
+    print(f"sdgen: error: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ txt2img
+@app.command()
+def txt2img(
+    prompt: Optional[List[str]] = typer.Option(
+        None, "--prompt", "-p", show_default=False,
+        help="What to draw; repeat for several prompts. [default: none; --prompt or --prompt-file is required]"),
+    prompt_file: Optional[Path] = typer.Option(
+        None, "--prompt-file", "-f", show_default=False,
+        help="A file of prompts: one per line, or JSON Lines objects with per-line overrides (prompt, "
+             "negative_prompt, seed, steps, guidance, width, height, scheduler, output, num_images); blank and # "
+             "lines are skipped. A malformed line is reported with its number and skipped, the others still run, "
+             "and the exit code is then 2. [default: none]"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-n", show_default=False,
+                                                  help="What to steer away from. [default: none]"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
+                                        help="A models.toml name or a path to a diffusers model folder. "
+                                             "[default: $SDGEN_DEFAULT_MODEL or 'toy']"),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s", show_default=False,
+                                       help="Seed of the first image; image i of the run gets seed+i. "
+                                            "[default: random, printed on stderr]"),
+    num_images: int = typer.Option(1, "--num-images", "-N", help="Images per prompt."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b",
+                                   help="Images computed together in one UNet batch (same result as one by one)."),
+    steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
+                                        help="Denoising steps. [default: the model's, else 20]"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "--cfg-scale", "-g", show_default=False,
+                                             help="Classifier-free guidance scale; <= 1 turns guidance off. "
+                                                  "[default: the model's, else 7.5]"),
+    width: Optional[int] = typer.Option(None, "--width", "-W", show_default=False,
+                                        help="Image width, a multiple of 8. [default: the model's]"),
+    height: Optional[int] = typer.Option(None, "--height", "-H", show_default=False,
+                                         help="Image height, a multiple of 8. [default: the model's]"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", "--sampler", show_default=False,
+                                            help="Scheduler name (see `sdgen schedulers`). [default: the model's]"),
+    output: Optional[str] = typer.Option(
+        None, "--output", "-o", show_default=False,
+        help="PNG file, folder (ending in / or existing) or name template with {index}, {seed}, {prompt_slug} "
+             "(format specs allowed: {index:05d}). [default: output.png for one image, else "
+             "{index:05d}-{seed}.png; in a folder: FOLDER/{index:05d}-{seed}.png]"),
+    overwrite: bool = typer.Option(False, "--overwrite", show_default=False,
+                                   help="Replace existing image files. [default: off: an existing file is an error]"),
+    skip_existing: bool = typer.Option(False, "--skip-existing", show_default=False,
+                                       help="Keep existing image files and make only the missing ones (resumes an "
+                                            "interrupted run). [default: off]"),
+    grid: bool = typer.Option(False, "--grid", show_default=False,
+                              help="Also write all the run's images as one grid image. [default: off]"),
+    grid_rows: Optional[int] = typer.Option(None, "--grid-rows", show_default=False,
+                                            help="Rows of the grid. [default: from --grid-cols, else near-square]"),
+    grid_cols: Optional[int] = typer.Option(None, "--grid-cols", show_default=False,
+                                            help="Columns of the grid. [default: from --grid-rows, else "
+                                                 "ceil(sqrt(images))]"),
+    grid_output: Optional[str] = typer.Option(None, "--grid-output", show_default=False,
+                                              help="Grid file. [default: grid-SEED.png beside the first image, "
+                                                   "SEED its seed]"),
+    json_lines: bool = typer.Option(False, "--json", show_default=False,
+                                    help="Print one JSON object per image on stdout (path, status, index, seed, "
+                                         "prompt, steps, guidance, size, scheduler, model, timings) instead of "
+                                         "its path. [default: off]"),
+    check_weights: bool = typer.Option(False, "--check-weights", show_default=False,
+                                       help="Scan every weight for NaN/inf before generating (models up to 256 MiB "
+                                            "are always scanned). [default: off]"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", show_default=False,
+                                          help="CPU threads for Numba and BLAS. [default: all cores]"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", show_default=False,
+                               help="No progress bars and no messages on stderr, only errors. [default: off; bars "
+                                    "show only when stderr is a terminal]"),
+) -> None:
+    """Generate images from text prompts and write them as PNGs (their paths are printed on stdout).
+
+    Image i of a run gets seed SEED+i and is the same image whether generated alone or in a batch.
+    """
+    options = dict(locals())
+    _run(lambda: _txt2img(**options))
+
+
+def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batch_size, steps, guidance, width,
+             height, scheduler, output, overwrite, skip_existing, grid, grid_rows, grid_cols, grid_output,
+             json_lines, check_weights, threads, quiet) -> None:
+    from . import batch, registry
+    from .progress import Progress
+
+    options = batch.RunOptions(
+        prompts=list(prompt or []), prompt_file=str(prompt_file) if prompt_file is not None else None,
+        negative_prompt=negative_prompt, seed=seed, num_images=num_images, batch_size=batch_size, steps=steps,
+        guidance=guidance, width=width, height=height, scheduler=scheduler, output=output, overwrite=overwrite,
+        skip_existing=skip_existing, grid=grid, grid_rows=grid_rows, grid_cols=grid_cols, grid_output=grid_output,
+        check_weights=check_weights)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1 (got {threads})")
+    options.validate()
+    spec, model_path = registry.resolve_model(model or registry.default_model_name())
+    first_seed = seed if seed is not None else random.randrange(2**32)
+    plan = batch.plan_run(options, first_seed)
+    for error in plan.line_errors:
+        _err(f"{error} (line skipped)")
+    batch.remove_stale_temp_files(plan.todo)
+
+    written = 0
+    with Progress(quiet=quiet) as progress:
+        pipe = None
+        if plan.todo:
+            from .threads import set_threads
+            set_threads(threads)
+            pipe = batch.load_model(model_path, spec, check_weights, progress)
+            if seed is None:
+                progress.message(f"sdgen: seed {first_seed} (random; --seed {first_seed} makes the same images)")
+        if plan.skipped:
+            progress.message(f"sdgen: keeping {len(plan.skipped)} existing image"
+                             f"{'s' if len(plan.skipped) > 1 else ''} (--skip-existing)")
+        try:
+            for record in batch.execute(plan, options, pipe, spec, _model_name(spec, model_path), progress):
+                written += record.get("status") == "written"
+                if json_lines:
+                    print(json.dumps(record, ensure_ascii=False), flush=True)
+                elif record.get("status") != "skipped":
+                    print(record["path"], flush=True)
+                if record.get("warning"):
+                    progress.error(f"sdgen: warning: {record['path']}: {record['warning']}")
+        except KeyboardInterrupt:
+            same_seed = f" --seed {first_seed}" if seed is None else ""
+            raise InterruptedError_(f"interrupted: {written} of {len(plan.todo)} images written; run the same "
+                                    f"command with{same_seed} --skip-existing to make the rest") from None
+    if plan.line_errors:
+        lines = [str(e.line) for e in plan.line_errors]
+        s = "s" if len(lines) > 1 else ""
+        raise UsageError(f"{prompt_file}: {len(lines)} malformed line{s} skipped (line{s} {', '.join(lines)}); "
+                         "the other images were made")
+
+
+def _model_name(spec, model_path: Path) -> str:
+    """The name images record for their model (as Pipeline.load names it)."""
+    if spec is not None:
+        return spec.name
+    return model_path.stem if model_path.is_file() else model_path.name
+
+
+# ------------------------------------------------------------------------------------------------ models, pull
+@app.command()
+def models(json_lines: bool = typer.Option(False, "--json", show_default=False,
+                                           help="One JSON object per model instead of a table. [default: off]")) -> None:
+    """List the models of the registry (models.toml): family, defaults, and whether the weights are here (where)."""
+    _run(lambda: _models(json_lines))
+
+
+def _models(json_lines: bool) -> None:
+    from . import registry
+
+    rows = []
+    for spec in registry.load_registry().values():
+        found, _ = registry.locate(spec)
+        rows.append({"name": spec.name, "family": spec.family, "width": spec.width, "height": spec.height,
+                     "steps": spec.steps, "guidance": spec.guidance, "scheduler": spec.scheduler, "repo": spec.repo,
+                     "present": found is not None, "path": str(found) if found else None,
+                     "description": spec.description})
+    if json_lines:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return
+    table = [("NAME", "FAMILY", "SIZE", "STEPS", "CFG", "SCHEDULER", "WEIGHTS")]
+    for r in rows:
+        where = f"present: {r['path']}" if r["present"] else (
+            f"not here (sdgen pull {r['name']})" if r["repo"] else "not here")
+        table.append((r["name"], r["family"], f"{r['width']}x{r['height']}", str(r["steps"]), f"{r['guidance']:g}",
+                      r["scheduler"] or "(model's)", where))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
 
 
 @app.command()
-def txt2img(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", "-n", help="What to steer away from."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="A models.toml name or a path to a diffusers model folder. "
-                                             "[default: $SDGEN_DEFAULT_MODEL or 'toy']"),
-    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed. [default: random, reported]"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps. [default: the model's, else 20]"),
-    guidance: Optional[float] = typer.Option(None, "--guidance", "--cfg-scale", "-g",
-                                             help="Classifier-free guidance scale; <= 1 turns guidance off. "
-                                                  "[default: the model's, else 7.5]"),
-    width: Optional[int] = typer.Option(None, "--width", "-W", help="Multiple of 8. [default: the model's]"),
-    height: Optional[int] = typer.Option(None, "--height", "-H", help="Multiple of 8. [default: the model's]"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", "--sampler",
-                                            help="Scheduler name (see `sdgen schedulers`). [default: the model's]"),
-    output: Path = typer.Option(Path("output.png"), "--output", "-o", help="PNG file to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads for Numba and BLAS. [default: all cores]"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+def pull(
+    name: str = typer.Argument(..., help="A model name from `sdgen models` (or its Hugging Face repo id)."),
+    variant: Optional[str] = typer.Option(None, "--variant", show_default=False,
+                                          help="Weights variant to fetch, e.g. fp16 (half the download). "
+                                               "[default: full precision where the repo has it]"),
+    revision: str = typer.Option("main", "--revision", help="Branch, tag or commit of the repo."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", show_default=False,
+                               help="No download progress. [default: off]"),
 ) -> None:
-    """Generate an image from a text prompt and write it as a PNG (its path is printed on stdout)."""
-    _run(lambda: _txt2img(prompt, negative_prompt, model, seed, steps, guidance, width, height, scheduler, output,
-                          overwrite, threads, quiet))
+    """Download a registry model's diffusers weights (safetensors only) into the Hugging Face cache, where
+    `sdgen txt2img --model NAME` finds them. Needs the optional huggingface_hub (pip install 'sdgen[hub]')."""
+    _run(lambda: _pull(name, variant, revision, quiet))
 
 
-def _txt2img(prompt, negative_prompt, model, seed, steps, guidance, width, height, scheduler, output, overwrite,
-             threads, quiet) -> None:
-    from . import registry
-    from .image import check_writable, format_parameters, save_png
-    from .pipeline import Pipeline
-    from .progress import Progress
-    from .threads import set_threads
+def _pull(name: str, variant: str | None, revision: str, quiet: bool) -> None:
+    from .pull import pull_model
+    print(pull_model(name, variant=variant, revision=revision, quiet=quiet))
 
-    set_threads(threads)
-    spec, path = registry.resolve_model(model or registry.default_model_name())
-    steps = steps if steps is not None else (spec.steps if spec and spec.steps else 20)
-    guidance = guidance if guidance is not None else (spec.guidance if spec and spec.guidance is not None else 7.5)
-    scheduler = scheduler or (spec.scheduler if spec else None)
-    seed = seed if seed is not None else random.randrange(2**32)
-    check_writable(output, overwrite)
-    with Progress(enabled=not quiet) as progress:
-        progress.status(f"loading {spec.name if spec else path}")
-        pipe = Pipeline.load(path, name=spec.name if spec else None)
-        width = width or (spec.width if spec and spec.width else pipe.default_size())
-        height = height or (spec.height if spec and spec.height else pipe.default_size())
-        pipe.check_request(steps, width, height)
-        progress.status("encoding prompt")
-        cond = pipe.encode_prompt([prompt], [negative_prompt], guided=guidance > 1.0)
-        latents = None
-        task = progress.steps(steps)
-        for latents in pipe.generate_latents(cond, [seed], steps, guidance, width, height, scheduler):
-            task.advance()
-        progress.status("decoding")
-        image = pipe.decode(latents)[0]
-    params = format_parameters(prompt, negative_prompt, steps, scheduler or pipe.scheduler_config.get("_class_name"),
-                               guidance, seed, width, height, pipe.name)
-    save_png(output, image, params, overwrite=overwrite)
-    print(output)
+
+@app.command()
+def schedulers(json_lines: bool = typer.Option(False, "--json", show_default=False,
+                                               help="One JSON object per scheduler. [default: off]")) -> None:
+    """List the scheduler names --scheduler takes, with their aliases."""
+    _run(lambda: _schedulers(json_lines))
+
+
+def _schedulers(json_lines: bool) -> None:
+    from .schedulers import scheduler_names
+
+    entries = scheduler_names()
+    if json_lines:
+        for name, aliases, description in entries:
+            print(json.dumps({"name": name, "aliases": aliases, "description": description}))
+        return
+    width = max(len(name) for name, _, _ in entries)
+    for name, aliases, description in entries:
+        also = f" (also: {', '.join(aliases)})" if aliases else ""
+        print(f"{name.ljust(width)}  {description}{also}")
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _terminate(signum, frame) -> None:
+    """SIGTERM ends a run the way Ctrl-C does: clean up, exit 130."""
+    raise KeyboardInterrupt
 
 
 def _run(fn) -> None:
     """Run a command body, turning errors into one line on stderr and a distinct exit code."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         fn()
     except SdgenError as e:
@@ -107,8 +275,11 @@ def _run(fn) -> None:
     except MemoryError:
         if _state["debug"]:
             raise
-        _err("out of memory: try a smaller size or batch")
+        _err("out of memory: try a smaller size or --batch-size")
         raise typer.Exit(5)
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")  # nobody reads the rest; keep the exit quiet
+        raise typer.Exit(1)
     except (typer.Exit, typer.Abort):
         raise
     except Exception as e:  # a bug, not bad input: still one line, with the way to see more
@@ -116,10 +287,28 @@ def _run(fn) -> None:
             raise
         _err(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
         raise typer.Exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The ``sdgen`` entry point: option errors become one line too (exit 2), as every other error."""
+    try:
+        code = app(args=argv, prog_name="sdgen", standalone_mode=False)
+    except _click_errors.NoArgsIsHelpError as e:
+        print(e.format_message(), file=sys.stderr)
+        sys.exit(2)
+    except _click_errors.UsageError as e:
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        _err(" ".join(e.format_message().split()) + hint)
+        sys.exit(2)
+    except _click_errors.ClickException as e:
+        _err(" ".join(e.format_message().split()))
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _err("interrupted")
+        sys.exit(InterruptedError_.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
