@@ -788,14 +788,14 @@ def _plan_grid(options: RunOptions, jobs: list[Job]) -> str | None:
     return path
 
 
-def load_model(model_path: Path, spec=None, check: bool = False, progress=None):
+def load_model(model_path: Path, spec=None, check: bool = False, progress=None, vae=None):
     """The pipeline of a model, its weights scanned for NaN/inf when asked or when they are small (up to
     AUTO_CHECK_WEIGHT_BYTES)."""
     from .pipeline import Pipeline
 
     progress = progress or _NoProgress()
     progress.status(f"loading {spec.name if spec else model_path}")
-    pipe = Pipeline.load(model_path, name=spec.name if spec else None)
+    pipe = Pipeline.load(model_path, name=spec.name if spec else None, vae=vae)
     if check or weights_size(model_path) <= AUTO_CHECK_WEIGHT_BYTES:
         progress.status("checking the weights for NaN/inf")
         check_weights(model_path)

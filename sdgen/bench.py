@@ -99,3 +99,38 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
 
 def as_dict(result: BenchResult) -> dict:
     return asdict(result)
+
+
+# (channels in = out, height, width, batch): the 3x3 convolutions SD spends its time in (UNet at 64x64 latents with
+# guidance, VAE decoder up to 512x512)
+SD_CONV_SHAPES = [(320, 64, 64, 2), (640, 32, 32, 2), (1280, 16, 16, 2), (1280, 8, 8, 2), (512, 64, 64, 1),
+                  (512, 128, 128, 1), (256, 256, 256, 1), (128, 512, 512, 1)]
+
+
+def kernels(threads: int | None = None, shapes=SD_CONV_SHAPES, repeat: int = 2) -> list[dict]:
+    """Time each convolution path (im2col GEMM, Winograd F(2,3), F(4,3)) on the SD layer shapes, in ms."""
+    import numpy as np
+
+    from .kernels import conv
+    from .threads import set_threads
+
+    set_threads(threads)
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, h, w, n in shapes:
+        x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+        weight = rng.standard_normal((c, c, 3, 3), dtype=np.float32) / np.float32(np.sqrt(9 * c))
+        bias = rng.standard_normal(c, dtype=np.float32)
+        chosen = conv.Conv2dPlan(weight, bias, 1, 1).variant_for(h, w, n)
+        row = {"channels": c, "size": f"{h}x{w}", "batch": n, "chosen": chosen}
+        for variant in ("im2col", "f23", "f43"):
+            plan = conv.Conv2dPlan(weight, bias, 1, 1, variant=variant)
+            conv.conv2d(x, plan)
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                conv.conv2d(x, plan)
+                times.append(time.perf_counter() - t0)
+            row[f"{variant}_ms"] = round(1000 * min(times), 1)
+        rows.append(row)
+    return rows

@@ -101,6 +101,10 @@ def txt2img(
                                     help="Print one JSON object per image on stdout (path, status, index, seed, "
                                          "prompt, steps, guidance, size, scheduler, model, timings) instead of "
                                          "its path. [default: off]"),
+    vae: Optional[Path] = typer.Option(None, "--vae", show_default=False,
+                                       help="Replace the model's VAE with this one: a .safetensors file in the "
+                                            "diffusers or original (LDM) format, or a diffusers vae/ folder. "
+                                            "[default: the model's own]"),
     check_weights: bool = typer.Option(False, "--check-weights", show_default=False,
                                        help="Scan every weight for NaN/inf before generating (models up to 256 MiB "
                                             "are always scanned). [default: off]"),
@@ -120,7 +124,7 @@ def txt2img(
 
 def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batch_size, steps, guidance, width,
              height, scheduler, output, overwrite, skip_existing, grid, grid_rows, grid_cols, grid_output,
-             json_lines, check_weights, threads, quiet) -> None:
+             json_lines, vae, check_weights, threads, quiet) -> None:
     from . import batch, registry
     from .progress import Progress
 
@@ -146,7 +150,7 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
         if plan.todo:
             from .threads import set_threads
             set_threads(threads)
-            pipe = batch.load_model(model_path, spec, check_weights, progress)
+            pipe = batch.load_model(model_path, spec, check_weights, progress, vae=vae)
             if seed is None:
                 progress.message(f"sdgen: seed {first_seed} (random; --seed {first_seed} makes the same images)")
         if plan.skipped:
@@ -251,6 +255,64 @@ def _schedulers(json_lines: bool) -> None:
     for name, aliases, description in entries:
         also = f" (also: {', '.join(aliases)})" if aliases else ""
         print(f"{name.ljust(width)}  {description}{also}")
+
+
+# ------------------------------------------------------------------------------------------------ bench
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
+                                        help="A models.toml name or a model path. [default: $SDGEN_DEFAULT_MODEL or "
+                                             "'toy']"),
+    width: Optional[int] = typer.Option(None, "--width", "-W", show_default=False,
+                                        help="Image width. [default: the model's]"),
+    height: Optional[int] = typer.Option(None, "--height", "-H", show_default=False,
+                                         help="Image height. [default: the model's]"),
+    steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
+                                        help="Denoising steps. [default: the model's]"),
+    batch_size: int = typer.Option(1, "--batch", "-b", help="Images computed together in one UNet batch."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "-g", show_default=False,
+                                             help="Guidance scale; > 1 doubles the UNet batch. [default: the model's]"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", show_default=False,
+                                            help="Scheduler name. [default: the model's]"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", show_default=False,
+                                          help="CPU threads for Numba and BLAS. [default: all cores]"),
+    random_weights: bool = typer.Option(False, "--random-weights", show_default=False,
+                                        help="Random weights of the model's real architecture (configs shipped with "
+                                             "sdgen): the same compute without the checkpoint. [default: off]"),
+    kernels: bool = typer.Option(False, "--kernels", show_default=False,
+                                 help="Time each convolution variant on the SD layer shapes instead. [default: off]"),
+    json_out: bool = typer.Option(False, "--json", show_default=False,
+                                  help="Print one JSON object on stdout. [default: a table]"),
+) -> None:
+    """Time load, text encoding, each UNet step, VAE decode and the whole run; report peak memory."""
+    _run(lambda: _bench(model, width, height, steps, batch_size, guidance, scheduler, threads, random_weights,
+                        kernels, json_out))
+
+
+def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads, random_weights, kernels,
+           json_out) -> None:
+    from . import bench as bench_mod
+    from . import registry
+
+    if batch_size < 1:
+        raise UsageError(f"--batch must be at least 1 (got {batch_size})")
+    if kernels:
+        rows = bench_mod.kernels(threads)
+        if json_out:
+            print(json.dumps(rows))
+        else:
+            for row in rows:
+                print("  ".join(f"{k}={v}" for k, v in row.items()))
+        return
+    result = bench_mod.run(model or registry.default_model_name(), width, height, steps, batch_size, guidance,
+                           threads, random_weights, scheduler)
+    record = bench_mod.as_dict(result)
+    if json_out:
+        print(json.dumps(record))
+    else:
+        width_key = max(len(k) for k in record)
+        for key, value in record.items():
+            print(f"{key:<{width_key}}  {value}")
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -163,7 +163,9 @@ class Pipeline:
             tokenizers.append(_tokenizer(src.tokenizer_dirs["tokenizer" + component[len("text_encoder"):]], cfg))
         unet_cfg, unet_tensors = src.components["unet"]
         vae_cfg, vae_tensors = src.components["vae"]
-        if vae is not None:
+        if vae is not None and Path(vae).is_dir():  # a diffusers vae/ folder
+            vae_cfg, vae_tensors = checkpoint.load_component(Path(vae).parent, Path(vae).name)
+        elif vae is not None:
             vae_cfg, vae_tensors = checkpoint.load_vae_file(Path(vae), config=vae_cfg)
         unet = UNet(UNetConfig.from_dict(unet_cfg), unet_tensors, source=f"{path}:unet")
         vae_model = AutoencoderKL(VAEConfig.from_dict(vae_cfg), vae_tensors, source=f"{vae or path}:vae",
