@@ -1,20 +1,84 @@
-"""One setting for the CPU threads of both Numba kernels and BLAS, so the two never oversubscribe the cores."""
+"""One thread setting for everything that computes: Numba's parallel loops and the BLAS under numpy.
+
+set_threads(n) sets both; None means all the cores this process may run on. The kernels never call BLAS from inside
+a Numba parallel loop, so the two pools take turns and n threads in total are busy at any time.
+
+BLAS is limited through threadpoolctl when it is installed; without it, through the OpenBLAS library that numpy
+loaded (found in /proc/self/maps, its *_set_num_threads entry point called with ctypes).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
 
-_limits = None
+_current: int | None = None
+_limiter = None  # keeps threadpoolctl's limits object alive
+
+
+def available_cores() -> int:
+    """Cores this process may run on (affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _openblas_libraries() -> list[str]:
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and "openblas" in os.path.basename(parts[-1]).lower() and parts[-1] not in paths:
+                    paths.append(parts[-1])
+    except OSError:
+        pass
+    return paths
+
+
+def _set_blas_threads_ctypes(n: int) -> bool:
+    done = False
+    for path in _openblas_libraries():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int]
+                fn.restype = None
+                fn(int(n))
+                done = True
+                break
+    return done
 
 
 def set_threads(n: int | None = None) -> int:
-    """Use n threads (None: all cores) for Numba's parallel loops and for BLAS; returns the number set."""
-    global _limits
+    """Use n threads (None: all available cores) in Numba kernels and in BLAS; returns the number set (n, capped
+    at Numba's pool size)."""
+    global _current, _limiter
     import numba
-    from threadpoolctl import threadpool_limits
+    import numpy  # noqa: F401  (loads BLAS, so that it can be found and limited)
 
-    n = n or os.cpu_count() or 1
-    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    if n is None:
+        n = available_cores()
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    n = min(n, numba.config.NUMBA_NUM_THREADS)  # Numba's pool is sized at import (NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
-    _limits = threadpool_limits(limits=n, user_api="blas")
+    try:
+        import threadpoolctl
+    except ImportError:
+        _set_blas_threads_ctypes(n)
+    else:
+        _limiter = threadpoolctl.threadpool_limits(limits=n, user_api="blas")
+    _current = n
     return n
+
+
+def get_threads() -> int | None:
+    """The last value set by set_threads (None if it was never called)."""
+    return _current

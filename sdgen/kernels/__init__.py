@@ -1,11 +1,16 @@
 """Compute kernels: arrays in, arrays out; they know nothing of models.
 
 Layouts: feature maps NHWC float32, token sequences (batch, tokens, channels), weights as PyTorch stores them.
+Fast versions (Numba + BLAS) here; plain numpy twins of each in reference.py, which the tests compare against.
 """
 
+from .activations import geglu, gelu, quick_gelu, silu
+from .mha import attention, softmax
 from .conv import Conv2dPlan, conv2d
-from .reference import attention, gelu, group_norm, layer_norm, linear, quick_gelu, silu, softmax
+from .gemm import linear
+from .norm import group_norm, layer_norm
 
 __all__ = [
-    "Conv2dPlan", "conv2d", "attention", "gelu", "group_norm", "layer_norm", "linear", "quick_gelu", "silu", "softmax",
+    "Conv2dPlan", "conv2d", "attention", "gelu", "geglu", "group_norm", "layer_norm", "linear", "quick_gelu", "silu",
+    "softmax",
 ]

@@ -1,28 +1,138 @@
 """2-D convolution, NHWC. A Conv2dPlan holds the weights prepared once at load; conv2d runs it.
 
-First version: every convolution goes through the reference im2col + GEMM. The fast paths (Winograd F(2x2,3x3) and
-F(4x4,3x3) for stride-1 3x3, GEMM for 1x1) replace it behind the same two names.
+Paths, chosen per call from the plan and the input size (`choose_variant`):
+  "f43", "f23"  Winograd F(4x4,3x3) / F(2x2,3x3) for 3x3 stride 1 (winograd.py),
+  "gemm1x1"     1x1 stride 1 without padding: one GEMM on (N*H*W, Cin),
+  "im2col"      anything else (3x3 stride 2, odd kernels, and 3x3 stride 1 where Winograd does not pay).
+Filter transforms and weight re-layouts are made once per plan and path, the first time that path is used (or by
+`Conv2dPlan.prepare`), and kept in the plan.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import reference
+from . import winograd
+from .gemm import conv_im2col, epilogue
+
+VARIANTS = ("f43", "f23", "im2col", "gemm1x1")
+
+
+# F(4,3) stores its filters 4x larger than the 3x3 weights (36 / 9 values), F(2,3) 1.8x (16 / 9). Above this size
+# of transformed filters F(2,3) is taken instead: in SD's UNet the 1280-channel convolutions alone would hold ~7 GB
+# as F(4,3) filters, and on their 16x16 and 8x8 maps F(2,3) is fast enough (scripts/bench_kernels.py).
+F43_MAX_FILTER_BYTES = 64 << 20
+
+
+def choose_variant(cin: int, cout: int, h: int, w: int, n: int) -> str:
+    """Path for a 3x3 stride-1 convolution of this size; a coarse table from scripts/bench_kernels.py on a 2-core
+    AVX2 EPYC with OpenBLAS (ratios to torch's conv2d, preliminary: im2col 0.4-1.1, F(2,3) 0.26-0.6, F(4,3)
+    0.26-0.36). F(4,3) needs 4x fewer multiplications than direct convolution, F(2,3) 2.25x fewer; both lose to
+    im2col when channels are very few (the transforms then cost more than the GEMMs) or the map is tiny."""
+    if min(cin, cout) < 16:
+        return "im2col"
+    tiles2 = n * (-(-h // 2)) * (-(-w // 2))
+    if tiles2 < 8:
+        return "im2col"
+    if 36 * cin * cout * 4 <= F43_MAX_FILTER_BYTES and h * w >= 64:
+        return "f43"
+    return "f23"
 
 
 class Conv2dPlan:
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, stride: int = 1, padding: int = 0):
+    """Weights (OIHW, as PyTorch stores them), bias, stride and padding of one convolution, prepared for conv2d.
+
+    variant: force a path (one of VARIANTS) instead of choosing per input size; for tests and benchmarks.
+    """
+
+    def __init__(
+        self,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        stride: int = 1,
+        padding: int = 0,
+        variant: str | None = None,
+    ):
         self.weight = np.ascontiguousarray(weight, dtype=np.float32)
-        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-        self.stride = stride
-        self.padding = padding
         self.out_channels, self.in_channels, self.kh, self.kw = self.weight.shape
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(self.out_channels)
+        self.stride = int(stride)
+        self.padding = int(padding)
+        if variant is not None and variant not in VARIANTS:
+            raise ValueError(f"unknown conv variant {variant!r}")
+        self.variant = variant
+        self.winograd_ok = (self.kh, self.kw) == (3, 3) and self.stride == 1
+        self.is_1x1 = (self.kh, self.kw) == (1, 1) and self.stride == 1 and self.padding == 0
+        self._prepared: dict[str, np.ndarray] = {}
+        self._zero_bias = None
+        if self.is_1x1 or not self.winograd_ok:
+            self.prepare()
+
+    def variant_for(self, h: int, w: int, n: int = 1) -> str:
+        """The path conv2d takes for an (n, h, w, Cin) input."""
+        if self.is_1x1:
+            v = "gemm1x1"
+        elif not self.winograd_ok:
+            v = "im2col"
+        else:
+            v = self.variant or choose_variant(self.in_channels, self.out_channels, h, w, n)
+        if v in ("f43", "f23") and not self.winograd_ok:
+            raise ValueError("Winograd needs a 3x3 stride-1 convolution")
+        if v == "gemm1x1" and not self.is_1x1:
+            v = "im2col"
+        return v
+
+    def prepare(self, h: int | None = None, w: int | None = None, n: int = 1) -> str:
+        """Make (once) the transformed weights of the path used for (n, h, w) inputs; returns that path."""
+        v = self.variant_for(h or 64, w or 64, n)
+        if v not in self._prepared:
+            wt = self.weight
+            if v == "f43":
+                self._prepared[v] = winograd.filter_transform(wt, 4)
+            elif v == "f23":
+                self._prepared[v] = winograd.filter_transform(wt, 2)
+            elif v == "gemm1x1":
+                self._prepared[v] = np.ascontiguousarray(wt.reshape(self.out_channels, self.in_channels).T)
+            else:
+                self._prepared[v] = np.ascontiguousarray(wt.transpose(2, 3, 1, 0).reshape(-1, self.out_channels))
+        return v
+
+    def prepared_bytes(self) -> int:
+        """Memory held by the transformed weights (besides the OIHW weight itself)."""
+        return sum(a.nbytes for a in self._prepared.values())
+
+    def zero_bias(self) -> np.ndarray:
+        if self._zero_bias is None:
+            self._zero_bias = np.zeros(self.out_channels, dtype=np.float32)
+        return self._zero_bias
 
 
 def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None) -> np.ndarray:
-    """Convolve NHWC x with the planned weights; adds residual (same shape as the output) if given."""
-    y = reference.conv2d(x, plan.weight, plan.bias, plan.stride, plan.padding)
+    """Convolve NHWC x with the planned weights; adds residual (same shape as the output) if given.
+
+    For asymmetric padding pad x first and plan with padding=0.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, h, w, cin = x.shape
+    if cin != plan.in_channels:
+        raise ValueError(f"conv2d: input has {cin} channels, the weights expect {plan.in_channels}")
+    ho = (h + 2 * plan.padding - plan.kh) // plan.stride + 1
+    wo = (w + 2 * plan.padding - plan.kw) // plan.stride + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"conv2d: input {h}x{w} is smaller than the {plan.kh}x{plan.kw} kernel")
     if residual is not None:
-        y += residual
+        residual = np.ascontiguousarray(residual, dtype=np.float32)
+        if residual.shape != (n, ho, wo, plan.out_channels):
+            raise ValueError(f"conv2d: residual shape {residual.shape} != output shape {(n, ho, wo, plan.out_channels)}")
+    v = plan.prepare(h, w, n)
+    prep = plan._prepared[v]
+    if v in ("f43", "f23"):
+        bias = plan.bias if plan.bias is not None else plan.zero_bias()
+        y = winograd.winograd_conv(x, prep, 4 if v == "f43" else 2, plan.padding, bias, plan.out_channels, residual)
+    elif v == "gemm1x1":
+        y = np.matmul(x.reshape(-1, cin), prep)  # one large GEMM on BLAS's threads
+        epilogue(y, plan.bias, None if residual is None else residual.reshape(-1, plan.out_channels))
+        y = y.reshape(n, h, w, plan.out_channels)
+    else:
+        y = conv_im2col(x, prep, plan.kh, plan.kw, plan.stride, plan.padding, plan.bias, residual)
     return y

@@ -100,3 +100,9 @@ def quick_gelu(x: np.ndarray) -> np.ndarray:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def geglu(x: np.ndarray) -> np.ndarray:
+    """GEGLU: split the last axis in halves (a, gate), a * gelu(gate) with the exact GELU."""
+    a, gate = np.split(x, 2, axis=-1)
+    return (a.astype(np.float64) * gelu(gate).astype(np.float64)).astype(np.float32)

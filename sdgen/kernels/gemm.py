@@ -1,0 +1,171 @@
+"""GEMM-based kernels: linear layers, im2col for the convolutions that Winograd does not cover, bias/residual epilogue.
+
+The GEMMs are numpy's (OpenBLAS). A large single GEMM (linear, 1x1 convolution) runs on BLAS's own threads; the
+blocked im2col convolution runs its blocks on the kernel workers (see _pool.py), each with single-threaded BLAS.
+The Numba kernels here are serial and release the GIL; they never call BLAS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from . import _pool
+
+_NO_RES2 = np.zeros((1, 1), dtype=np.float32)  # stands in for "no residual" (keeps one compiled signature)
+_NO_BIAS = np.zeros(1, dtype=np.float32)
+
+
+@njit(nogil=True, cache=True)
+def add_bias_residual(y, bias, has_bias, res, has_res, c_lo, c_hi):
+    """In place on the 2-D y, columns [c_lo, c_hi): y[i, j] += bias[j] (if has_bias) + res[i, j] (if has_res)."""
+    rows = y.shape[0]
+    for i in range(rows):
+        if has_bias and has_res:
+            for j in range(c_lo, c_hi):
+                y[i, j] = y[i, j] + bias[j] + res[i, j]
+        elif has_bias:
+            for j in range(c_lo, c_hi):
+                y[i, j] = y[i, j] + bias[j]
+        elif has_res:
+            for j in range(c_lo, c_hi):
+                y[i, j] = y[i, j] + res[i, j]
+
+
+def _as2d(a: np.ndarray, cols: int) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).reshape(-1, cols)
+
+
+def _split(total: int, parts: int, i: int, align: int = 1) -> tuple[int, int]:
+    """The i-th of `parts` near-equal contiguous ranges of range(total), inner bounds multiples of align."""
+    lo = 0 if i == 0 else min(total, (total * i // parts + align - 1) // align * align)
+    hi = total if i == parts - 1 else min(total, (total * (i + 1) // parts + align - 1) // align * align)
+    return lo, hi
+
+
+def epilogue(y: np.ndarray, bias: np.ndarray | None, residual2d: np.ndarray | None) -> None:
+    """y += bias (+ residual2d), in place, rows split over the kernel workers."""
+    if bias is None and residual2d is None:
+        return
+    b = _NO_BIAS if bias is None else bias
+    nw = _pool.workers() if y.shape[0] >= 64 else 1
+
+    def part(i: int) -> None:
+        lo, hi = _split(y.shape[0], nw, i)
+        r = _NO_RES2 if residual2d is None else residual2d[lo:hi]
+        add_bias_residual(y[lo:hi], b, bias is not None, r, residual2d is not None, 0, y.shape[1])
+
+    _pool.run(part, nw)
+
+
+def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None) -> np.ndarray:
+    """a @ b + bias (+ residual), a: (M, K) float32, b: (K, N) (C- or Fortran-contiguous; BLAS takes either)."""
+    y = np.matmul(a, b)
+    epilogue(y, bias, None if residual is None else _as2d(residual, y.shape[1]))
+    return y
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None) -> np.ndarray:
+    """x @ weight.T + bias (+ residual) over the last axis of x; weight (out, in) as PyTorch stores it.
+
+    residual, if given, has the output's shape and is added in the same pass as the bias.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    weight = np.asarray(weight, dtype=np.float32)
+    out_f, in_f = weight.shape
+    lead = x.shape[:-1]
+    y = gemm_bias(_as2d(x, in_f), weight.T, None if bias is None else np.asarray(bias, dtype=np.float32), residual)
+    return y.reshape(*lead, out_f)
+
+
+@njit(nogil=True, cache=True)
+def im2col(x, cols, r0, rr_lo, rr_hi, ho, wo, stride, pad, kh, kw):
+    """Rows r0+rr, rr in [rr_lo, rr_hi), of the im2col matrix of NHWC x (output pixels numbered image, row,
+    column) into cols[rr] viewed as (kh*kw, Cin): cols[rr, i*kw + j, c] = x[n, oy*stride - pad + i,
+    ox*stride - pad + j, c], zero outside the image. Serial; releases the GIL."""
+    n_, h, w, cin = x.shape
+    per_img = ho * wo
+    for rr in range(rr_lo, rr_hi):
+        r = r0 + rr
+        n = r // per_img
+        q = r - n * per_img
+        oy = q // wo
+        ox = q - oy * wo
+        for i in range(kh):
+            yy = oy * stride - pad + i
+            for j in range(kw):
+                xx = ox * stride - pad + j
+                if yy < 0 or yy >= h or xx < 0 or xx >= w:
+                    for c in range(cin):
+                        cols[rr, i * kw + j, c] = np.float32(0.0)
+                else:
+                    for c in range(cin):
+                        cols[rr, i * kw + j, c] = x[n, yy, xx, c]
+
+
+def conv_im2col(
+    x: np.ndarray,
+    wmat: np.ndarray,
+    kh: int,
+    kw: int,
+    stride: int,
+    pad: int,
+    bias: np.ndarray | None,
+    residual: np.ndarray | None,
+    budget_bytes: int = 4 << 20,
+    min_rows: int = 128,
+    nworkers: int | None = None,
+) -> np.ndarray:
+    """Any convolution as im2col + GEMM, in blocks of output rows (about budget_bytes of im2col matrix each), the
+    bias/residual added per block while it is in cache. wmat: (kh*kw*Cin, Cout), rows ordered (i, j, c).
+
+    With at least as many blocks as workers each worker takes whole blocks; otherwise (one block) the workers
+    split its im2col rows, then the output columns of the GEMM, so the weights are read once.
+    """
+    n, h, w, cin = x.shape
+    k, cout = wmat.shape
+    ho = (h + 2 * pad - kh) // stride + 1
+    wo = (w + 2 * pad - kw) // stride + 1
+    rows = n * ho * wo
+    out = np.empty((rows, cout), dtype=np.float32)
+    rb = int(min(rows, max(min_rows, budget_bytes // (4 * k))))
+    nblocks = -(-rows // rb)
+    nw = _pool.workers() if nworkers is None else max(1, nworkers)
+    res2 = None if residual is None else _as2d(residual, cout)
+    has_bias = bias is not None
+    b = bias if has_bias else _NO_BIAS
+
+    if nblocks >= nw:
+
+        def blocks(i: int) -> None:
+            cols = np.empty((rb, kh * kw, cin), dtype=np.float32)
+            cmat = cols.reshape(rb, k)
+            for blk in range(i, nblocks, nw):
+                r0 = blk * rb
+                nr = min(rb, rows - r0)
+                im2col(x, cols, r0, 0, nr, ho, wo, stride, pad, kh, kw)
+                yb = out[r0 : r0 + nr]
+                np.matmul(cmat[:nr], wmat, out=yb)
+                if has_bias or res2 is not None:
+                    r = _NO_RES2 if res2 is None else res2[r0 : r0 + nr]
+                    add_bias_residual(yb, b, has_bias, r, res2 is not None, 0, cout)
+
+        _pool.run(blocks, nw)
+    else:
+        cols = np.empty((rows, kh * kw, cin), dtype=np.float32)
+        cmat = cols.reshape(rows, k)
+
+        def gather(i: int) -> None:
+            lo, hi = _split(rows, nw, i)
+            im2col(x, cols, 0, lo, hi, ho, wo, stride, pad, kh, kw)
+
+        def multiply(i: int) -> None:
+            lo, hi = _split(cout, nw, i, align=16)
+            if lo < hi:
+                np.matmul(cmat, wmat[:, lo:hi], out=out[:, lo:hi])
+                if has_bias or res2 is not None:
+                    add_bias_residual(out, b, has_bias, _NO_RES2 if res2 is None else res2, res2 is not None, lo, hi)
+
+        _pool.run(gather, nw)
+        _pool.run(multiply, nw)
+    return out.reshape(n, ho, wo, cout)

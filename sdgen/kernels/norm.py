@@ -1,0 +1,127 @@
+"""GroupNorm (NHWC, optionally followed by SiLU) and LayerNorm (last axis) in Numba.
+
+Statistics are accumulated in float64. GroupNorm sums per channel over chunks of pixels (in parallel), each channel
+shifted by its value at the first pixel so that a large mean does not cancel the variance away, then combines
+channels into groups in float64; the normalisation itself is one fused pass y = (x - mean) * a[c] + beta[c] (+ SiLU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._math import fsilu, sum64, sumsq_dev64
+
+_PIX_CHUNK = 256  # pixels per parallel work item in GroupNorm
+
+
+@njit(parallel=True, cache=True)
+def _gn_partial_sums(x, s, q):
+    """x (N, P, C) float32 -> s, q (N, chunks, C) float64: per chunk of _PIX_CHUNK pixels, the sums of
+    d = x - x[n, 0, c] and of d^2."""
+    n_, p, c = x.shape
+    nch = s.shape[1]
+    for job in prange(n_ * nch):
+        n = job // nch
+        ch = job - n * nch
+        lo = ch * _PIX_CHUNK
+        hi = min(p, lo + _PIX_CHUNK)
+        acc_s = np.zeros(c, dtype=np.float64)
+        acc_q = np.zeros(c, dtype=np.float64)
+        for i in range(lo, hi):
+            for k in range(c):
+                d = np.float64(x[n, i, k]) - np.float64(x[n, 0, k])
+                acc_s[k] += d
+                acc_q[k] += d * d
+        for k in range(c):
+            s[n, ch, k] = acc_s[k]
+            q[n, ch, k] = acc_q[k]
+
+
+@njit(parallel=True, cache=True)
+def _scale_shift(x, mu, a, b, y, silu):
+    """y[n, i, c] = (x[n, i, c] - mu[n, c]) * a[n, c] + b[n, c], then SiLU if silu; x, y (N, P, C), mu, a, b
+    (N, C) float32. Subtracting the mean first keeps float32 exact when the mean is large against the spread."""
+    n_, p, c = x.shape
+    nch = -(-p // _PIX_CHUNK)
+    for job in prange(n_ * nch):
+        n = job // nch
+        ch = job - n * nch
+        lo = ch * _PIX_CHUNK
+        hi = min(p, lo + _PIX_CHUNK)
+        for i in range(lo, hi):
+            if silu:
+                for k in range(c):
+                    y[n, i, k] = fsilu((x[n, i, k] - mu[n, k]) * a[n, k] + b[n, k])
+            else:
+                for k in range(c):
+                    y[n, i, k] = (x[n, i, k] - mu[n, k]) * a[n, k] + b[n, k]
+
+
+def group_norm(
+    x: np.ndarray, num_groups: int, gamma: np.ndarray, beta: np.ndarray, eps: float, silu: bool = False
+) -> np.ndarray:
+    """GroupNorm over NHWC x (statistics per image and group of C/num_groups channels), optionally then SiLU."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, h, w, c = x.shape
+    if c % num_groups:
+        raise ValueError(f"group_norm: {c} channels not divisible into {num_groups} groups")
+    p = h * w
+    x3 = x.reshape(n, p, c)
+    nch = -(-p // _PIX_CHUNK)
+    s = np.empty((n, nch, c), dtype=np.float64)
+    q = np.empty((n, nch, c), dtype=np.float64)
+    _gn_partial_sums(x3, s, q)
+    # per channel: sum of d and d^2 with d = x - k, k = x[n, 0, c]
+    shift = x3[:, 0, :].astype(np.float64)
+    sc = s.sum(axis=1)
+    qc = q.sum(axis=1)
+    cg = c // num_groups
+    cnt = float(p * cg)
+    mean_c = shift + sc / p  # per-channel means
+    mean_g = mean_c.reshape(n, num_groups, cg).mean(axis=2)  # (n, G)
+    # sum over the group of (x - mean_g)^2 = sum_c [ q_c + 2 (k_c - mean_g) s_c + p (k_c - mean_g)^2 ]
+    dk = shift.reshape(n, num_groups, cg) - mean_g[:, :, None]
+    m2 = (qc.reshape(n, num_groups, cg) + 2.0 * dk * sc.reshape(n, num_groups, cg) + p * dk * dk).sum(axis=2)
+    var_g = np.maximum(m2 / cnt, 0.0)
+    rstd = 1.0 / np.sqrt(var_g + eps)
+    g64 = np.asarray(gamma, dtype=np.float64)
+    b64 = np.asarray(beta, dtype=np.float64)
+    a = np.repeat(rstd, cg, axis=1) * g64  # (n, c)
+    mu = np.repeat(mean_g, cg, axis=1)
+    mu32 = mu.astype(np.float32)
+    # (x - mu32) is exact in float32 for x near the mean; what float32 rounding took off mu goes into the shift
+    b = b64 - (mu - mu32.astype(np.float64)) * a
+    f32 = lambda t: np.ascontiguousarray(t, dtype=np.float32)  # noqa: E731
+    y = np.empty_like(x)
+    _scale_shift(x3, mu32, f32(a), f32(b), y.reshape(n, p, c), bool(silu))
+    return y
+
+
+@njit(parallel=True, cache=True)
+def _layer_norm_rows(x, gamma, beta, eps, y):
+    """Row-wise LayerNorm of x (rows, C) float32 into y: two passes over the row, float64 statistics."""
+    rows, c = x.shape
+    for r in prange(rows):
+        xr = x[r]
+        mean = sum64(xr, c) / c
+        m = np.float32(mean)
+        v = sumsq_dev64(xr, c, mean)
+        rstd = np.float32(1.0 / np.sqrt(v / c + eps))
+        for k in range(c):
+            y[r, k] = (xr[k] - m) * rstd * gamma[k] + beta[k]
+
+
+def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis of x (any leading shape), float32 out."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    c = x.shape[-1]
+    y = np.empty_like(x)
+    _layer_norm_rows(
+        x.reshape(-1, c),
+        np.ascontiguousarray(gamma, dtype=np.float32),
+        np.ascontiguousarray(beta, dtype=np.float32),
+        float(eps),
+        y.reshape(-1, c),
+    )
+    return y

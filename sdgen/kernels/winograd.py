@@ -1,0 +1,474 @@
+"""Winograd minimal-filtering convolution F(2x2,3x3) and F(4x4,3x3), stride 1, NHWC.
+
+A 3x3 convolution producing an m x m output tile is computed from an (m+2) x (m+2) input tile d as
+
+    Y = A^T [ (G g G^T) (.) (B^T d B) ] A          (.) = element-wise product,
+
+summed over input channels. The element-wise stage, summed over channels, is one matrix product per transform point:
+with alpha = m + 2 there are alpha^2 independent GEMMs  M[p] = V[p] @ U[p],  V[p]: (tiles, Cin), U[p]: (Cin, Cout).
+U = G g G^T is computed once per weight (filter_transform); B^T d B (input transform) and A^T m A (output transform)
+run in Numba over tiles, the GEMMs in BLAS through numpy. Tiles are processed in blocks so that the transformed
+buffers stay bounded (and mostly in cache) whatever the image size.
+
+The matrices are the classic ones from the interpolation points {0, 1, -1} (+infinity) for F(2,3) and
+{0, 1, -1, 2, -2} (+infinity) for F(4,3); `matrices(m)` returns them (float64) for tests and the filter transform,
+and the Numba transforms below are those same matrices written out by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_F23 = (
+    np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),  # B^T
+    np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64),  # G
+    np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64),  # A^T
+)
+_F43 = (
+    np.array(
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        dtype=np.float64,
+    ),
+    np.array(
+        [
+            [1 / 4, 0, 0],
+            [-1 / 6, -1 / 6, -1 / 6],
+            [-1 / 6, 1 / 6, -1 / 6],
+            [1 / 24, 1 / 12, 1 / 6],
+            [1 / 24, -1 / 12, 1 / 6],
+            [0, 0, 1],
+        ],
+        dtype=np.float64,
+    ),
+    np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=np.float64),
+)
+
+
+def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B^T, G, A^T) in float64 for F(m x m, 3 x 3), m in {2, 4}."""
+    if m == 2:
+        return _F23
+    if m == 4:
+        return _F43
+    raise ValueError(f"no Winograd F({m},3)")
+
+
+def filter_transform(weight_oihw: np.ndarray, m: int) -> np.ndarray:
+    """U = G g G^T for every (out, in) pair, laid out (alpha*alpha, Cin', Cout') float32 (computed in float64),
+    Cin' and Cout' the channel counts padded as the transforms want them (padded_channels), with zeros there."""
+    _, g, _ = matrices(m)
+    cout, cin, kh, kw = weight_oihw.shape
+    assert (kh, kw) == (3, 3), weight_oihw.shape
+    a = m + 2
+    u = np.zeros((a, a, padded_channels(cin), padded_channels(cout)), dtype=np.float32)
+    for o0 in range(0, cout, 64):  # in chunks of output channels: the float64 temporaries stay small
+        w = np.asarray(weight_oihw[o0 : o0 + 64], dtype=np.float64)
+        u[:, :, :cin, o0 : o0 + w.shape[0]] = np.einsum("ak,oikl,bl->abio", g, w, g, optimize=True)
+    return u.reshape(a * a, u.shape[2], u.shape[3])
+
+
+def tile_block(m: int, cin: int, cout: int, ntiles: int, budget_bytes: int = 6 << 20, min_tiles: int = 96) -> int:
+    """Tiles per block so that the transformed input and output blocks take about budget_bytes together."""
+    a2 = (m + 2) * (m + 2)
+    per_tile = a2 * (cin + cout) * 4
+    tb = max(min_tiles, budget_bytes // per_tile)
+    return int(min(tb, ntiles))
+
+
+# ---------------------------------------------------------------- Numba transforms
+#
+# Layout of the transformed tiles: v[p, k, b, c] = slab p (of alpha^2), tile k of the block, channel b*cb + c.
+# Channels are split in blocks of cb and padded to a whole number of blocks (the padding stays zero, the
+# transformed filters have zero rows/columns there), so slab p is a (tiles, channels) matrix for the GEMM.
+#
+# Written so that LLVM vectorises the channel loops. Each loop runs over the contiguous channel axis, and a loop
+# either stores into a single place or into several rows of an array whose last index is the bare loop counter:
+# with offsets in the last index (x[..., c0 + c]) on several stores LLVM cannot prove that they do not overlap and
+# leaves the loop scalar (checked with -pass-remarks-missed=loop-vectorize).
+
+
+@njit(inline="always")
+def _bt6(src, r, k0, c0, dst, i, nc):
+    """dst[i, a, c] = (B^T d)[a] of F(4,3), d = src[r, k0 .. k0+5, c0 + c] (6 pixels of one input row)."""
+    f4 = np.float32(4.0)
+    f5 = np.float32(5.0)
+    f2 = np.float32(2.0)
+    for c in range(nc):
+        d0 = src[r, k0, c0 + c]
+        d1 = src[r, k0 + 1, c0 + c]
+        d2 = src[r, k0 + 2, c0 + c]
+        d3 = src[r, k0 + 3, c0 + c]
+        d4 = src[r, k0 + 4, c0 + c]
+        d5 = src[r, k0 + 5, c0 + c]
+        t1 = d4 - f4 * d2
+        t2 = d3 - f4 * d1
+        t3 = d4 - d2
+        t4 = f2 * (d3 - d1)
+        dst[i, 0, c] = f4 * d0 - f5 * d2 + d4
+        dst[i, 1, c] = t1 + t2
+        dst[i, 2, c] = t1 - t2
+        dst[i, 3, c] = t3 + t4
+        dst[i, 4, c] = t3 - t4
+        dst[i, 5, c] = f4 * d1 - f5 * d3 + d5
+
+
+@njit(inline="always")
+def _bt4(src, r, k0, c0, dst, i, nc):
+    """dst[i, a, c] = (B^T d)[a] of F(2,3), d = src[r, k0 .. k0+3, c0 + c]."""
+    for c in range(nc):
+        d0 = src[r, k0, c0 + c]
+        d1 = src[r, k0 + 1, c0 + c]
+        d2 = src[r, k0 + 2, c0 + c]
+        d3 = src[r, k0 + 3, c0 + c]
+        dst[i, 0, c] = d0 - d2
+        dst[i, 1, c] = d1 + d2
+        dst[i, 2, c] = d2 - d1
+        dst[i, 3, c] = d1 - d3
+
+
+@njit(inline="always")
+def _bt6_col(tmp, j, v, k, b, nc):
+    """Column pass of F(4,3): v[a*6 + j, k, b, c] = (B^T tmp[:, j, c])[a]."""
+    f4 = np.float32(4.0)
+    f5 = np.float32(5.0)
+    f2 = np.float32(2.0)
+    for c in range(nc):
+        d0 = tmp[0, j, c]
+        d1 = tmp[1, j, c]
+        d2 = tmp[2, j, c]
+        d3 = tmp[3, j, c]
+        d4 = tmp[4, j, c]
+        d5 = tmp[5, j, c]
+        t1 = d4 - f4 * d2
+        t2 = d3 - f4 * d1
+        t3 = d4 - d2
+        t4 = f2 * (d3 - d1)
+        v[j, k, b, c] = f4 * d0 - f5 * d2 + d4
+        v[6 + j, k, b, c] = t1 + t2
+        v[12 + j, k, b, c] = t1 - t2
+        v[18 + j, k, b, c] = t3 + t4
+        v[24 + j, k, b, c] = t3 - t4
+        v[30 + j, k, b, c] = f4 * d1 - f5 * d3 + d5
+
+
+@njit(inline="always")
+def _bt4_col(tmp, j, v, k, b, nc):
+    """Column pass of F(2,3): v[a*4 + j, k, b, c] = (B^T tmp[:, j, c])[a]."""
+    for c in range(nc):
+        d0 = tmp[0, j, c]
+        d1 = tmp[1, j, c]
+        d2 = tmp[2, j, c]
+        d3 = tmp[3, j, c]
+        v[j, k, b, c] = d0 - d2
+        v[4 + j, k, b, c] = d1 + d2
+        v[8 + j, k, b, c] = d2 - d1
+        v[12 + j, k, b, c] = d1 - d3
+
+
+@njit(inline="always")
+def _at6_row(mm, i, k, b, tmp, nc):
+    """Row pass of the F(4,3) output transform: tmp[i, j, c] = (A^T mm[i*6 .. i*6+5, k, b, c])[j]."""
+    f2 = np.float32(2.0)
+    f4 = np.float32(4.0)
+    f8 = np.float32(8.0)
+    p = i * 6
+    for c in range(nc):
+        m0 = mm[p, k, b, c]
+        m1 = mm[p + 1, k, b, c]
+        m2 = mm[p + 2, k, b, c]
+        m3 = mm[p + 3, k, b, c]
+        m4 = mm[p + 4, k, b, c]
+        m5 = mm[p + 5, k, b, c]
+        s1 = m1 + m2
+        d1 = m1 - m2
+        s2 = m3 + m4
+        d2 = m3 - m4
+        tmp[i, 0, c] = m0 + s1 + s2
+        tmp[i, 1, c] = d1 + f2 * d2
+        tmp[i, 2, c] = s1 + f4 * s2
+        tmp[i, 3, c] = d1 + f8 * d2 + m5
+
+
+@njit(inline="always")
+def _at4_row(mm, i, k, b, tmp, nc):
+    """Row pass of the F(2,3) output transform: tmp[i, j, c] = (A^T mm[i*4 .. i*4+3, k, b, c])[j]."""
+    p = i * 4
+    for c in range(nc):
+        m0 = mm[p, k, b, c]
+        m1 = mm[p + 1, k, b, c]
+        m2 = mm[p + 2, k, b, c]
+        m3 = mm[p + 3, k, b, c]
+        tmp[i, 0, c] = m0 + m1 + m2
+        tmp[i, 1, c] = m1 - m2 - m3
+
+
+@njit(inline="always")
+def _at6_col(tmp, j, col, nc):
+    """Column pass of the F(4,3) output transform: col[i, c] = (A^T tmp[:, j, c])[i]."""
+    f2 = np.float32(2.0)
+    f4 = np.float32(4.0)
+    f8 = np.float32(8.0)
+    for c in range(nc):
+        m0 = tmp[0, j, c]
+        m1 = tmp[1, j, c]
+        m2 = tmp[2, j, c]
+        m3 = tmp[3, j, c]
+        m4 = tmp[4, j, c]
+        m5 = tmp[5, j, c]
+        s1 = m1 + m2
+        d1 = m1 - m2
+        s2 = m3 + m4
+        d2 = m3 - m4
+        col[0, c] = m0 + s1 + s2
+        col[1, c] = d1 + f2 * d2
+        col[2, c] = s1 + f4 * s2
+        col[3, c] = d1 + f8 * d2 + m5
+
+
+@njit(inline="always")
+def _at4_col(tmp, j, col, nc):
+    """Column pass of the F(2,3) output transform: col[i, c] = (A^T tmp[:, j, c])[i]."""
+    for c in range(nc):
+        m0 = tmp[0, j, c]
+        m1 = tmp[1, j, c]
+        m2 = tmp[2, j, c]
+        m3 = tmp[3, j, c]
+        col[0, c] = m0 + m1 + m2
+        col[1, c] = m1 - m2 - m3
+
+
+@njit(inline="always")
+def _tile_in(m, x, n, y0, x0, v, k, tmp, row):
+    """Input transform of one tile of image n whose top-left input pixel is (y0, x0) (may lie in the padding)
+    into v[:, k]. tmp: (alpha, alpha, cb) scratch, row: (1, alpha, cb) scratch, cb = v.shape[3]."""
+    n_, h, w, cin = x.shape
+    cb = v.shape[3]
+    a = m + 2
+    inside_x = x0 >= 0 and x0 + a <= w
+    for b in range(-(-cin // cb)):
+        c0 = b * cb
+        nc = min(cb, cin - c0)
+        for i in range(a):
+            yy = y0 + i
+            if yy < 0 or yy >= h:
+                for j in range(a):
+                    for c in range(nc):
+                        tmp[i, j, c] = np.float32(0.0)
+            elif inside_x:
+                if m == 4:
+                    _bt6(x[n], yy, x0, c0, tmp, i, nc)
+                else:
+                    _bt4(x[n], yy, x0, c0, tmp, i, nc)
+            else:
+                for kk in range(a):
+                    xx = x0 + kk
+                    if xx < 0 or xx >= w:
+                        for c in range(nc):
+                            row[0, kk, c] = np.float32(0.0)
+                    else:
+                        for c in range(nc):
+                            row[0, kk, c] = x[n, yy, xx, c0 + c]
+                if m == 4:
+                    _bt6(row, 0, 0, 0, tmp, i, nc)
+                else:
+                    _bt4(row, 0, 0, 0, tmp, i, nc)
+        for j in range(a):
+            if m == 4:
+                _bt6_col(tmp, j, v, k, b, nc)
+            else:
+                _bt4_col(tmp, j, v, k, b, nc)
+
+
+@njit(inline="always")
+def _tile_out(m, mm, k, y, n, oy, ox, bias, res, has_res, b_lo, b_hi, tmp, col):
+    """Output transform of tile k of the block (mm[:, k]), channel blocks b_lo .. b_hi-1, into y[n, oy.., ox.., :]
+    + bias (+ res[n, oy.., ox..] if has_res), clipped at the image edge. tmp: (alpha, m, cb), col: (m, cb)."""
+    n_, ho, wo, cout = y.shape
+    cb = mm.shape[3]
+    a = m + 2
+    nh = min(m, ho - oy)
+    nw = min(m, wo - ox)
+    for b in range(b_lo, b_hi):
+        c0 = b * cb
+        nc = min(cb, cout - c0)
+        for i in range(a):
+            if m == 4:
+                _at6_row(mm, i, k, b, tmp, nc)
+            else:
+                _at4_row(mm, i, k, b, tmp, nc)
+        for j in range(nw):
+            if m == 4:
+                _at6_col(tmp, j, col, nc)
+            else:
+                _at4_col(tmp, j, col, nc)
+            for i in range(nh):
+                if has_res:
+                    for c in range(nc):
+                        y[n, oy + i, ox + j, c0 + c] = col[i, c] + bias[c0 + c] + res[n, oy + i, ox + j, c0 + c]
+                else:
+                    for c in range(nc):
+                        y[n, oy + i, ox + j, c0 + c] = col[i, c] + bias[c0 + c]
+
+
+@njit(nogil=True, cache=True)
+def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad):
+    """F(m,3) input transform B^T d B of tiles t0+k, k in [k_lo, k_hi), of NHWC x (zero padding `pad`) into
+    v[:, k] (layout above). Tiles are numbered by image, then tile row, then tile column. Serial; releases the GIL."""
+    a = m + 2
+    cb = v.shape[3]
+    per_img = tiles_h * tiles_w
+    tmp = np.empty((a, a, cb), dtype=np.float32)
+    row = np.empty((1, a, cb), dtype=np.float32)
+    for k in range(k_lo, k_hi):
+        t = t0 + k
+        n = t // per_img
+        r = t - n * per_img
+        ty = r // tiles_w
+        tx = r - ty * tiles_w
+        _tile_in(m, x, n, ty * m - pad, tx * m - pad, v, k, tmp, row)
+
+
+@njit(nogil=True, cache=True)
+def output_transform(m, mm, y, t0, k_lo, k_hi, tiles_h, tiles_w, bias, res, has_res, b_lo, b_hi):
+    """F(m,3) output transform A^T M A of tiles t0+k, k in [k_lo, k_hi) (mm[:, k], layout above), channel blocks
+    [b_lo, b_hi), into NHWC y, adding bias and, if has_res, res (NHWC like y). Serial; releases the GIL."""
+    a = m + 2
+    cb = mm.shape[3]
+    per_img = tiles_h * tiles_w
+    tmp = np.empty((a, m, cb), dtype=np.float32)
+    col = np.empty((m, cb), dtype=np.float32)
+    for k in range(k_lo, k_hi):
+        t = t0 + k
+        n = t // per_img
+        r = t - n * per_img
+        ty = r // tiles_w
+        tx = r - ty * tiles_w
+        _tile_out(m, mm, k, y, n, ty * m, tx * m, bias, res, has_res, b_lo, b_hi, tmp, col)
+
+
+# ---------------------------------------------------------------- driver
+
+_NO_RES = np.zeros((1, 1, 1, 1), dtype=np.float32)  # stands in for "no residual" (keeps one compiled signature)
+
+
+def channel_block(c: int) -> int:
+    """Channel block of the transforms: 64, or c rounded up to 8 below that."""
+    return 64 if c >= 64 else -(-c // 8) * 8
+
+
+def padded_channels(c: int) -> int:
+    cb = channel_block(c)
+    return -(-c // cb) * cb
+
+
+def _rows_padded(rows: int, cols: int) -> int:
+    """Rows per slab, >= rows, such that the slab stride in bytes is not close to a multiple of 4 KiB (slabs
+    that start on the same cache sets evict each other in the transforms)."""
+    r = rows
+    while True:
+        off = (r * cols * 4) % 4096
+        if 512 <= off <= 3584:
+            return r
+        r += 1
+
+
+def _split(total: int, parts: int, i: int) -> tuple[int, int]:
+    """The i-th of `parts` near-equal contiguous ranges of range(total)."""
+    return total * i // parts, total * (i + 1) // parts
+
+
+class _Buffers:
+    """One worker's transformed-input and product buffers for blocks of up to tb tiles."""
+
+    def __init__(self, a2: int, tb: int, cin: int, cout: int):
+        cbi, cbo = channel_block(cin), channel_block(cout)
+        cinp, coutp = padded_channels(cin), padded_channels(cout)
+        # zeros: the channel padding must read as 0 (the transforms never write it)
+        self.v = np.zeros((a2, _rows_padded(tb, cinp), cinp // cbi, cbi), dtype=np.float32)
+        self.m = np.empty((a2, _rows_padded(tb, coutp), coutp // cbo, cbo), dtype=np.float32)
+        self.vmat = self.v.reshape(a2, self.v.shape[1], cinp)
+        self.mmat = self.m.reshape(a2, self.m.shape[1], coutp)
+
+
+def winograd_conv(
+    x: np.ndarray,
+    u: np.ndarray,
+    m: int,
+    pad: int,
+    bias: np.ndarray,
+    cout: int,
+    residual: np.ndarray | None = None,
+    budget_bytes: int = 6 << 20,
+    block_tiles: int | None = None,
+    nworkers: int | None = None,
+) -> np.ndarray:
+    """Stride-1 3x3 convolution of C-contiguous float32 NHWC x with u = filter_transform(w, m) (channel-padded).
+
+    pad: zero padding on every side. bias: float32 (Cout,) (zeros for none). residual: None or C-contiguous
+    float32 of the output's shape, added in the output transform. Tiles go in blocks of about budget_bytes of
+    transformed data (block_tiles, if given, sets the tiles per block instead).
+
+    Parallel over nworkers threads (default: _pool.workers()). With at least as many blocks as workers, each worker
+    takes whole blocks (transform, 36 or 16 GEMMs, inverse transform in its own buffers); with fewer (small maps,
+    where the transformed filters outweigh the data) all workers transform the tiles of one block, then each
+    multiplies and inverse-transforms its own share of the output channels, so the filters are read once.
+    """
+    from . import _pool
+
+    n, h, w, cin = x.shape
+    a2, cinp, coutp = u.shape
+    assert a2 == (m + 2) ** 2 and cinp == padded_channels(cin) and coutp == padded_channels(cout), (x.shape, u.shape)
+    ho = h + 2 * pad - 2
+    wo = w + 2 * pad - 2
+    out = np.empty((n, ho, wo, cout), dtype=np.float32)
+    th = -(-ho // m)
+    tw = -(-wo // m)
+    ntiles = n * th * tw
+    tb = tile_block(m, cinp, coutp, ntiles, budget_bytes) if block_tiles is None else max(1, min(block_tiles, ntiles))
+    nblocks = -(-ntiles // tb)
+    nw = _pool.workers() if nworkers is None else max(1, nworkers)
+    has_res = residual is not None
+    res = residual if has_res else _NO_RES
+    cbo = channel_block(cout)
+    nbo = coutp // cbo
+
+    if nblocks >= nw:
+
+        def blocks(i: int) -> None:
+            buf = _Buffers(a2, tb, cin, cout)
+            for blk in range(i, nblocks, nw):
+                t0 = blk * tb
+                nt = min(tb, ntiles - t0)
+                input_transform(m, x, buf.v, t0, 0, nt, th, tw, pad)
+                np.matmul(buf.vmat[:, :nt], u, out=buf.mmat[:, :nt])
+                output_transform(m, buf.m, out, t0, 0, nt, th, tw, bias, res, has_res, 0, nbo)
+
+        _pool.run(blocks, nw)
+        return out
+
+    # one block: split the tiles for the input transform, then the output channels
+    buf = _Buffers(a2, ntiles, cin, cout)
+
+    def transform(i: int) -> None:
+        lo, hi = _split(ntiles, nw, i)
+        input_transform(m, x, buf.v, 0, lo, hi, th, tw, pad)
+
+    def multiply(i: int) -> None:
+        b_lo, b_hi = _split(nbo, nw, i)
+        if b_lo == b_hi:
+            return
+        c_lo, c_hi = b_lo * cbo, b_hi * cbo
+        np.matmul(buf.vmat[:, :ntiles], u[:, :, c_lo:c_hi], out=buf.mmat[:, :ntiles, c_lo:c_hi])
+        output_transform(m, buf.m, out, 0, 0, ntiles, th, tw, bias, res, has_res, b_lo, b_hi)
+
+    _pool.run(transform, nw)
+    _pool.run(multiply, nw)
+    return out

@@ -1,0 +1,402 @@
+"""The fast kernels (sdgen.kernels) against their plain numpy twins (sdgen.kernels.reference), run in float64.
+
+Error measure: relative error in the Frobenius norm, |y - ref| / |ref|, against the float64 twin. Every kernel is
+held to 1e-5. Winograd F(4x4,3x3) is the loosest (its transforms multiply by up to 8 and divide by 24, so rounding
+grows with the tile): measured here at about 1e-6 to 2e-6 for these sizes (about 4e-6 at Cin=1280), so 1e-5 holds
+for it too.
+
+Shapes are small and awkward (odd sizes, channel counts that are not multiples of the 64-channel blocks) so the
+file stays fast; most of its time is the first compilation of the Numba kernels (cached afterwards).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sdgen import kernels as K
+from sdgen.kernels import reference as R
+from sdgen.kernels import winograd
+from sdgen.kernels.conv import Conv2dPlan, choose_variant, conv2d
+from sdgen.kernels.gemm import conv_im2col
+
+TOL = 1e-5
+
+
+def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
+    y = np.asarray(y, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert y.shape == ref.shape, (y.shape, ref.shape)
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def f64(*arrays):
+    return [None if a is None else np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+# ------------------------------------------------------------------------------------------------ Winograd maths
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_matrices_compute_correlation(m):
+    """A^T [(G g) * (B^T d)] is the valid 1-D correlation of d (m + 2 values) with g (3 taps), exactly."""
+    bt, g, at = winograd.matrices(m)
+    rng = np.random.default_rng(m)
+    for _ in range(5):
+        d = rng.standard_normal(m + 2)
+        taps = rng.standard_normal(3)
+        want = np.array([d[i : i + 3] @ taps for i in range(m)])
+        np.testing.assert_allclose(at @ ((g @ taps) * (bt @ d)), want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ convolution
+
+CONV_CASES = [  # n, h, w, cin, cout
+    (1, 7, 9, 3, 5),
+    (3, 13, 5, 33, 17),
+    (1, 1, 1, 8, 8),
+    (2, 6, 10, 70, 65),
+]
+
+
+@pytest.mark.parametrize("variant", ["f43", "f23", "im2col"])
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv3x3_stride1_variants(rng, variant, case, padding, with_residual):
+    n, h, w, cin, cout = case
+    if padding == 0 and (h < 3 or w < 3):
+        pytest.skip("input smaller than the kernel")
+    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
+    wt = rng.standard_normal((cout, cin, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(cout, dtype=np.float32)
+    ref = R.conv2d(*f64(x, wt, b), stride=1, padding=padding)
+    res = rng.standard_normal(ref.shape, dtype=np.float32) if with_residual else None
+    if res is not None:
+        ref = ref + res
+    y = conv2d(x, Conv2dPlan(wt, b, 1, padding, variant=variant), residual=res)
+    assert y.dtype == np.float32 and y.flags.c_contiguous
+    assert rel_err(y, ref) < TOL
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_in_blocks_of_tiles(rng, m):
+    """Several tile blocks (and a last, partial one) give the same result as one block."""
+    x = rng.standard_normal((3, 11, 13, 20), dtype=np.float32)
+    wt = rng.standard_normal((24, 20, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(24, dtype=np.float32)
+    res = rng.standard_normal((3, 11, 13, 24), dtype=np.float32)
+    ref = R.conv2d(*f64(x, wt, b), stride=1, padding=1) + res
+    u = winograd.filter_transform(wt, m)
+    for block in (1, 7, 1000):
+        y = winograd.winograd_conv(x, u, m, 1, b, 24, res, block_tiles=block)
+        assert rel_err(y, ref) < TOL
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("nworkers", [1, 2, 3])
+@pytest.mark.parametrize("block", [None, 5])
+def test_winograd_worker_splits(rng, m, nworkers, block):
+    """Whole blocks per worker (block=5: several blocks), or one block split by tiles then by output channels
+    (block=None; Cout=130 gives 3 channel blocks of 64 for up to 3 workers)."""
+    x = rng.standard_normal((2, 9, 7, 20), dtype=np.float32)
+    wt = rng.standard_normal((130, 20, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(130, dtype=np.float32)
+    res = rng.standard_normal((2, 9, 7, 130), dtype=np.float32)
+    ref = R.conv2d(*f64(x, wt, b), stride=1, padding=1) + res
+    y = winograd.winograd_conv(x, winograd.filter_transform(wt, m), m, 1, b, 130, res, block_tiles=block, nworkers=nworkers)
+    assert rel_err(y, ref) < TOL
+
+
+def test_winograd_f43_error_against_float64_with_many_channels(rng):
+    """F(4,3) on SD-like data (Cin 640, weights scaled as in a trained net) stays within tolerance of float64."""
+    x = rng.standard_normal((1, 12, 12, 640), dtype=np.float32)
+    wt = (rng.standard_normal((16, 640, 3, 3)) / math.sqrt(9 * 640)).astype(np.float32)
+    b = rng.standard_normal(16, dtype=np.float32)
+    ref = R.conv2d(*f64(x, wt, b), stride=1, padding=1)
+    y = conv2d(x, Conv2dPlan(wt, b, 1, 1, variant="f43"))
+    assert rel_err(y, ref) < TOL
+
+
+def test_conv_without_bias(rng):
+    x = rng.standard_normal((2, 9, 7, 12), dtype=np.float32)
+    wt = rng.standard_normal((10, 12, 3, 3), dtype=np.float32)
+    ref = R.conv2d(*f64(x, wt), None, stride=1, padding=1)
+    for v in ("f43", "f23", "im2col"):
+        assert rel_err(conv2d(x, Conv2dPlan(wt, None, 1, 1, variant=v)), ref) < TOL
+
+
+@pytest.mark.parametrize("case", [(1, 7, 9, 3, 5), (3, 13, 5, 33, 17), (2, 8, 8, 16, 24)])
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv3x3_stride2(rng, case, padding, with_residual):
+    n, h, w, cin, cout = case
+    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
+    wt = rng.standard_normal((cout, cin, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(cout, dtype=np.float32)
+    ref = R.conv2d(*f64(x, wt, b), stride=2, padding=padding)
+    res = rng.standard_normal(ref.shape, dtype=np.float32) if with_residual else None
+    if res is not None:
+        ref = ref + res
+    plan = Conv2dPlan(wt, b, 2, padding)
+    assert plan.variant_for(h, w, n) == "im2col"
+    assert rel_err(conv2d(x, plan, residual=res), ref) < TOL
+
+
+def test_conv_stride2_asymmetric_padding_by_caller(rng):
+    """VAE encoder downsampler: pad (0, 1, 0, 1) by the caller, then 3x3 stride 2 with padding 0."""
+    x = rng.standard_normal((1, 10, 12, 7), dtype=np.float32)
+    xp = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    wt = rng.standard_normal((9, 7, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(9, dtype=np.float32)
+    y = conv2d(xp, Conv2dPlan(wt, b, stride=2, padding=0))
+    assert y.shape == (1, 5, 6, 9)
+    assert rel_err(y, R.conv2d(*f64(xp, wt, b), stride=2, padding=0)) < TOL
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv1x1(rng, n, with_bias, with_residual):
+    x = rng.standard_normal((n, 7, 9, 33), dtype=np.float32)
+    wt = rng.standard_normal((5, 33, 1, 1), dtype=np.float32)
+    b = rng.standard_normal(5, dtype=np.float32) if with_bias else None
+    ref = R.conv2d(*f64(x, wt, b), stride=1, padding=0)
+    res = rng.standard_normal(ref.shape, dtype=np.float32) if with_residual else None
+    if res is not None:
+        ref = ref + res
+    plan = Conv2dPlan(wt, b)
+    assert plan.variant_for(7, 9, n) == "gemm1x1"
+    assert rel_err(conv2d(x, plan, residual=res), ref) < TOL
+
+
+def test_conv_other_kernel_sizes_fall_back_to_im2col(rng):
+    x = rng.standard_normal((2, 11, 8, 6), dtype=np.float32)
+    for kk, stride, pad in [(5, 1, 2), (1, 2, 0), (4, 3, 1)]:
+        wt = rng.standard_normal((4, 6, kk, kk), dtype=np.float32)
+        b = rng.standard_normal(4, dtype=np.float32)
+        y = conv2d(x, Conv2dPlan(wt, b, stride, pad))
+        assert rel_err(y, R.conv2d(*f64(x, wt, b), stride=stride, padding=pad)) < TOL
+
+
+def test_im2col_in_row_blocks(rng):
+    x = rng.standard_normal((2, 9, 11, 5), dtype=np.float32)
+    wt = rng.standard_normal((6, 5, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(6, dtype=np.float32)
+    res = rng.standard_normal((2, 5, 6, 6), dtype=np.float32)
+    wmat = np.ascontiguousarray(wt.transpose(2, 3, 1, 0).reshape(-1, 6))
+    y = conv_im2col(x, wmat, 3, 3, 2, 1, b, res, budget_bytes=1, min_rows=7)
+    assert rel_err(y, R.conv2d(*f64(x, wt, b), stride=2, padding=1) + res) < TOL
+
+
+@pytest.mark.parametrize("nworkers", [1, 2, 3])
+@pytest.mark.parametrize("min_rows", [7, 10_000])
+def test_im2col_worker_splits(rng, nworkers, min_rows):
+    """Whole row blocks per worker (min_rows=7), or one block split by rows then by output columns."""
+    x = rng.standard_normal((2, 9, 11, 5), dtype=np.float32)
+    wt = rng.standard_normal((40, 5, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(40, dtype=np.float32)
+    res = rng.standard_normal((2, 5, 6, 40), dtype=np.float32)
+    wmat = np.ascontiguousarray(wt.transpose(2, 3, 1, 0).reshape(-1, 40))
+    y = conv_im2col(x, wmat, 3, 3, 2, 1, b, res, budget_bytes=1, min_rows=min_rows, nworkers=nworkers)
+    assert rel_err(y, R.conv2d(*f64(x, wt, b), stride=2, padding=1) + res) < TOL
+
+
+def test_conv_rejects_bad_shapes(rng):
+    plan = Conv2dPlan(rng.standard_normal((4, 3, 3, 3), dtype=np.float32), None, 1, 1)
+    with pytest.raises(ValueError):
+        conv2d(np.zeros((1, 5, 5, 2), np.float32), plan)
+    with pytest.raises(ValueError):
+        conv2d(np.zeros((1, 5, 5, 3), np.float32), plan, residual=np.zeros((1, 5, 4, 4), np.float32))
+
+
+def test_conv_accepts_noncontiguous_and_float64_input(rng):
+    x = rng.standard_normal((1, 8, 3, 6)).transpose(0, 1, 3, 2)  # (1, 8, 6, 3), float64, strided
+    wt = rng.standard_normal((4, 3, 3, 3), dtype=np.float32)
+    y = conv2d(x, Conv2dPlan(wt, None, 1, 1, variant="f43"))
+    assert rel_err(y, R.conv2d(*f64(x, wt), None, stride=1, padding=1)) < TOL
+
+
+def test_variant_choice_and_plan_caching(rng):
+    assert choose_variant(320, 320, 64, 64, 2) == "f43"
+    assert choose_variant(1280, 1280, 16, 16, 2) == "f23"  # F(4,3) filters would take 236 MB
+    assert choose_variant(4, 320, 64, 64, 1) == "im2col"
+    assert choose_variant(320, 320, 2, 2, 1) == "im2col"
+    plan = Conv2dPlan(rng.standard_normal((32, 32, 3, 3), dtype=np.float32), None, 1, 1)
+    v = plan.prepare(64, 64, 1)
+    before = plan.prepared_bytes()
+    conv2d(rng.standard_normal((1, 64, 64, 32), dtype=np.float32), plan)
+    assert plan.prepared_bytes() == before and v in plan._prepared  # transformed once, at prepare
+    with pytest.raises(ValueError):
+        Conv2dPlan(np.zeros((1, 1, 3, 3), np.float32), None, variant="nope")
+
+
+# ------------------------------------------------------------------------------------------------ GEMM
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_linear(rng, with_bias, with_residual):
+    x = rng.standard_normal((3, 7, 33), dtype=np.float32)
+    w = rng.standard_normal((17, 33), dtype=np.float32)
+    b = rng.standard_normal(17, dtype=np.float32) if with_bias else None
+    ref = R.linear(*f64(x, w, b))
+    res = rng.standard_normal(ref.shape, dtype=np.float32) if with_residual else None
+    if res is not None:
+        ref = ref + res
+    y = K.linear(x, w, b, residual=res) if with_residual else K.linear(x, w, b)
+    assert y.shape == (3, 7, 17) and y.dtype == np.float32
+    assert rel_err(y, ref) < TOL
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+@pytest.mark.parametrize(
+    "b,lq,lk,c,heads",
+    [(1, 77, 77, 64, 4), (3, 33, 77, 40, 8), (2, 50, 13, 30, 1), (1, 5, 200, 24, 3)],
+)
+@pytest.mark.parametrize("block_bytes", [4 << 20, 4 * 77 * 20])
+def test_attention(rng, b, lq, lk, c, heads, block_bytes):
+    q = rng.standard_normal((b, lq, c), dtype=np.float32)
+    k = rng.standard_normal((b, lk, c), dtype=np.float32)
+    v = rng.standard_normal((b, lk, c), dtype=np.float32)
+    y = K.attention(q, k, v, heads, block_bytes=block_bytes)
+    assert rel_err(y, R.attention(*f64(q, k, v), heads)) < TOL
+
+
+@pytest.mark.parametrize("nworkers", [1, 3])
+def test_attention_workers(rng, nworkers):
+    q, k, v = (rng.standard_normal((2, 45, 24), dtype=np.float32) for _ in range(3))
+    y = K.attention(q, k, v, 3, block_bytes=4 * 45 * 16, nworkers=nworkers)
+    assert rel_err(y, R.attention(*f64(q, k, v), 3)) < TOL
+
+
+@pytest.mark.parametrize("mask_shape", ["2d", "4d", "per_batch_keys"])
+def test_attention_with_mask(rng, mask_shape):
+    b, l, c, heads = 2, 77, 48, 4
+    q, k, v = (rng.standard_normal((b, l, c), dtype=np.float32) for _ in range(3))
+    if mask_shape == "2d":
+        mask = np.triu(np.full((l, l), -np.inf, np.float32), 1)  # CLIP's causal mask
+    elif mask_shape == "4d":
+        mask = np.triu(np.full((l, l), -np.inf, np.float32), 1)[None, None]
+    else:
+        mask = np.zeros((b, 1, 1, l), np.float32)
+        mask[0, ..., 60:] = -np.inf
+        mask[1, ..., :3] = -1e4
+    for block in (4 << 20, 4 * l * 10):
+        y = K.attention(q, k, v, heads, mask, block_bytes=block)
+        assert np.isfinite(y).all()
+        assert rel_err(y, R.attention(*f64(q, k, v), heads, mask)) < TOL
+
+
+def test_attention_large_scores_do_not_overflow(rng):
+    q = rng.standard_normal((1, 16, 32), dtype=np.float32) * 30
+    k = rng.standard_normal((1, 40, 32), dtype=np.float32) * 30
+    v = rng.standard_normal((1, 40, 32), dtype=np.float32)
+    y = K.attention(q, k, v, 2)
+    assert np.isfinite(y).all() and rel_err(y, R.attention(*f64(q, k, v), 2)) < TOL
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_softmax(rng, axis):
+    x = rng.standard_normal((5, 7, 9), dtype=np.float32) * 5
+    x_copy = x.copy()
+    y = K.softmax(x, axis=axis)
+    assert np.array_equal(x, x_copy)  # input untouched
+    assert rel_err(y, R.softmax(x.astype(np.float64), axis=axis)) < TOL
+
+
+# ------------------------------------------------------------------------------------------------ norms
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 7, 9, 64), 32), ((3, 13, 5, 33), 3), ((2, 17, 19, 8), 4), ((1, 1, 1, 6), 2)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm(rng, shape, groups, silu):
+    x = rng.standard_normal(shape, dtype=np.float32) * 3 + 0.5
+    g = rng.standard_normal(shape[-1], dtype=np.float32)
+    b = rng.standard_normal(shape[-1], dtype=np.float32)
+    y = K.group_norm(x, groups, g, b, 1e-5, silu=silu)
+    assert rel_err(y, R.group_norm(x.astype(np.float64), groups, g, b, 1e-5, silu=silu)) < TOL
+
+
+def test_group_norm_large_mean(rng):
+    """A mean 1e4 times the spread: shifted float64 sums keep the variance."""
+    x = (rng.standard_normal((2, 9, 11, 16)) * 0.01 + 100.0).astype(np.float32)
+    g = np.ones(16, np.float32)
+    b = np.zeros(16, np.float32)
+    y = K.group_norm(x, 4, g, b, 1e-6)
+    assert rel_err(y, R.group_norm(x.astype(np.float64), 4, g, b, 1e-6)) < TOL
+
+
+@pytest.mark.parametrize("shape", [(3, 77, 33), (5, 768), (2, 1, 7)])
+def test_layer_norm(rng, shape):
+    x = rng.standard_normal(shape, dtype=np.float32) * 2 + 1
+    g = rng.standard_normal(shape[-1], dtype=np.float32)
+    b = rng.standard_normal(shape[-1], dtype=np.float32)
+    assert rel_err(K.layer_norm(x, g, b, 1e-5), R.layer_norm(x.astype(np.float64), g, b, 1e-5)) < TOL
+
+
+# ------------------------------------------------------------------------------------------------ activations
+
+
+def _activation_inputs(rng):
+    x = np.concatenate(
+        [
+            rng.standard_normal(2001) * 3,
+            np.linspace(-20, 20, 801),
+            [0.0, -0.0, 1e-8, -1e-8, 88.0, -88.0, 100.0, -100.0, -1e4, 1e4],
+        ]
+    ).astype(np.float32)
+    return x.reshape(4, 19, 37)
+
+
+@pytest.mark.parametrize("name", ["gelu", "quick_gelu", "silu"])
+def test_activations_elementwise(rng, name):
+    x = _activation_inputs(rng)
+    y = getattr(K, name)(x)
+    with np.errstate(over="ignore"):  # the twin's exp(-x) overflows to inf for x = -1e4, as it should
+        twin = getattr(R, name)(x.astype(np.float64))
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert rel_err(y, twin) < TOL
+    if name == "gelu":  # the twin's 1 + erf loses the far negative tail; erfc keeps it, for the element-wise check
+        x64 = x.astype(np.float64)
+        twin = 0.5 * x64 * np.array([math.erfc(-t / math.sqrt(2.0)) for t in x64.ravel()]).reshape(x.shape)
+    # element-wise, tails included: in the far negative tail the float32 rounding of exp's argument (x^2 / 2 for
+    # gelu) costs a few 1e-6 relative, on values below 1e-8
+    assert np.all(np.abs(y - twin) <= 1e-5 * np.abs(twin) + 1e-30)
+
+
+def test_geglu(rng):
+    x = rng.standard_normal((3, 5, 2 * 37), dtype=np.float32) * 2
+    y = K.geglu(x)
+    assert y.shape == (3, 5, 37)
+    assert rel_err(y, R.geglu(x)) < TOL
+    with pytest.raises(ValueError):
+        K.geglu(np.zeros((2, 3), np.float32))
+
+
+# ------------------------------------------------------------------------------------------------ threads
+
+
+def test_set_threads():
+    import numba
+
+    from sdgen.threads import available_cores, get_threads, set_threads
+
+    try:
+        assert set_threads(1) == 1 and numba.get_num_threads() == 1 and get_threads() == 1
+        x = np.ones((1, 6, 6, 4), np.float32)
+        conv2d(x, Conv2dPlan(np.ones((4, 4, 3, 3), np.float32), None, 1, 1, variant="f43"))
+    finally:
+        n = set_threads(None)
+    assert n == min(available_cores(), numba.config.NUMBA_NUM_THREADS) == numba.get_num_threads()
+    with pytest.raises(ValueError):
+        set_threads(0)
