@@ -131,8 +131,7 @@ class TransformerBlock:
     def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        hidden, gate = np.split(self.ff_in(self.norm3(x)), 2, axis=-1)
-        return x + self.ff_out(hidden * kernels.gelu(gate))
+        return x + self.ff_out(kernels.geglu(self.ff_in(self.norm3(x))))
 
 
 class Transformer2D:
