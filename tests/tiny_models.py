@@ -171,3 +171,32 @@ def diffusers_txt2img(path, prompt, scheduler=None, seed=0, steps=4, guidance=7.
     out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                width=width, height=height, generator=torch.Generator().manual_seed(seed), output_type="np")
     return (out.images * 255).round().astype(np.uint8)
+
+
+class DiffusersSD:
+    """diffusers' StableDiffusionPipeline loaded once (loading dominates a tiny model's run), driven with any
+    scheduler: each call builds the scheduler from the model's own scheduler config, as diffusers_txt2img does."""
+
+    def __init__(self, path):
+        from diffusers import StableDiffusionPipeline
+
+        self.pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.default_scheduler = self.pipe.scheduler
+
+    def txt2img(self, prompt, scheduler=None, seed=0, steps=4, guidance=7.5, width=None, height=None,
+                negative_prompt=None, **call_options):
+        """uint8 pixels (B, H, W, 3) as diffusers_txt2img returns them; scheduler = (class name, options) or None;
+        call_options go to the pipeline call (e.g. eta)."""
+        import diffusers
+
+        base = self.default_scheduler
+        if scheduler is None:
+            self.pipe.scheduler = base
+        else:
+            cls, options = scheduler
+            self.pipe.scheduler = getattr(diffusers, cls).from_config(base.config, **options)
+        out = self.pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                        width=width, height=height, generator=torch.Generator().manual_seed(seed), output_type="np",
+                        **call_options)
+        return (out.images * 255).round().astype(np.uint8)

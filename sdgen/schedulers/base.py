@@ -9,7 +9,12 @@ A scheduler is driven exactly like a diffusers one::
         x = sched.scale_model_input(latents, t)
         latents = sched.step(model(x, t), t, latents, generator=generator)
 
-Samples are float32 numpy arrays, batch first.
+Samples are float32 numpy arrays, batch first. A multi-stage scheduler (Heun, KDPM2) lists each timestep as often
+as it wants the model evaluated, exactly as diffusers does, so the loop above stays the same for every scheduler.
+
+Class tree: ``Scheduler`` (betas and config) -> ``IndexedScheduler`` (diffusers' ``step_index`` / ``begin_index``
+bookkeeping) -> ``SigmaScheduler`` (a table of VE sigmas; inputs scaled by 1 / sqrt(sigma^2 + 1)) ->
+``SolverScheduler`` (the DPM-Solver family: VP arithmetic on the same sigma table, unscaled inputs).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ class Scheduler:
     diffusers_class: ClassVar[str] = ""
     #: The config keys this scheduler accepts, with the defaults of the diffusers class's ``__init__``.
     defaults: ClassVar[dict[str, Any]] = {}
-    #: Number of model evaluations per step (1 for all schedulers here).
+    #: diffusers' ``order``: model evaluations per solver step (2 for Heun and KDPM2; informational only, since their
+    #: ``timesteps`` already repeat each timestep once per evaluation).
     order: ClassVar[int] = 1
     #: Whether ``rescale_betas_zero_snr`` also clamps the last alpha_bar to 2**-24 (the sigma-based ones do).
     _zero_snr_clamp_last: ClassVar[bool] = False
@@ -99,12 +105,12 @@ class Scheduler:
         return self.config["num_train_timesteps"]
 
 
-class SigmaScheduler(Scheduler):
-    """Base of the schedulers that walk a sigma table with a step index (Euler, Euler ancestral, DPM-Solver)."""
+class IndexedScheduler(Scheduler):
+    """A scheduler that finds its place in ``timesteps`` with a step index (diffusers' ``_step_index`` /
+    ``_begin_index``): the first call looks the timestep up, later calls just count."""
 
     #: index_for_timestep of a timestep not in the schedule: the last index (DPM-Solver) or an error (Euler).
     _missing_timestep_is_last: ClassVar[bool] = False
-    _zero_snr_clamp_last = True
 
     def __init__(self, **config):
         super().__init__(**config)
@@ -153,6 +159,13 @@ class SigmaScheduler(Scheduler):
             return [self._step_index] * len(t)
         return [self._begin_index] * len(t)
 
+
+class SigmaScheduler(IndexedScheduler):
+    """Base of the schedulers that walk a table of VE sigmas, sigma = sqrt((1 - alpha_bar) / alpha_bar), with a
+    step index (Euler, Euler ancestral, LMS, Heun, KDPM2, and via SolverScheduler the DPM-Solver family)."""
+
+    _zero_snr_clamp_last = True
+
     @property
     def init_noise_sigma(self):
         max_sigma = self.sigmas.max()
@@ -166,3 +179,38 @@ class SigmaScheduler(Scheduler):
             self._init_step_index(timestep)
         sigma = self.sigmas[self._step_index]
         return sample / S.sqrt32(sigma * sigma + S.F32(1))
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:
+        """original + noise * sigma_t (the VE form of the k-diffusion schedulers)."""
+        sigmas = self.sigmas.astype(original_samples.dtype)
+        sigma = S.per_batch(sigmas[self._noise_step_indices(timesteps)], original_samples.ndim)
+        return original_samples + noise * sigma
+
+
+class SolverScheduler(SigmaScheduler):
+    """Base of the DPM-Solver family (DPM-Solver multistep / singlestep, DEIS, UniPC): the same sigma table read as
+    the VP pair alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t; the model input is not scaled."""
+
+    init_noise_sigma = 1.0
+    _missing_timestep_is_last = True
+
+    @staticmethod
+    def _alpha_sigma(sigma):
+        """(alpha_t, sigma_t) of the VP process from the VE sigma: alpha = 1 / sqrt(sigma^2 + 1)."""
+        alpha = S.F32(1) / S.sqrt32(sigma * sigma + S.F32(1))
+        return alpha, sigma * alpha
+
+    @classmethod
+    def _alpha_sigma_lambda(cls, sigma):
+        alpha, sig = cls._alpha_sigma(sigma)
+        return alpha, sig, S.log32(alpha) - S.log32(sig)
+
+    def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
+        return sample
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:
+        """alpha_t x0 + sigma_t noise, with alpha_t, sigma_t from the step's sigma."""
+        sigmas = self.sigmas.astype(original_samples.dtype)
+        sigma = S.per_batch(sigmas[self._noise_step_indices(timesteps)], original_samples.ndim)
+        alpha_t = S.F32(1) / np.sqrt(sigma * sigma + S.F32(1))
+        return alpha_t * original_samples + (sigma * alpha_t) * noise

@@ -3,7 +3,7 @@ https://arxiv.org/abs/2211.01095): exponential-integrator steps in lambda = log(
 outputs of earlier steps for the higher-order terms ("DPM++ 2M" is dpmsolver++ with solver_order 2).
 
 Matches diffusers' ``DPMSolverMultistepScheduler``: algorithm types dpmsolver++, dpmsolver, sde-dpmsolver++ and
-sde-dpmsolver, solver orders 1-3, midpoint / heun second-order terms, Karras / exponential / Lu lambda sigmas,
+sde-dpmsolver, solver orders 1-3, midpoint / heun second-order terms, Karras / exponential / beta / Lu lambda sigmas,
 lower-order final steps, and ``final_sigmas_type``. The SDE variants draw one noise tensor per step.
 """
 
@@ -13,12 +13,12 @@ import numpy as np
 
 from ..errors import UsageError
 from . import schedules as S
-from .base import SigmaScheduler
+from .base import SolverScheduler
 
 F32 = S.F32
 
 
-class DPMSolverMultistepScheduler(SigmaScheduler):
+class DPMSolverMultistepScheduler(SolverScheduler):
     diffusers_class = "DPMSolverMultistepScheduler"
     defaults = dict(
         num_train_timesteps=1000,
@@ -51,8 +51,6 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         time_shift_type="exponential",
     )
     order = 1
-    init_noise_sigma = 1.0
-    _missing_timestep_is_last = True
 
     @classmethod
     def _prediction_types(cls):
@@ -61,8 +59,9 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     def __init__(self, **config):
         super().__init__(**config)
         c = self.config
-        if c["use_beta_sigmas"] or c["use_flow_sigmas"] or c["use_dynamic_shifting"]:
-            raise UsageError("use_beta_sigmas, use_flow_sigmas and use_dynamic_shifting are not supported")
+        if c["use_flow_sigmas"] or c["use_dynamic_shifting"]:
+            raise UsageError("use_flow_sigmas and use_dynamic_shifting are not supported")
+        S.check_sigma_options(c, self.diffusers_class)
         if sum(bool(c[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas")) > 1:
             raise UsageError("only one of use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas can be set")
         if c["algorithm_type"] == "deis":
@@ -101,30 +100,11 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         T = c["num_train_timesteps"]
         n = S.check_steps(num_inference_steps, T)
         clipped_idx = int(np.searchsorted(self.lambda_t[::-1], c["lambda_min_clipped"]))
-        last = T - clipped_idx
-        spacing = c["timestep_spacing"]
-        # n + 1 points with the last (timestep 0 side) dropped, unlike the DDIM family
-        if spacing == "linspace":
-            timesteps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            ratio = last // (n + 1)
-            timesteps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-            timesteps += c["steps_offset"]
-        else:  # trailing
-            ratio = T / n
-            timesteps = np.arange(last, 0, -ratio).round().copy().astype(np.int64)
-            timesteps -= 1
+        timesteps = S.solver_timesteps(c["timestep_spacing"], T, n, c["steps_offset"], last=T - clipped_idx)
 
-        train_sigmas = S.sigmas_of(self.alphas_cumprod)
-        log_sigmas = np.log(train_sigmas)
         round_t = c["beta_schedule"] != "squaredcos_cap_v2"
-        if c["use_karras_sigmas"]:
-            desc = np.flip(train_sigmas).copy()
-            sigmas = S.karras_sigmas(*S.sigma_range(c, desc), n)
-            timesteps = S.sigma_to_t(sigmas, log_sigmas)
-            if round_t:
-                timesteps = timesteps.round()
-        elif c["use_lu_lambdas"]:
+        if c["use_lu_lambdas"]:
+            log_sigmas = np.log(S.sigmas_of(self.alphas_cumprod))
             lambdas = np.flip(log_sigmas.copy())
             lam_min, lam_max = lambdas[-1].item(), lambdas[0].item()
             ramp = np.linspace(0, 1, n)
@@ -133,18 +113,9 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             timesteps = S.sigma_to_t(sigmas, log_sigmas)
             if round_t:
                 timesteps = timesteps.round()
-        elif c["use_exponential_sigmas"]:
-            desc = np.flip(train_sigmas).copy()
-            sigmas = S.exponential_sigmas(*S.sigma_range(c, desc), n)
-            timesteps = S.sigma_to_t(sigmas, log_sigmas)
         else:
-            sigmas = S.interp_sigmas(timesteps, train_sigmas)
-
-        if c["final_sigmas_type"] == "sigma_min":
-            a0 = self.alphas_cumprod[0]
-            sigma_last = float(S.sqrt32((F32(1) - a0) / a0))
-        else:
-            sigma_last = 0.0
+            timesteps, sigmas = S.solver_sigma_schedule(c, self.alphas_cumprod, timesteps, n, round_karras=round_t)
+        sigma_last = S.min_train_sigma(self.alphas_cumprod) if c["final_sigmas_type"] == "sigma_min" else 0.0
         self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(F32)
         self.timesteps = np.asarray(timesteps).astype(np.int64)
         self.num_inference_steps = len(self.timesteps)
@@ -152,17 +123,6 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         self._reset_step_index()
 
     # -------------------------------------------------------------------------------------- pieces
-    @staticmethod
-    def _alpha_sigma(sigma):
-        """(alpha_t, sigma_t) of the VP process from the VE sigma: alpha = 1 / sqrt(sigma^2 + 1)."""
-        alpha = F32(1) / S.sqrt32(sigma * sigma + F32(1))
-        return alpha, sigma * alpha
-
-    @classmethod
-    def _alpha_sigma_lambda(cls, sigma):
-        alpha, sig = cls._alpha_sigma(sigma)
-        return alpha, sig, S.log32(alpha) - S.log32(sig)
-
     def convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """The model output as the solver wants it: x0 for dpmsolver++, noise for dpmsolver."""
         c = self.config
@@ -316,13 +276,3 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             self.lower_order_nums += 1
         self._step_index += 1
         return prev_sample.astype(model_output_c.dtype, copy=False)
-
-    def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
-        return sample
-
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:
-        """alpha_t x0 + sigma_t noise, with alpha_t, sigma_t from the step's sigma."""
-        sigmas = self.sigmas.astype(original_samples.dtype)
-        sigma = S.per_batch(sigmas[self._noise_step_indices(timesteps)], original_samples.ndim)
-        alpha_t = F32(1) / np.sqrt(sigma * sigma + F32(1))
-        return alpha_t * original_samples + (sigma * alpha_t) * noise

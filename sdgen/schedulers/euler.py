@@ -1,7 +1,7 @@
 """Euler: the first-order sampler of Karras et al. (2022, https://arxiv.org/abs/2206.00364, Algorithm 2) in sigma
 space, x_{i+1} = x_i + (x_i - x0_pred) / sigma_i * (sigma_{i+1} - sigma_i).
 
-Matches diffusers' ``EulerDiscreteScheduler``, including Karras / exponential sigmas, ``final_sigmas_type``,
+Matches diffusers' ``EulerDiscreteScheduler``, including Karras / exponential / beta sigmas, ``final_sigmas_type``,
 ``interpolation_type`` and the optional "churn" (s_churn > 0 adds fresh noise before the step).
 """
 
@@ -46,10 +46,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     def __init__(self, **config):
         super().__init__(**config)
         c = self.config
-        if c["use_beta_sigmas"]:
-            raise UsageError("use_beta_sigmas is not supported")
-        if sum(bool(c[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas")) > 1:
-            raise UsageError("only one of use_karras_sigmas, use_exponential_sigmas can be set")
+        S.check_sigma_options(c, self.diffusers_class)
         if c["interpolation_type"] not in ("linear", "log_linear"):
             raise UsageError(f"interpolation_type {c['interpolation_type']!r} is not supported (linear, log_linear)")
         if c["final_sigmas_type"] not in ("zero", "sigma_min"):
@@ -79,11 +76,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
         else:  # log_linear: n + 1 sigmas, as diffusers (one more than the timesteps)
             sigmas = np.exp(S.torch_linspace_f32(float(np.log(train_sigmas[-1])), float(np.log(train_sigmas[0])),
                                                  n + 1))
-        if c["use_karras_sigmas"]:
-            sigmas = S.karras_sigmas(*S.sigma_range(c, sigmas), n)
-            timesteps = S.sigma_to_t(sigmas, log_sigmas)
-        elif c["use_exponential_sigmas"]:
-            sigmas = S.exponential_sigmas(*S.sigma_range(c, sigmas), n)
+        spread = S.spread_sigmas(c, sigmas, n)  # Karras / exponential / beta
+        if spread is not None:
+            sigmas = spread
             timesteps = S.sigma_to_t(sigmas, log_sigmas)
         if c["final_sigmas_type"] == "sigma_min":
             a0 = self.alphas_cumprod[0]
