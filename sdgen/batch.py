@@ -5,7 +5,7 @@ images written atomically, and one result record per image.
       └─ expand_jobs ──── [Job(index, prompt, seed, ..., output)]     plain data: to_dict() / Job.from_dict()
           └─ check_outputs ─ existing files: error, skip (--skip-existing) or replace (--overwrite)
               └─ Job.resolved(defaults) ─ plan_batches(batch_size) ─ lists of jobs with equal settings
-                  └─ run_jobs ─ generate_batch (one UNet batch) ─ save_png ─ Result per image
+                  └─ run_jobs ─ compute_batch (generate_batch: a UNet batch) ─ write_batch (save_png) ─ Result each
 
 Seeds: image ``i`` of a run (its ``index``, counting every image the run asks for, in order) gets seed ``S + i``
 where ``S`` is ``--seed``; a prompt-file line with its own ``seed`` gives its images ``seed, seed + 1, ...``.
@@ -19,7 +19,8 @@ have used.
 
 Jobs and batches are plain data (``Job.to_dict``/``Job.from_dict``): a batch (a list of jobs ``plan_batches``
 returns) given to ``generate_batch`` with the same model gives the same pixels and PNG parameters wherever it runs
-(another process, another machine), which is what a distributed runner needs.
+(another process, another machine), which is what a distributed runner needs: ``sdgen.distributed`` runs
+``compute_batch`` on Ray workers and ``write_batch`` here (``execute(..., run=...)``).
 """
 
 from __future__ import annotations
@@ -543,38 +544,77 @@ class Result:
         return record
 
 
-def run_jobs(pipe, jobs: list[Job], batch_size: int = 1, model_name: str | None = None, overwrite: bool = False,
-             progress=None) -> Iterator[Result]:
-    """Generate resolved jobs in UNet batches of up to ``batch_size`` and write each PNG atomically, yielding a
-    Result per image as soon as it is on disk. Ctrl-C/SIGTERM during a write is held until the file is complete.
+@dataclass
+class BatchOutput:
+    """One computed UNet batch, ready to be written: plain data (pickles), so it can be computed in one process
+    (a Ray worker) and written in another. ``parameters[i]``/``schedulers[i]`` are image i's PNG ``parameters``
+    text and scheduler label, made where the model is loaded."""
 
-    Images whose latents are not finite: the model's weights are scanned and a BadModelFileError names the
-    tensors holding NaN/inf; if the weights are clean, the image is written with a warning in its Result.
-    """
+    jobs: list[Job]
+    images: np.ndarray                 # (B, H, W, 3) uint8
+    finite: np.ndarray                 # (B,) bool: False where the latents held NaN/inf
+    timings: dict[str, float]
+    parameters: list[str]
+    schedulers: list[str]
+    model: str
+    warning: str | None = None         # for the images that are not finite
+
+
+def compute_batch(pipe, batch: list[Job], model_name: str | None = None, progress=None,
+                  weights_checked: bool = False) -> BatchOutput:
+    """Generate one UNet batch of resolved jobs (``generate_batch``) and everything its PNGs need.
+
+    Images whose latents are not finite: unless ``weights_checked``, the model's weights are scanned and a
+    BadModelFileError names the tensors holding NaN/inf; if they are clean, the output carries a warning."""
+    model_name = model_name or pipe.name
+    images, finite, timings = generate_batch(pipe, batch, progress)
+    warning = None
+    if not finite.all():
+        if not weights_checked:
+            check_weights(pipe.path)  # raises naming the NaN/inf tensors
+        warning = "the model produced NaN/inf values; they are black pixels in the image"
+    return BatchOutput(batch, images, finite, timings, [png_parameters(job, pipe, model_name) for job in batch],
+                       [scheduler_label(job, pipe) for job in batch], model_name, warning)
+
+
+def write_batch(output: BatchOutput, overwrite: bool = False, t_start: float | None = None) -> Iterator[Result]:
+    """Write the PNGs of a computed batch atomically, yielding a Result per image as soon as it is on disk.
+    Ctrl-C/SIGTERM during a write is held until the file is complete. ``t_start``: when the batch was started
+    (``time.perf_counter``, same process), for ``total_s``; None: the batch's own timings plus the write."""
     from .image import save_png
 
+    compute_s = sum(output.timings.values())
+    for job, image, ok, parameters, label in zip(output.jobs, output.images, output.finite, output.parameters,
+                                                 output.schedulers):
+        t0 = time.perf_counter()
+        with interrupts_deferred(deliver=False) as held:
+            save_png(job.output, image, parameters, overwrite=overwrite)
+        now = time.perf_counter()
+        total = now - t_start if t_start is not None else compute_s + now - t0
+        job_timings = dict(output.timings, save_s=now - t0, total_s=total)
+        yield Result(job, "written", output.model, label, len(output.jobs), job_timings,
+                     None if ok else output.warning)
+        for signum in held[:1]:  # a signal that came during the write acts once the image is reported
+            signal.raise_signal(signum)
+
+
+def run_jobs(pipe, jobs: list[Job], batch_size: int = 1, model_name: str | None = None, overwrite: bool = False,
+             progress=None) -> Iterator[Result]:
+    """Generate resolved jobs in UNet batches of up to ``batch_size`` (``compute_batch``) and write each PNG
+    atomically (``write_batch``), yielding a Result per image as soon as it is on disk.
+
+    Images whose latents are not finite: the model's weights are scanned (once) and a BadModelFileError names the
+    tensors holding NaN/inf; if the weights are clean, the image is written with a warning in its Result.
+    """
     progress = progress or _NoProgress()
     model_name = model_name or pipe.name
     weights_checked = False
     for batch in plan_batches(jobs, batch_size):
         t_start = time.perf_counter()
-        images, finite, timings = generate_batch(pipe, batch, progress)
-        warning = None
-        if not finite.all():
-            if not weights_checked:
-                check_weights(pipe.path)  # raises naming the NaN/inf tensors
-                weights_checked = True
-            warning = "the model produced NaN/inf values; they are black pixels in the image"
+        output = compute_batch(pipe, batch, model_name, progress, weights_checked)
+        weights_checked = weights_checked or not output.finite.all()
         progress.status("saving")
-        for job, image, ok in zip(batch, images, finite):
-            t0 = time.perf_counter()
-            with interrupts_deferred(deliver=False) as held:
-                save_png(job.output, image, png_parameters(job, pipe, model_name), overwrite=overwrite)
-            job_timings = dict(timings, save_s=time.perf_counter() - t0, total_s=time.perf_counter() - t_start)
-            yield Result(job, "written", model_name, scheduler_label(job, pipe), len(batch), job_timings,
-                         None if ok else warning)
-            for signum in held[:1]:  # a signal that came during the write acts once the image is reported
-                signal.raise_signal(signum)
+        yield from write_batch(output, overwrite, t_start)
 
 
 # --------------------------------------------------------------------------------------------- grids
@@ -803,10 +843,14 @@ def load_model(model_path: Path, spec=None, check: bool = False, progress=None, 
 
 
 def execute(plan: Plan, options: RunOptions, pipe=None, spec=None, model_name: str = "",
-            progress=None) -> Iterator[dict]:
+            progress=None, run=None) -> Iterator[dict]:
     """Carry out a plan with the loaded model (``load_model``; None when ``plan.todo`` is empty): make the images
     in UNet batches, write the grid; yields a record per image (``Result.record()``, skipped ones first) and
-    one for the grid (``{"type": "grid", ...}``)."""
+    one for the grid (``{"type": "grid", ...}``).
+
+    ``run`` makes the images: ``run_jobs`` (the default, here) or a function with its signature and results
+    (``sdgen.distributed`` runs the batches on Ray workers; ``pipe`` is then what it gives for the model:
+    ``name``, ``path``, ``scheduler_config``, ``default_size()``)."""
     progress = progress or _NoProgress()
     todo, skipped = plan.todo, [j.resolved(known_defaults(spec)) for j in plan.skipped]
     model_name = pipe.name if pipe is not None else model_name
@@ -824,7 +868,7 @@ def execute(plan: Plan, options: RunOptions, pipe=None, spec=None, model_name: s
         yield Result(job, "skipped", model_name, label).record()
     bar = progress.bar("images", len(todo)) if len(todo) > 1 else None
     if todo:
-        for result in run_jobs(pipe, todo, options.batch_size, model_name, options.overwrite, progress):
+        for result in (run or run_jobs)(pipe, todo, options.batch_size, model_name, options.overwrite, progress):
             yield result.record()
             if bar is not None:
                 bar.advance()

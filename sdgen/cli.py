@@ -9,6 +9,7 @@ existing, 130 interrupted (Ctrl-C or SIGTERM). ``sdgen --debug ...`` shows the t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -109,7 +110,18 @@ def txt2img(
                                        help="Scan every weight for NaN/inf before generating (models up to 256 MiB "
                                             "are always scanned). [default: off]"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", show_default=False,
-                                          help="CPU threads for Numba and BLAS. [default: all cores]"),
+                                          help="CPU threads for Numba and BLAS; with --ray, per worker. [default: "
+                                               "all cores; with --ray, the smallest node's CPUs]"),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS", show_default=False,
+        help="Generate on a Ray cluster: 'auto' (the cluster this machine joined with `ray start`, or "
+             "$RAY_ADDRESS), HOST:6379, ray://HOST:10001 (Ray Client), or 'local' (a Ray started for this run). "
+             "Each worker loads the model once; this process writes the same files as a local run. Needs "
+             "pip install 'sdgen[ray]'. [default: off, everything runs here]"),
+    ray_workers: Optional[int] = typer.Option(
+        None, "--ray-workers", show_default=False,
+        help="Ray workers to start (each holds a copy of the model). [default: as many as the cluster has CPUs "
+             "for at --threads each, at most one per batch]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", show_default=False,
                                help="No progress bars and no messages on stderr, only errors. [default: off; bars "
                                     "show only when stderr is a terminal]"),
@@ -124,7 +136,7 @@ def txt2img(
 
 def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batch_size, steps, guidance, width,
              height, scheduler, output, overwrite, skip_existing, grid, grid_rows, grid_cols, grid_output,
-             json_lines, vae, check_weights, threads, quiet) -> None:
+             json_lines, vae, check_weights, threads, quiet, ray=None, ray_workers=None) -> None:
     from . import batch, registry
     from .progress import Progress
 
@@ -136,6 +148,8 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
         check_weights=check_weights)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1 (got {threads})")
+    if ray_workers is not None and ray is None:
+        raise UsageError("--ray-workers needs --ray ADDRESS")
     options.validate()
     spec, model_path = registry.resolve_model(model or registry.default_model_name())
     first_seed = seed if seed is not None else random.randrange(2**32)
@@ -143,21 +157,30 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
     for error in plan.line_errors:
         _err(f"{error} (line skipped)")
     batch.remove_stale_temp_files(plan.todo)
+    load_options = dict(vae=vae)  # what load_model takes besides the model: here, or on each Ray worker
+    runner = None
+    if ray is not None:  # --ray: Ray workers compute the batches (each loads the model), this process writes
+        from .distributed import RayRunner
+        runner = RayRunner(ray, model_path, spec, check_weights, threads, ray_workers, load_options=load_options)
 
     written = 0
-    with Progress(quiet=quiet) as progress:
+    with Progress(quiet=quiet) as progress, runner or contextlib.nullcontext():
         pipe = None
         if plan.todo:
-            from .threads import set_threads
-            set_threads(threads)
-            pipe = batch.load_model(model_path, spec, check_weights, progress, vae=vae)
+            if runner is not None:
+                pipe = runner.start(len(batch.plan_batches(plan.todo, batch_size)), progress)
+            else:
+                from .threads import set_threads
+                set_threads(threads)
+                pipe = batch.load_model(model_path, spec, check_weights, progress, **load_options)
             if seed is None:
                 progress.message(f"sdgen: seed {first_seed} (random; --seed {first_seed} makes the same images)")
         if plan.skipped:
             progress.message(f"sdgen: keeping {len(plan.skipped)} existing image"
                              f"{'s' if len(plan.skipped) > 1 else ''} (--skip-existing)")
         try:
-            for record in batch.execute(plan, options, pipe, spec, _model_name(spec, model_path), progress):
+            for record in batch.execute(plan, options, pipe, spec, _model_name(spec, model_path), progress,
+                                        run=runner.run_jobs if runner is not None else None):
                 written += record.get("status") == "written"
                 if json_lines:
                     print(json.dumps(record, ensure_ascii=False), flush=True)
