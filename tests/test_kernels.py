@@ -297,6 +297,39 @@ def test_attention_with_mask(rng, mask_shape):
         assert rel_err(y, R.attention(*f64(q, k, v), heads, mask)) < TOL
 
 
+@pytest.mark.parametrize(
+    "b,lq,lk,c,heads",
+    [(2, 300, 77, 40, 5), (1, 40, 13, 96, 6), (3, 20, 9, 16, 4), (1, 520, 8, 24, 3)],
+)
+def test_attention_head_groups_and_padded_keys(rng, b, lq, lk, c, heads):
+    """Cross-attention-like shapes: several heads per job (a last, smaller group), keys padded to a multiple of 8."""
+    q = rng.standard_normal((b, lq, c), dtype=np.float32)
+    k = rng.standard_normal((b, lk, c), dtype=np.float32)
+    v = rng.standard_normal((b, lk, c), dtype=np.float32)
+    ref = R.attention(*f64(q, k, v), heads)
+    for block in (4 << 20, 4 * 80 * 64):
+        y = K.attention(q, k, v, heads, block_bytes=block)
+        assert np.isfinite(y).all() and rel_err(y, ref) < TOL
+
+
+def test_attention_partition():
+    from sdgen.kernels.mha import _partition
+
+    assert _partition(2, 4096, 4096, 8, 4 << 20) == (256, 1)  # self-attention: one head per job
+    assert _partition(2, 4096, 80, 8, 4 << 20) == (256, 8)  # cross-attention: all heads of 256 rows
+    assert _partition(2, 256, 80, 8, 4 << 20) == (256, 2)  # groups split to keep 8 jobs
+    qb, hg = _partition(1, 77, 77, 12, 4 * 77 * 20)
+    assert qb == 20 and hg >= 1 and hg * qb * 77 * 4 <= max(4 * 77 * 20, 4 * 77 * 16)
+
+
+@pytest.mark.parametrize("lk", [77, 200])
+def test_attention_bit_identical_across_worker_counts(rng, lk):
+    q = rng.standard_normal((2, 300, 64), dtype=np.float32)
+    k, v = (rng.standard_normal((2, lk, 64), dtype=np.float32) for _ in range(2))
+    ys = [K.attention(q, k, v, 4, block_bytes=4 * 256 * 64, nworkers=n) for n in (1, 2, 3)]
+    assert all(np.array_equal(ys[0], y) for y in ys[1:])
+
+
 def test_attention_large_scores_do_not_overflow(rng):
     q = rng.standard_normal((1, 16, 32), dtype=np.float32) * 30
     k = rng.standard_normal((1, 40, 32), dtype=np.float32) * 30
