@@ -3,22 +3,31 @@
 
 Dev-only: needs torch, diffusers and transformers (sdgen itself needs none of them).
 
-    nice -n 10 python scripts/train_toy.py --out sdgen/data/toy --work /tmp/toy_train
+    nice -n 10 python scripts/train_toy.py --out sdgen/data/toy --work /tmp/toy_train            # both stages
+    nice -n 10 python scripts/train_toy.py --stage vae --work /tmp/toy_train                     # stage 1 only
+    nice -n 10 python scripts/train_toy.py --stage unet --work /tmp/toy_train --out sdgen/data/toy   # stage 2 only
 
-Phases: (1) render the data set; (2) train the VAE for reconstruction (MSE + a small KL term); (3) encode every
-picture once, set the VAE's ``scaling_factor`` to 1 / std of the latents; (4) train the UNet and the text
-encoder together with the standard epsilon-prediction loss on the scaled latents, dropping 10% of the captions
-to "" so that classifier-free guidance works; keep an EMA of both; (5) save the pipeline.  Loss and elapsed time
-go to ``<work>/log.txt``; the UNet phase checkpoints to ``<work>/pipeline`` every ``--save-every`` steps (and
-``--out`` is rewritten then too), so a run that is stopped early still leaves a usable model.
+Stage 1 (VAE, -> <work>/vae): (a) render the data set; (b) train the VAE for reconstruction (MSE + a tiny KL term
++ an anchor that makes latent channels 0-2 the mean colour of each 8x8 block, channel 3 being free) on 32x32 crops; (c) train its decoder alone on whole pictures (the encoder fixed); (d) fold a whitening of the latents
+into the VAE's 1x1 ``quant_conv`` / ``post_quant_conv`` so that the latents come out zero-mean, uncorrelated and of
+equal spread (std 1 / scaling_factor per channel, scaling_factor = SD's 0.18215): the decoder's output is unchanged,
+and every latent direction -- colour included -- then gets the same share of the diffusion noise.
+
+Stage 2 (UNet + text encoder, -> --out): encode every picture once, then train the UNet and the text encoder together
+with the standard epsilon-prediction loss (min-SNR-5 weighted) on the scaled latents, with 10% of the captions
+dropped to "" so that classifier-free guidance works; keep an EMA of both, which is what gets saved.  Checkpoints go
+to ``<work>/pipeline`` and ``--out`` every ``--save-every`` steps, so a run stopped early leaves a usable model;
+the end measures the held-out prompts as the test does.
+
+Loss, wall time and process CPU time go to ``<work>/log.txt``.  Torch runs one thread: on a 2-core machine shared
+with other jobs, two torch threads ran 5-8x slower than one.  ``--cpu-minutes`` stops a stage early when its process
+has used that much CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gzip
-import json
 import math
 import shutil
 import sys
@@ -37,6 +46,7 @@ import toy_data  # noqa: E402
 # Architecture: the SD1.x classes and block types, tiny widths.
 
 TEXT_HIDDEN = 32
+SCALING_FACTOR = 0.18215  # SD1.x's; the whitening makes the raw latents' std 1 / SCALING_FACTOR
 
 
 def text_encoder_config():
@@ -67,7 +77,7 @@ def make_unet():
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=4,  # SD1.x's misnomer: the number of heads
-        norm_num_groups=32,
+        norm_num_groups=8,  # 4..8 channels a group (with 32 groups, 1..2 a group)
     )
 
 
@@ -82,9 +92,9 @@ def make_vae():
         block_out_channels=(16, 32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=int(__import__("os").environ.get("VAE_GROUPS", 4)),
+        norm_num_groups=4,  # 4..16 channels a group: with 1..4 the colour trained far more slowly
         sample_size=toy_data.RESOLUTION,
-        scaling_factor=1.0,  # set from the data after the VAE is trained
+        scaling_factor=SCALING_FACTOR,
     )
 
 
@@ -107,67 +117,14 @@ def make_scheduler():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizer files: the real CLIP BPE vocabulary.
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def _write_vocab_from_open_clip(folder: Path) -> None:
-    """vocab.json / merges.txt / tokenizer_config.json from open_clip's copy of the CLIP BPE merges."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("neither sdgen.tokenizer.write_vocab_files nor open_clip's BPE file is available")
-    gz = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(gz, "rt", encoding="utf-8").read().split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    units = list(_bytes_to_unicode().values())
-    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "model_max_length": 77,
-        "do_lower_case": True,
-        "errors": "replace",
-        "clean_up_tokenization_spaces": True,
-        "add_prefix_space": False,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2) + "\n"
-    )
+# Tokenizer files: the real CLIP BPE vocabulary, as sdgen bundles it.
 
 
 def write_tokenizer(folder: Path) -> None:
-    """sdgen's own vocabulary files when sdgen.tokenizer has them, else the same vocabulary from open_clip."""
-    try:
-        from sdgen.tokenizer import write_vocab_files  # type: ignore[attr-defined]
-    except ImportError:
-        write_vocab_files = None
-    if write_vocab_files is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_vocab_files(folder, pad_token="<|endoftext|>")
-    else:
-        _write_vocab_from_open_clip(folder)
+    """vocab.json / merges.txt / tokenizer_config.json / special_tokens_map.json of SD1.x's CLIP tokenizer."""
+    from sdgen.tokenizer import write_vocab_files
+
+    write_vocab_files(folder, pad_token="<|endoftext|>")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,7 +137,7 @@ class Log:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, msg: str) -> None:
-        line = f"[{time.time() - self.t0:8.1f}s] {msg}"
+        line = f"[{time.time() - self.t0:7.0f}s wall {time.process_time() / 60:6.1f} cpu-min] {msg}"
         print(line, flush=True)
         with open(self.path, "a") as f:
             f.write(line + "\n")
@@ -190,44 +147,89 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_vae(
-    images: np.ndarray, steps: int, batch: int, lr: float, kl_weight: float, crop: int, log: Log, seed: int
-):
-    """MSE + kl_weight * KL on random crop x crop windows (at multiples of 8, so the latent grid stays aligned):
+def cosine(step: int, steps: int, warmup: int, floor: float = 0.05) -> float:
+    return min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+
+
+def out_of_cpu(cpu_minutes: float | None) -> bool:
+    return cpu_minutes is not None and time.process_time() > 60.0 * cpu_minutes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: the VAE
+
+
+def train_vae(images: np.ndarray, args, log: Log):
+    """(b) MSE + kl_weight * KL on random crop x crop windows (at multiples of 8, so the latent grid stays aligned):
     the VAE is convolutional, and crops cost a fraction of whole pictures."""
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed)
     vae = make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    )
-    rng = np.random.default_rng(seed)
-    size = images.shape[1]
+    with torch.no_grad():  # start with a small posterior std (exp(-3) = 0.05) rather than 1: trains faster
+        vae.encoder.conv_out.weight[4:].mul_(0.1)
+        vae.encoder.conv_out.bias[4:].fill_(-6.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+    size, crop, steps = images.shape[1], args.vae_crop, args.vae_steps
     vae.train()
     avg = None
     for step in range(steps):
-        idx = rng.integers(0, len(images), batch)
+        for group in opt.param_groups:
+            group["lr"] = args.vae_lr * cosine(step, steps, 20)
+        idx = rng.integers(0, len(images), args.vae_batch)
         oy, ox = 8 * rng.integers(0, (size - crop) // 8 + 1, 2)
         x = to_tensor(images[idx, oy : oy + crop, ox : ox + crop])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)
         kl = post.kl().mean()
-        loss = mse + kl_weight * kl
+        # Anchor: latent channels 0-2 = rgb_scale x the 8x8-block mean colour (channel 3 is free).  Without it
+        # the VAE put all eight colours on nearly one line in latent space, 0.3 std apart: hard for diffusion.
+        anchor = F.mse_loss(post.mean[:, :3], args.rgb_scale * F.avg_pool2d(x, 8))
+        loss = mse + args.kl_weight * kl + args.rgb_weight * anchor
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        sched.step()
         avg = mse.item() if avg is None else 0.95 * avg + 0.05 * mse.item()
-        if step % 25 == 0 or step == steps - 1:
-            log(f"vae step {step} mse {mse.item():.5f} (avg {avg:.5f}) kl {kl.item():.1f}")
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step} mse {mse.item():.5f} (avg {avg:.5f}) kl {kl.item():.1f} anchor {anchor.item():.4f}")
     vae.eval()
+    return vae
+
+
+def train_decoder(vae, images: np.ndarray, args, log: Log):
+    """(c) The encoder fixed, the decoder goes on training on whole pictures, decoding posterior samples."""
+    vae.requires_grad_(False)
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=args.decoder_lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed + 3)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    avg = None
+    steps = args.decoder_steps
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = args.decoder_lr * cosine(step, steps, 20)
+        x = to_tensor(images[rng.integers(0, len(images), args.decoder_batch)])
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"decoder step {step} mse {loss.item():.5f} (avg {avg:.5f})")
+    vae.requires_grad_(False)
     return vae
 
 
 @torch.no_grad()
 def encode_all(vae, images: np.ndarray, batch: int = 128):
+    """Posterior means and stds of every picture (raw latents, before scaling_factor)."""
     means, stds = [], []
     for i in range(0, len(images), batch):
         d = vae.encode(to_tensor(images[i : i + batch])).latent_dist
@@ -236,10 +238,143 @@ def encode_all(vae, images: np.ndarray, batch: int = 128):
     return torch.cat(means), torch.cat(stds)
 
 
+@torch.no_grad()
+def whiten(vae, images: np.ndarray, log: Log):
+    """(d) Fold an affine map z' = W (z - m) into the VAE, W = Sigma^-1/2 / SCALING_FACTOR (ZCA, eigenvalues floored
+    at 5% of the largest), so that the raw latents of the data have mean 0 and covariance ~ I / SCALING_FACTOR^2.  quant_conv's mean rows become W (A h + a) -
+    W m; post_quant_conv becomes P W^-1 z' + (P m + p), so decode(encode(x)) is what it was.  The posterior std,
+    tiny next to the spread of the data, becomes a constant per channel (the mean over the data of the whitened
+    posterior variance)."""
+    mean, std = encode_all(vae, images)
+    z = mean.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    m = z.mean(0)
+    cov = torch.cov(z.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp(min=0.05 * float(evals.max()))  # no blowing up of near-empty directions
+    w = evecs @ torch.diag(evals.rsqrt()) @ evecs.T / SCALING_FACTOR
+    w_inv = torch.linalg.inv(w)
+    var = std.permute(0, 2, 3, 1).reshape(-1, 4).double() ** 2
+    new_var = (var @ (w**2).T).mean(0)  # diag(W diag(var) W^T), averaged
+    q, pq = vae.quant_conv, vae.post_quant_conv
+    qw, qb = q.weight[:, :, 0, 0].double(), q.bias.double()
+    q.weight[:4, :, 0, 0] = (w @ qw[:4]).float()
+    q.bias[:4] = (w @ qb[:4] - w @ m).float()
+    q.weight[4:] = 0.0
+    q.bias[4:] = new_var.log().float()
+    pw, pb = pq.weight[:, :, 0, 0].double(), pq.bias.double()
+    pq.weight[:, :, 0, 0] = (pw @ w_inv).float()
+    pq.bias[:] = (pw @ m + pb).float()
+    vae.register_to_config(scaling_factor=SCALING_FACTOR)
+    log(f"whitening: latent mean {m.numpy().round(3)}, std {cov.diagonal().sqrt().numpy().round(3)} -> "
+        f"mean 0, std {1 / SCALING_FACTOR:.3f}; posterior std now {new_var.sqrt().numpy().round(3)}")
+    return vae
+
+
+def stage_vae(images: np.ndarray, args, log: Log):
+    vae = train_vae(images, args, log)
+    vae = train_decoder(vae, images, args, log)
+    vae = whiten(vae, images[: args.whiten_images], log)
+    with torch.no_grad():
+        x = to_tensor(images[:256])
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    log(f"vae done: reconstruction mse of whole pictures {F.mse_loss(rec, x).item():.5f}")
+    vae.save_pretrained(args.work / "vae")
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2: the UNet and the text encoder
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
             pe.lerp_(pm, 1.0 - decay)
+
+
+def stage_unet(vae, images: np.ndarray, captions: list[str], args, log: Log) -> None:
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    mean, std = encode_all(vae, images)
+    scale = vae.config.scaling_factor
+    log(f"latents {tuple(mean.shape)}: scaled mean {mean.mean() * scale:.3f} std {mean.std() * scale:.3f}")
+
+    write_tokenizer(args.work / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(args.work / "tokenizer")
+    uniq = sorted(set(captions)) + [""]
+    ids = tokenizer(uniq, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    cap_index = {c: i for i, c in enumerate(uniq)}
+    cap_idx = torch.tensor([cap_index[c] for c in captions])
+    empty = len(uniq) - 1
+
+    torch.manual_seed(args.seed + 1)
+    text_encoder = CLIPTextModel(text_encoder_config())
+    unet = make_unet()
+    log(f"params: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text encoder "
+        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, vae "
+        f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M")
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    acp = noise_sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    loss_weight = snr.clamp(max=args.snr_gamma) / snr  # min-SNR-gamma weighting (epsilon prediction)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
+        p.requires_grad_(False)
+    unet.train()
+    text_encoder.train()
+    rng = torch.Generator().manual_seed(args.seed + 2)
+
+    def checkpoint(step: int) -> None:
+        save_pipeline(args.work / "pipeline", vae, ema_te, ema_unet)
+        save_pipeline(args.out, vae, ema_te, ema_unet)
+        log(f"saved step {step} to {args.work / 'pipeline'} and {args.out}")
+
+    steps = args.unet_steps
+    avg = None
+    step = 0
+    for step in range(steps):
+        if out_of_cpu(args.cpu_minutes):
+            log(f"CPU-time budget reached at step {step}")
+            break
+        lr = args.lr * cosine(step, steps, 100)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, len(images), (args.batch,), generator=rng)
+        lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=rng)) * scale
+        tok = cap_idx[idx].clone()
+        tok[torch.rand(args.batch, generator=rng) < args.uncond_p] = empty
+        t = torch.randint(0, 1000, (args.batch,), generator=rng)
+        noise = torch.randn(lat.shape, generator=rng)
+        a = acp[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+        cond = text_encoder(ids[tok])[0]
+        pred = unet(noisy, t, cond).sample
+        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (per * loss_weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_te, text_encoder, decay)
+        mse = per.mean().item()
+        avg = mse if avg is None else 0.98 * avg + 0.02 * mse
+        if step % 100 == 0:
+            log(f"unet step {step} mse {mse:.4f} (avg {avg:.4f}) weighted {loss.item():.4f} lr {lr:.2e}")
+        if step > 0 and step % args.save_every == 0:
+            checkpoint(step)
+    else:
+        step = steps
+    log(f"unet done: {step} steps, final avg mse {avg:.4f}")
+    checkpoint(step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving and measuring
 
 
 def save_pipeline(folder: Path, vae, text_encoder, unet, fp16: bool = True) -> None:
@@ -278,133 +413,83 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, fp16: bool = True) -> N
     tmp.rename(folder)
 
 
+def evaluate(folder: Path, log: Log, steps: int = 20, guidance: float = 7.5, seeds=(0, 1, 2)) -> float:
+    """The semantic test of tests/test_toy_model.py, with diffusers: the share of (held-out prompt, seed) pictures
+    whose centre / border colours are the asked-for shape / background colours."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ok = total = 0
+    misses = []
+    for prompt in toy_data.HELD_OUT_PROMPTS:
+        want = (prompt.split()[1], prompt.split()[-2])
+        for seed in seeds:
+            img = pipe(prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=guidance,
+                       generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+            got = toy_data.measure_colours((img * 255).round().astype(np.uint8))
+            ok += got == want
+            total += 1
+            if got != want:
+                misses.append(f"{prompt!r}/{seed}: {got}")
+    rate = ok / total
+    log(f"eval {folder} steps {steps} guidance {guidance}: {ok}/{total} = {rate:.3f}; misses: {misses}")
+    return rate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
     ap.add_argument("--out", type=Path, default=Path("sdgen/data/toy"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/toy_train"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-images", type=int, default=12288)
-    # One thread: on a 2-core machine shared with other jobs, two torch threads ran 5-8x slower than one.
+    ap.add_argument("--n-images", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--vae-steps", type=int, default=600)
-    ap.add_argument("--vae-batch", type=int, default=32)
-    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--cpu-minutes", type=float, default=None, help="stop a stage at this much process CPU time")
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-batch", type=int, default=8)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-crop", type=int, default=32)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
-    ap.add_argument("--vae-from", type=Path, default=None, help="reuse a trained VAE folder instead of phase 2")
-    ap.add_argument("--unet-steps", type=int, default=8000)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rgb-weight", type=float, default=1.0)
+    ap.add_argument("--rgb-scale", type=float, default=2.0)
+    ap.add_argument("--decoder-steps", type=int, default=400)
+    ap.add_argument("--decoder-batch", type=int, default=8)
+    ap.add_argument("--decoder-lr", type=float, default=5e-4)
+    ap.add_argument("--whiten-images", type=int, default=2048)
+    ap.add_argument("--unet-steps", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--uncond-p", type=float, default=0.1)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--save-every", type=int, default=1000)
-    ap.add_argument("--minutes", type=float, default=45.0, help="stop the UNet phase (and save) at this wall time")
+    ap.add_argument("--snr-gamma", type=float, default=5.0)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--save-every", type=int, default=500)
+    ap.add_argument("--eval", action="store_true", help="measure --out (the semantic test, with diffusers) and stop")
+    ap.add_argument("--guidance", type=float, nargs="*", default=[7.5])
+    ap.add_argument("--eval-steps", type=int, default=20)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.eval:
+        log = Log(args.work / "eval_log.txt")
+        for g in args.guidance:
+            evaluate(args.out, log, steps=args.eval_steps, guidance=g)
+        return
     log = Log(args.work / "log.txt")
     log(f"args: {vars(args)}")
-    deadline = log.t0 + 60.0 * args.minutes
-
-    # (1) data
     images, captions = toy_data.make_dataset(args.n_images, seed=args.seed)
     log(f"data: {len(images)} pictures, {len(set(captions))} captions")
-
-    # (2) VAE
-    from diffusers import AutoencoderKL, DDPMScheduler
-
-    if args.vae_from is not None:
-        vae = AutoencoderKL.from_pretrained(args.vae_from)
-        vae.eval()
+    if args.stage in ("all", "vae"):
+        vae = stage_vae(images, args, log)
     else:
-        vae = train_vae(
-            images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.vae_crop, log, args.seed
-        )
-        vae.save_pretrained(args.work / "vae")
+        from diffusers import AutoencoderKL
 
-    # (3) latents and their scale
-    mean, std = encode_all(vae, images)
-    g = torch.Generator().manual_seed(args.seed)
-    sample = mean + std * torch.randn(mean.shape, generator=g)
-    scale = float(1.0 / sample.std())
-    vae.register_to_config(scaling_factor=scale)
-    with torch.no_grad():
-        rec = vae.decode(mean[:256]).sample
-    rec_mse = F.mse_loss(rec, to_tensor(images[:256])).item()
-    log(f"latents {tuple(mean.shape)} mean {mean.mean():.3f} std {sample.std():.3f} -> scaling_factor {scale:.5f}; "
-        f"reconstruction mse {rec_mse:.5f}")
-    vae.save_pretrained(args.work / "vae")
-
-    # (4) UNet + text encoder
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    write_tokenizer(args.work / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(args.work / "tokenizer")
-    uniq = sorted(set(captions)) + [""]
-    ids = tokenizer(uniq, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    cap_index = {c: i for i, c in enumerate(uniq)}
-    cap_idx = torch.tensor([cap_index[c] for c in captions])
-    empty = len(uniq) - 1
-
-    torch.manual_seed(args.seed + 1)
-    text_encoder = CLIPTextModel(text_encoder_config())
-    unet = make_unet()
-    log(f"params: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text encoder "
-        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M")
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    acp = noise_sched.alphas_cumprod
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    steps = args.unet_steps
-    warm = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    )
-    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
-        p.requires_grad_(False)
-    unet.train()
-    text_encoder.train()
-    avg = None
-    rng = torch.Generator().manual_seed(args.seed + 2)
-
-    def checkpoint(step: int) -> None:
-        save_pipeline(args.work / "pipeline", vae, ema_te, ema_unet)
-        save_pipeline(args.out, vae, ema_te, ema_unet)
-        log(f"saved step {step} to {args.work / 'pipeline'} and {args.out}")
-
-    step = 0
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (args.batch,), generator=rng)
-        lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=rng)) * scale
-        tok = cap_idx[idx].clone()
-        tok[torch.rand(args.batch, generator=rng) < args.uncond_p] = empty
-        t = torch.randint(0, 1000, (args.batch,), generator=rng)
-        noise = torch.randn(lat.shape, generator=rng)
-        a = acp[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
-        cond = text_encoder(ids[tok])[0]
-        pred = unet(noisy, t, cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay)
-        ema_update(ema_te, text_encoder, decay)
-        avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
-        if step % 50 == 0:
-            log(f"unet step {step} loss {loss.item():.4f} (avg {avg:.4f}) lr {sched.get_last_lr()[0]:.2e}")
-        if step > 0 and step % args.save_every == 0:
-            checkpoint(step)
-        if time.time() > deadline:
-            log(f"time budget reached at step {step}")
-            break
-    log(f"unet done: {step + 1} steps, final avg loss {avg:.4f}")
-    checkpoint(step + 1)
+        vae = AutoencoderKL.from_pretrained(args.work / "vae")
+    if args.stage in ("all", "unet"):
+        vae.eval().requires_grad_(False)
+        stage_unet(vae, images, captions, args, log)
+        evaluate(args.out, log)
     log("done")
 
 
