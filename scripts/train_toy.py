@@ -8,16 +8,20 @@ Dev-only: needs torch, diffusers and transformers (sdgen itself needs none of th
     nice -n 10 python scripts/train_toy.py --stage unet --work /tmp/toy_train --out sdgen/data/toy   # stage 2 only
 
 Stage 1 (VAE, -> <work>/vae): (a) render the data set; (b) train the VAE for reconstruction (MSE + a tiny KL term
-+ an anchor that makes latent channels 0-2 the mean colour of each 8x8 block, channel 3 being free) on 32x32 crops; (c) train its decoder alone on whole pictures (the encoder fixed); (d) fold a whitening of the latents
-into the VAE's 1x1 ``quant_conv`` / ``post_quant_conv`` so that the latents come out zero-mean, uncorrelated and of
-equal spread (std 1 / scaling_factor per channel, scaling_factor = SD's 0.18215): the decoder's output is unchanged,
-and every latent direction -- colour included -- then gets the same share of the diffusion noise.
++ an anchor that makes latent channels 0-2 the mean colour of each 8x8 block, channel 3 being free) on 32x32
+crops; (c) train its decoder alone on whole pictures (the encoder fixed); (d) fold a whitening of the latents into
+the VAE's 1x1 ``quant_conv`` / ``post_quant_conv`` so that the latents come out zero-mean, uncorrelated and of equal
+spread (std 1 / scaling_factor per channel, scaling_factor = SD's 0.18215): the decoder's output is unchanged, and
+every latent direction -- colour included -- then gets the same share of the diffusion noise.
 
 Stage 2 (UNet + text encoder, -> --out): encode every picture once, then train the UNet and the text encoder together
 with the standard epsilon-prediction loss (min-SNR-5 weighted) on the scaled latents, with 10% of the captions
-dropped to "" so that classifier-free guidance works; keep an EMA of both, which is what gets saved.  Checkpoints go
-to ``<work>/pipeline`` and ``--out`` every ``--save-every`` steps, so a run stopped early leaves a usable model;
-the end measures the held-out prompts as the test does.
+dropped to "" so that classifier-free guidance works; keep an EMA of both, which is what gets saved.  The learning
+rate follows a cosine planned over ``--unet-steps`` (5000); training stops after ``--stop-step`` (3500: the shipped
+model).  Checkpoints go to ``<work>/pipeline`` and ``--out`` every ``--save-every`` steps, so a run stopped early
+leaves a usable model; the end measures the held-out prompts as the test does (``--eval`` does only that).
+
+The defaults are the settings of the shipped model; its model card (sdgen/data/toy/README.md) has the numbers.
 
 Loss, wall time and process CPU time go to ``<work>/log.txt``.  Torch runs one thread: on a 2-core machine shared
 with other jobs, two torch threads ran 5-8x slower than one.  ``--cpu-minutes`` stops a stage early when its process
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import shutil
 import sys
@@ -47,6 +52,7 @@ import toy_data  # noqa: E402
 
 TEXT_HIDDEN = 32
 SCALING_FACTOR = 0.18215  # SD1.x's; the whitening makes the raw latents' std 1 / SCALING_FACTOR
+GUIDANCE = 2.0  # the model's default guidance scale (held-out colours right: 100% at 1.5-2.5, 94% at 3, 0% at 7.5)
 
 
 def text_encoder_config():
@@ -148,7 +154,8 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def cosine(step: int, steps: int, warmup: int, floor: float = 0.05) -> float:
-    return min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    decay = 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    return min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * decay)
 
 
 def out_of_cpu(cpu_minutes: float | None) -> bool:
@@ -241,10 +248,10 @@ def encode_all(vae, images: np.ndarray, batch: int = 128):
 @torch.no_grad()
 def whiten(vae, images: np.ndarray, log: Log):
     """(d) Fold an affine map z' = W (z - m) into the VAE, W = Sigma^-1/2 / SCALING_FACTOR (ZCA, eigenvalues floored
-    at 5% of the largest), so that the raw latents of the data have mean 0 and covariance ~ I / SCALING_FACTOR^2.  quant_conv's mean rows become W (A h + a) -
-    W m; post_quant_conv becomes P W^-1 z' + (P m + p), so decode(encode(x)) is what it was.  The posterior std,
-    tiny next to the spread of the data, becomes a constant per channel (the mean over the data of the whitened
-    posterior variance)."""
+    at 5% of the largest), so that the raw latents of the data have mean 0 and covariance ~ I / SCALING_FACTOR^2.
+    quant_conv's mean rows become W (A h + a) - W m; post_quant_conv becomes P W^-1 z' + (P m + p), so
+    decode(encode(x)) is what it was.  The posterior variance becomes a constant per channel: the mean over the data
+    of the whitened posterior variance."""
     mean, std = encode_all(vae, images)
     z = mean.permute(0, 2, 3, 1).reshape(-1, 4).double()
     m = z.mean(0)
@@ -314,7 +321,9 @@ def stage_unet(vae, images: np.ndarray, captions: list[str], args, log: Log) -> 
     log(f"params: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, vae "
         f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M")
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     acp = noise_sched.alphas_cumprod
     snr = acp / (1 - acp)
     loss_weight = snr.clamp(max=args.snr_gamma) / snr  # min-SNR-gamma weighting (epsilon prediction)
@@ -327,7 +336,10 @@ def stage_unet(vae, images: np.ndarray, captions: list[str], args, log: Log) -> 
     text_encoder.train()
     rng = torch.Generator().manual_seed(args.seed + 2)
 
+    used = ids.unique()
+
     def checkpoint(step: int) -> None:
+        zero_unused_embeddings(ema_te, used)
         save_pipeline(args.work / "pipeline", vae, ema_te, ema_unet)
         save_pipeline(args.out, vae, ema_te, ema_unet)
         log(f"saved step {step} to {args.work / 'pipeline'} and {args.out}")
@@ -338,6 +350,9 @@ def stage_unet(vae, images: np.ndarray, captions: list[str], args, log: Log) -> 
     for step in range(steps):
         if out_of_cpu(args.cpu_minutes):
             log(f"CPU-time budget reached at step {step}")
+            break
+        if step >= args.stop_step:
+            log(f"stop step {step} reached")
             break
         lr = args.lr * cosine(step, steps, 100)
         for group in opt.param_groups:
@@ -377,6 +392,16 @@ def stage_unet(vae, images: np.ndarray, captions: list[str], args, log: Log) -> 
 # Saving and measuring
 
 
+@torch.no_grad()
+def zero_unused_embeddings(text_encoder, used: torch.Tensor) -> None:
+    """Zero the token-embedding rows of the ~49,400 tokens that no caption uses: they were never trained (random
+    init, shrunk by weight decay), and zeros make the committed file compress to a tenth."""
+    emb = text_encoder.get_input_embeddings().weight
+    keep = torch.zeros(emb.shape[0], dtype=torch.bool)
+    keep[used] = True
+    emb[~keep] = 0.0
+
+
 def save_pipeline(folder: Path, vae, text_encoder, unet, fp16: bool = True) -> None:
     """Write the diffusers folder (fp32 configs; weights stored as fp16 safetensors when ``fp16``)."""
     from diffusers import StableDiffusionPipeline
@@ -406,6 +431,12 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, fp16: bool = True) -> N
             save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, f, metadata={"format": "pt"})
     for f in list(tmp.rglob("*.bin")):
         f.unlink()
+    for f in tmp.rglob("config.json"):  # no paths of the machine that trained it
+        cfg = json.loads(f.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for f in tmp.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
     card = folder / "README.md"
     if card.exists():
         shutil.copy(card, tmp / "README.md")
@@ -413,7 +444,7 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, fp16: bool = True) -> N
     tmp.rename(folder)
 
 
-def evaluate(folder: Path, log: Log, steps: int = 20, guidance: float = 7.5, seeds=(0, 1, 2)) -> float:
+def evaluate(folder: Path, log: Log, steps: int = 20, guidance: float = GUIDANCE, seeds=(0, 1, 2)) -> float:
     """The semantic test of tests/test_toy_model.py, with diffusers: the share of (held-out prompt, seed) pictures
     whose centre / border colours are the asked-for shape / background colours."""
     from diffusers import StableDiffusionPipeline
@@ -457,7 +488,8 @@ def main() -> None:
     ap.add_argument("--decoder-batch", type=int, default=8)
     ap.add_argument("--decoder-lr", type=float, default=5e-4)
     ap.add_argument("--whiten-images", type=int, default=2048)
-    ap.add_argument("--unet-steps", type=int, default=5000)
+    ap.add_argument("--unet-steps", type=int, default=5000, help="the length the learning-rate schedule plans for")
+    ap.add_argument("--stop-step", type=int, default=3500, help="stop (and save) after this many UNet steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--uncond-p", type=float, default=0.1)
@@ -465,8 +497,9 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--eval", action="store_true", help="measure --out (the semantic test, with diffusers) and stop")
-    ap.add_argument("--guidance", type=float, nargs="*", default=[7.5])
+    ap.add_argument("--guidance", type=float, nargs="*", default=[GUIDANCE])
     ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--eval-seeds", type=int, default=3, help="seeds 0..N-1 for each held-out prompt")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -474,7 +507,7 @@ def main() -> None:
     if args.eval:
         log = Log(args.work / "eval_log.txt")
         for g in args.guidance:
-            evaluate(args.out, log, steps=args.eval_steps, guidance=g)
+            evaluate(args.out, log, steps=args.eval_steps, guidance=g, seeds=range(args.eval_seeds))
         return
     log = Log(args.work / "log.txt")
     log(f"args: {vars(args)}")
