@@ -77,7 +77,12 @@ def bench_conv(torch, repeat: int, quick: bool, variants: list[str]) -> None:
         for v in variants:
             if v == "im2col" and big:
                 continue  # minutes on the largest maps; Winograd is the path there
-            plan = Conv2dPlan(wt, b, 1, 1, variant=v)
+            if v.startswith("model"):  # the models' plans: stored weights only, filters made at each call
+                from sdgen.kernels.weights import to_storage
+                dtype = {"model": np.float32, "model-fp16": np.float16, "model-bf16": np.uint16}[v]
+                plan = Conv2dPlan(to_storage(wt, dtype), b, 1, 1, cache=False)
+            else:
+                plan = Conv2dPlan(wt, b, 1, 1, variant=v)
             plan.prepare(h, w, n)
             fns[v] = (lambda p: lambda: conv2d(x, p))(plan)
         with torch.no_grad():
@@ -155,7 +160,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", choices=["conv", "attention", "norm"], action="append")
     ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
-    ap.add_argument("--variants", default="im2col,f23,f43", help="conv paths to time, comma separated")
+    ap.add_argument("--variants", default="im2col,f23,f43,model",
+                    help="conv paths to time, comma separated: im2col, f23, f43 (transformed weights kept), model, "
+                         "model-fp16, model-bf16 (what the models run: the stored weights only, at that precision, "
+                         "the path chosen per size, Winograd filters made at each call)")
     args = ap.parse_args()
 
     import torch

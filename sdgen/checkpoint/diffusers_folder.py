@@ -141,13 +141,35 @@ def _read_index(index_path: Path) -> dict[str, list[str]]:
     return shards
 
 
+class MappedTensors(dict):
+    """Tensors that are views of memory-mapped files, as stored (``load_weights(..., dtype=None)``), with
+    ``releaser(name)``: a function dropping that tensor's pages from memory once a model keeps a copy of it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.releasers: dict = {}
+
+    def releaser(self, name: str):
+        return self.releasers.get(name)
+
+
+def _stored_tensors(f: SafetensorsFile, names, out: MappedTensors) -> MappedTensors:
+    for name in names:
+        out[name] = f.stored(name)
+        out.releasers[name] = f.releaser(name)
+    return out
+
+
 def load_weights(path: str | os.PathLike, dtype=np.float32) -> dict[str, np.ndarray]:
-    """All tensors of a ``.safetensors`` file, or of every shard listed by a ``.index.json``, as ``dtype``."""
+    """All tensors of a ``.safetensors`` file, or of every shard listed by a ``.index.json``, as ``dtype``;
+    dtype=None: as stored (memory-mapped views, see MappedTensors and SafetensorsFile.stored)."""
     path = Path(path)
     if not path.name.endswith(".json"):
         with SafetensorsFile(path) as f:
+            if dtype is None:
+                return _stored_tensors(f, f.keys(), MappedTensors())
             return f.tensors(dtype)
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, np.ndarray] = MappedTensors() if dtype is None else {}
     for shard, names in _read_index(path).items():
         shard_path = path.parent / shard
         if not shard_path.is_file():
@@ -156,13 +178,16 @@ def load_weights(path: str | os.PathLike, dtype=np.float32) -> dict[str, np.ndar
             for name in names:
                 if name not in f:
                     raise BadModelFileError(f"{shard_path}: tensor {name!r} listed in {path.name} is not in it")
-                tensors[name] = f.get(name, dtype)
+                if dtype is None:
+                    _stored_tensors(f, [name], tensors)
+                else:
+                    tensors[name] = f.get(name, dtype)
     return tensors
 
 
 def canonical_text_encoder_names(tensors: dict[str, np.ndarray], source: str | os.PathLike = "") -> dict:
     """Text-encoder tensors under one naming: ``text_model.`` prefix removed, ``position_ids`` buffer dropped."""
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = MappedTensors() if isinstance(tensors, MappedTensors) else {}
     for name, value in tensors.items():
         key = name[len(TEXT_MODEL_PREFIX):] if name.startswith(TEXT_MODEL_PREFIX) else name
         if key in _DROPPED_TEXT_ENCODER_BUFFERS:
@@ -171,22 +196,24 @@ def canonical_text_encoder_names(tensors: dict[str, np.ndarray], source: str | o
             raise BadModelFileError(f"{source}: tensor {key!r} appears both with and without the "
                                     f"{TEXT_MODEL_PREFIX!r} prefix")
         out[key] = value
+        if isinstance(out, MappedTensors):
+            out.releasers[key] = tensors.releaser(name)
     return out
 
 
 def load_component(model_dir: str | os.PathLike, component: str,
-                   variant: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+                   variant: str | None = None, dtype=np.float32) -> tuple[dict, dict[str, np.ndarray]]:
     """``(config, tensors)`` of one component (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ...).
 
-    Tensors are float32 whatever the storage (fp32 ones are read-only views of the memory-mapped file);
-    text-encoder names are canonical (see the module docstring).
+    Tensors are float32 whatever the storage (fp32 ones are read-only views of the memory-mapped file), or with
+    dtype=None as stored (views; see load_weights); text-encoder names are canonical (see the module docstring).
     """
     component_dir = _model_dir(model_dir) / component
     if not component_dir.is_dir():
         raise BadModelFileError(f"{component_dir}: the model has no {component} folder")
     config = read_json(component_dir / "config.json", f"the {component} config")
     weights = find_weights(component_dir, variant)
-    tensors = load_weights(weights)
+    tensors = load_weights(weights, dtype)
     if component.startswith("text_encoder"):
         tensors = canonical_text_encoder_names(tensors, weights)
     return config, tensors

@@ -220,6 +220,35 @@ class SafetensorsFile:
         """Every tensor, converted as by ``get``."""
         return {name: self.get(name, dtype) for name in self.keys()}
 
+    def stored(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as stored, a read-only view of the map where aligned: float32 and float16 as they are,
+        bfloat16 as its uint16 bits (sdgen.kernels.weights reads them so), float64 converted to float32."""
+        info = self.info(name)
+        arr = self.raw(name)
+        if info.dtype == "F64":
+            return arr.astype(np.float32)
+        return arr if arr.flags.aligned else arr.copy()
+
+    def releaser(self, name: str):
+        """A function that drops tensor ``name``'s pages of the map from this process's memory (MADV_DONTNEED;
+        they are read again from the file if touched later): for tensors a model keeps a converted copy of. Holds
+        the map, not this object. None where the platform cannot."""
+        info = self.info(name)
+        mm = self._mm
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED") or info.end <= info.begin:
+            return None
+        page = mmap.PAGESIZE
+        start = (self._data_start + info.begin) // page * page
+        end = self._data_start + info.end
+
+        def release() -> None:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (ValueError, OSError):  # closed map or unsupported: the pages just stay
+                pass
+
+        return release
+
     # ----------------------------------------------------------------------------------------------- checks
     def nonfinite(self, names: list[str] | None = None) -> list[tuple[str, int, int]]:
         """Float tensors holding NaN or inf, as (name, non-finite count, element count); a scan of the data.

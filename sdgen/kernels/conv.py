@@ -5,13 +5,17 @@ Paths, chosen per call from the plan and the input size (`choose_variant`):
   "gemm1x1"     1x1 stride 1 without padding: one GEMM on (N*H*W, Cin),
   "im2col"      anything else (3x3 stride 2, odd kernels, and 3x3 stride 1 where Winograd does not pay).
 Filter transforms and weight re-layouts are made once per plan and path, the first time that path is used (or by
-`Conv2dPlan.prepare`), and kept in the plan.
+`Conv2dPlan.prepare`), and kept in the plan -- or, for a plan made with ``cache=False`` (the models' convolutions),
+never kept: such a plan holds only the weights as stored (float32, float16 or bfloat16 bits) and makes what a path
+needs at each call into shared scratch buffers (sdgen.kernels.weights), so that a model holds one copy of each
+weight. The numbers are the same either way.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import weights as _weights
 from . import winograd
 from .gemm import conv_im2col, epilogue
 
@@ -22,6 +26,9 @@ VARIANTS = ("f43", "f23", "im2col", "gemm1x1")
 # of transformed filters F(2,3) is taken instead: in SD's UNet the 1280-channel convolutions alone would hold ~7 GB
 # as F(4,3) filters, and on their 16x16 and 8x8 maps F(2,3) is fast enough (scripts/bench_kernels.py).
 F43_MAX_FILTER_BYTES = 64 << 20
+# Plans without cache make the Winograd filters at each call; with this few F(2,3) tiles or fewer the products
+# are too small to repay that, and im2col (which multiplies by the stored weights directly) is faster.
+STREAM_IM2COL_TILES = 64
 
 
 def choose_variant(cin: int, cout: int, h: int, w: int, n: int) -> str:
@@ -43,6 +50,8 @@ class Conv2dPlan:
     """Weights (OIHW, as PyTorch stores them), bias, stride and padding of one convolution, prepared for conv2d.
 
     variant: force a path (one of VARIANTS) instead of choosing per input size; for tests and benchmarks.
+    cache: keep each path's transformed weights (beside the float32 weights) once made. False: keep only the weights
+    as given -- float32, float16, or bfloat16 bits as uint16 -- and make the transformed ones at each call.
     """
 
     def __init__(
@@ -52,9 +61,17 @@ class Conv2dPlan:
         stride: int = 1,
         padding: int = 0,
         variant: str | None = None,
+        cache: bool = True,
     ):
-        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
-        self.out_channels, self.in_channels, self.kh, self.kw = self.weight.shape
+        self.cache = bool(cache)
+        self.out_channels, self.in_channels, self.kh, self.kw = weight.shape
+        if self.cache:
+            self.weight = np.ascontiguousarray(weight, dtype=np.float32)
+        else:  # the only copy: (kh, kw, Cin, Cout) as stored (float32, float16 or bfloat16 bits)
+            if weight.dtype not in (np.float16, np.uint16):
+                weight = np.asarray(weight, dtype=np.float32)
+            self.weight = None
+            self.hwio = _weights.hwio(weight)
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(self.out_channels)
         self.stride = int(stride)
         self.padding = int(padding)
@@ -65,7 +82,7 @@ class Conv2dPlan:
         self.is_1x1 = (self.kh, self.kw) == (1, 1) and self.stride == 1 and self.padding == 0
         self._prepared: dict[str, np.ndarray] = {}
         self._zero_bias = None
-        if self.is_1x1 or not self.winograd_ok:
+        if self.cache and (self.is_1x1 or not self.winograd_ok):
             self.prepare()
 
     def variant_for(self, h: int, w: int, n: int = 1) -> str:
@@ -76,6 +93,9 @@ class Conv2dPlan:
             v = "im2col"
         else:
             v = self.variant or choose_variant(self.in_channels, self.out_channels, h, w, n)
+            if (self.variant is None and not self.cache and v in ("f43", "f23")
+                    and n * (-(-h // 2)) * (-(-w // 2)) <= STREAM_IM2COL_TILES):
+                v = "im2col"
         if v in ("f43", "f23") and not self.winograd_ok:
             raise ValueError("Winograd needs a 3x3 stride-1 convolution")
         if v == "gemm1x1" and not self.is_1x1:
@@ -83,9 +103,10 @@ class Conv2dPlan:
         return v
 
     def prepare(self, h: int | None = None, w: int | None = None, n: int = 1) -> str:
-        """Make (once) the transformed weights of the path used for (n, h, w) inputs; returns that path."""
+        """Make (once) the transformed weights of the path used for (n, h, w) inputs; returns that path. A plan
+        without cache keeps nothing: the path is only chosen."""
         v = self.variant_for(h or 64, w or 64, n)
-        if v not in self._prepared:
+        if self.cache and v not in self._prepared:
             wt = self.weight
             if v == "f43":
                 self._prepared[v] = winograd.filter_transform(wt, 4)
@@ -100,6 +121,21 @@ class Conv2dPlan:
     def prepared_bytes(self) -> int:
         """Memory held by the transformed weights (besides the OIHW weight itself)."""
         return sum(a.nbytes for a in self._prepared.values())
+
+    def weights_for(self, v: str):
+        """What conv2d's path v multiplies by: the kept transform, or (no cache) one made now from the stored
+        weights -- a winograd.FilterSource for the Winograd paths, a float32 matrix in scratch otherwise."""
+        if self.cache:
+            return self._prepared[v]
+        if v in ("f43", "f23"):
+            return winograd.FilterSource(self.hwio, 4 if v == "f43" else 2)
+        # the 1x1 and im2col matrices are the HWIO weights seen as (kh*kw*Cin, Cout): float32 ones as they are
+        return _weights.as_float32(self.hwio.reshape(-1, self.out_channels), "conv")
+
+    def stored_bytes(self) -> int:
+        """Memory held by this plan's weights: the stored ones plus any kept transforms."""
+        held = self.weight if self.cache else self.hwio
+        return held.nbytes + self.prepared_bytes() + (0 if self.bias is None else self.bias.nbytes)
 
     def zero_bias(self) -> np.ndarray:
         if self._zero_bias is None:
@@ -125,7 +161,7 @@ def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None) 
         if residual.shape != (n, ho, wo, plan.out_channels):
             raise ValueError(f"conv2d: residual shape {residual.shape} != output shape {(n, ho, wo, plan.out_channels)}")
     v = plan.prepare(h, w, n)
-    prep = plan._prepared[v]
+    prep = plan.weights_for(v)
     if v in ("f43", "f23"):
         bias = plan.bias if plan.bias is not None else plan.zero_bias()
         y = winograd.winograd_conv(x, prep, 4 if v == "f43" else 2, plan.padding, bias, plan.out_channels, residual)

@@ -149,12 +149,15 @@ def attention(
     mask: np.ndarray | None = None,
     block_bytes: int = 4 << 20,
     nworkers: int | None = None,
+    max_slices: int | None = None,
 ) -> np.ndarray:
     """Multi-head scaled dot-product attention. q: (B, Lq, C), k and v: (B, Lk, C) -> (B, Lq, C).
 
     Scale 1/sqrt(C/heads). mask, if given, is added to the scores and broadcasts to (B, heads, Lq, Lk) (e.g. a
     causal mask of -inf). Each job's score block (heads in its group x query rows x Lk floats) stays under
     block_bytes (but holds at least 16 query rows). Bit-identical whatever the number of workers.
+    max_slices: diffusers' attention slicing -- the score blocks of all the jobs running at once hold at most
+    max_slices (image x head) slices of Lq x Lk scores (block_bytes is lowered to fit; same results).
     """
     q = np.ascontiguousarray(q, dtype=np.float32)
     k = np.ascontiguousarray(k, dtype=np.float32)
@@ -170,6 +173,9 @@ def attention(
         m4 = np.broadcast_to(np.asarray(mask, dtype=np.float32), (b, heads, lq, lk))
     # keys padded to a multiple of 8 (zero columns of K^T, zero rows of V; their probabilities are set to 0)
     lkp = lk if m4 is not None else -(-lk // 8) * 8
+    if max_slices is not None:
+        nw_max = _pool.workers() if nworkers is None else max(1, nworkers)
+        block_bytes = min(block_bytes, max(1, max_slices) * lq * lk * 4 // nw_max)
     qb, hg = _partition(b, lq, lkp, heads, block_bytes)
     jobs = [(bi, h0, q0) for bi in range(b) for h0 in range(0, heads, hg) for q0 in range(0, lq, qb)]
     out = np.empty((b, lq, c), dtype=np.float32)

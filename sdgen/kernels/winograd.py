@@ -62,17 +62,18 @@ def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def filter_transform(weight_oihw: np.ndarray, m: int) -> np.ndarray:
-    """U = G g G^T for every (out, in) pair, laid out (alpha*alpha, Cin', Cout') float32 (computed in float64),
-    Cin' and Cout' the channel counts padded as the transforms want them (padded_channels), with zeros there."""
-    _, g, _ = matrices(m)
+    """U = G g G^T for every (out, in) pair, laid out (alpha*alpha, Cin', Cout') float32, Cin' and Cout' the channel
+    counts padded as the transforms want them (padded_channels), with zeros there. Computed by
+    weights.fill_filters (float32 arithmetic), the same numbers as the filters made at each call from stored
+    weights (FilterSource)."""
+    from .weights import fill_filters, hwio
+
     cout, cin, kh, kw = weight_oihw.shape
     assert (kh, kw) == (3, 3), weight_oihw.shape
     a = m + 2
-    u = np.zeros((a, a, padded_channels(cin), padded_channels(cout)), dtype=np.float32)
-    for o0 in range(0, cout, 64):  # in chunks of output channels: the float64 temporaries stay small
-        w = np.asarray(weight_oihw[o0 : o0 + 64], dtype=np.float64)
-        u[:, :, :cin, o0 : o0 + w.shape[0]] = np.einsum("ak,oikl,bl->abio", g, w, g, optimize=True)
-    return u.reshape(a * a, u.shape[2], u.shape[3])
+    u = np.zeros((a * a, padded_channels(cin), padded_channels(cout)), dtype=np.float32)
+    fill_filters(hwio(np.asarray(weight_oihw, dtype=np.float32)), m, u, 0, cout)
+    return u
 
 
 def tile_block(m: int, cin: int, cout: int, ntiles: int, budget_bytes: int = 6 << 20, min_tiles: int = 96) -> int:
@@ -400,7 +401,7 @@ class _Buffers:
 
 def winograd_conv(
     x: np.ndarray,
-    u: np.ndarray,
+    u,
     m: int,
     pad: int,
     bias: np.ndarray,
@@ -412,9 +413,10 @@ def winograd_conv(
 ) -> np.ndarray:
     """Stride-1 3x3 convolution of C-contiguous float32 NHWC x with u = filter_transform(w, m) (channel-padded).
 
-    pad: zero padding on every side. bias: float32 (Cout,) (zeros for none). residual: None or C-contiguous
-    float32 of the output's shape, added in the output transform. Tiles go in blocks of about budget_bytes of
-    transformed data (block_tiles, if given, sets the tiles per block instead).
+    u may instead be a FilterSource (the filters made at each call from the stored weights, into bounded buffers:
+    see winograd_conv_streamed). pad: zero padding on every side. bias: float32 (Cout,) (zeros for none).
+    residual: None or C-contiguous float32 of the output's shape, added in the output transform. Tiles go in blocks
+    of about budget_bytes of transformed data (block_tiles, if given, sets the tiles per block instead).
 
     Parallel over nworkers threads (default: _pool.workers()). With at least as many blocks as workers, each worker
     takes whole blocks (transform, 36 or 16 GEMMs, inverse transform in its own buffers); with fewer (small maps,
@@ -423,6 +425,8 @@ def winograd_conv(
     """
     from . import _pool
 
+    if isinstance(u, FilterSource):
+        return winograd_conv_streamed(x, u, m, pad, bias, cout, residual, budget_bytes, block_tiles, nworkers)
     n, h, w, cin = x.shape
     a2, cinp, coutp = u.shape
     assert a2 == (m + 2) ** 2 and cinp == padded_channels(cin) and coutp == padded_channels(cout), (x.shape, u.shape)
@@ -471,4 +475,57 @@ def winograd_conv(
 
     _pool.run(transform, nw)
     _pool.run(multiply, nw)
+    return out
+
+
+class FilterSource:
+    """The Winograd filters of one convolution, made from its stored 3x3 weights (HWIO: (3, 3, Cin, Cout); float32,
+    float16 or bfloat16 bits; see sdgen.kernels.weights) each time they are needed instead of being kept: ``fill(u, c_lo, c_hi)`` writes
+    the filters of output channels [c_lo, c_hi) into u (alpha^2, Cin', c_hi - c_lo) float32."""
+
+    def __init__(self, weight_hwio: np.ndarray, m: int):
+        self.weight = weight_hwio
+        self.m = m
+        self.cin, self.cout = weight_hwio.shape[2], weight_hwio.shape[3]
+
+    def fill(self, u: np.ndarray, c_lo: int, c_hi: int, parallel: bool = True) -> None:
+        from .weights import fill_filters
+
+        fill_filters(self.weight, self.m, u, c_lo, min(c_hi, self.cout), c_off=c_lo, parallel=parallel)
+        if c_hi > self.cout:  # channel padding of the last block
+            u[:, :, self.cout - c_lo:] = 0.0
+
+
+# Filters made at each call go into one shared scratch buffer of at most this size; larger ones (1280-channel
+# layers: 105-210 MB) are made and used a group of output channels at a time (the input transform is then repeated
+# per group: cheap next to the products, on the small maps where such layers run).
+STREAM_FILTER_BYTES = 48 << 20
+
+
+def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=None, budget_bytes=6 << 20,
+                           block_tiles=None, nworkers=None) -> np.ndarray:
+    """winograd_conv with the filters made from the stored weights during the call (by all workers, into the
+    shared "winograd" scratch buffer), in groups of output channels whose filters take at most
+    STREAM_FILTER_BYTES. The numbers are those of winograd_conv with filter_transform's filters."""
+    from .weights import scratch
+
+    n, h, w, cin = x.shape
+    a2 = (m + 2) ** 2
+    cinp, coutp = padded_channels(cin), padded_channels(cout)
+    if a2 * cinp * coutp * 4 <= STREAM_FILTER_BYTES:
+        u = scratch("winograd", a2 * cinp * coutp).reshape(a2, cinp, coutp)
+        src.fill(u, 0, coutp)
+        return winograd_conv(x, u, m, pad, bias, cout, residual, budget_bytes, block_tiles, nworkers)
+    per_channel = a2 * cinp * 4
+    ngroups = -(-a2 * cinp * coutp * 4 // STREAM_FILTER_BYTES)
+    group = -(-(-(-cout // ngroups)) // 64) * 64  # near-equal groups, whole channel blocks
+    out = np.empty((n, h + 2 * pad - 2, w + 2 * pad - 2, cout), dtype=np.float32)
+    for c0 in range(0, cout, group):
+        c1 = min(cout, c0 + group)
+        gp = padded_channels(c1 - c0)
+        u = scratch("winograd", per_channel * gp // 4).reshape(a2, cinp, gp)
+        src.fill(u, c0, c0 + gp)
+        res = None if residual is None else np.ascontiguousarray(residual[..., c0:c1])
+        out[..., c0:c1] = winograd_conv(x, u, m, pad, np.ascontiguousarray(bias[c0:c1]), c1 - c0, res,
+                                        budget_bytes, block_tiles, nworkers)
     return out

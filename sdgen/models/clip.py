@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
+from ..kernels.weights import widen
 from .layers import LayerNorm, Linear, Params
 
 
@@ -80,8 +81,11 @@ class CLIPTextModel:
         p = tensors if isinstance(tensors, Params) else Params(tensors, source=source)
         c = cfg.hidden_size
         self.cfg = cfg
-        self.token_embedding = p.shaped("embeddings.token_embedding.weight", (cfg.vocab_size, c))
-        self.position_embedding = p.shaped("embeddings.position_embedding.weight", (cfg.max_position_embeddings, c))
+        # the token table at the storage dtype (rows widened when looked up); positions in float32
+        self.token_embedding = p.stored("embeddings.token_embedding.weight",
+                                        p.shaped("embeddings.token_embedding.weight", (cfg.vocab_size, c)))
+        self.position_embedding = p.f32("embeddings.position_embedding.weight", p.shaped(
+            "embeddings.position_embedding.weight", (cfg.max_position_embeddings, c)))
         self.layers = [CLIPEncoderLayer(p.sub(f"encoder.layers.{i}"), cfg) for i in range(cfg.num_hidden_layers)]
         self.final_layer_norm = LayerNorm(p.sub("final_layer_norm"), c, cfg.layer_norm_eps)
         self.text_projection = None
@@ -93,7 +97,7 @@ class CLIPTextModel:
         if ids.ndim == 1:
             ids = ids[None]
         length = ids.shape[1]
-        x = (self.token_embedding[ids] + self.position_embedding[:length]).astype(np.float32)
+        x = (widen(self.token_embedding[ids]) + self.position_embedding[:length]).astype(np.float32)
         mask = np.triu(np.full((length, length), np.finfo(np.float32).min, dtype=np.float32), k=1)
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:

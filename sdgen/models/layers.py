@@ -2,28 +2,125 @@
 
 Feature maps are NHWC float32 throughout the models (the layout the convolution kernels are fastest in); token
 sequences are (batch, tokens, channels). Conversions to and from PyTorch's NCHW happen only at a model's edges.
+
+Weights are held at the storage precision of their Params (``dtype``: float32, float16, or bfloat16 bits as uint16;
+None keeps each tensor's own, e.g. as a checkpoint stores it), converted once at load, and widened to float32 by
+the kernels when a layer runs (sdgen.kernels.weights); norms and biases stay float32. Each weight is held once:
+convolutions keep no transformed copy beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 
 from .. import kernels
 from ..errors import BadModelFileError
+from ..kernels import weights as _weights
+
+# attention_slicing: how many (image x head) score matrices attention may hold at once, as diffusers'
+# set_attention_slice counts them (None: sdgen's own bound, kernels.mha's score blocks). Same numbers either way.
+_ATTENTION = {"slices": None}
+
+
+def set_attention_slicing(value: "str | int | None") -> None:
+    """diffusers' attention_slicing for every model of this process: None/"off", "auto" (half the heads of a
+    layer at a time, as diffusers' "auto"), "max" (one head at a time) or a number of heads."""
+    if value in (None, "off", "none"):
+        _ATTENTION["slices"] = None
+    elif value in ("auto", "max"):
+        _ATTENTION["slices"] = value
+    else:
+        n = int(value)
+        if n < 1:
+            raise ValueError(f"attention slicing must be auto, max or a positive number (got {value!r})")
+        _ATTENTION["slices"] = n
+
+
+def attention_slices(heads: int) -> int | None:
+    """The (image x head) slices an attention layer with this many heads may hold at once (None: no limit)."""
+    s = _ATTENTION["slices"]
+    if s is None:
+        return None
+    if s == "auto":
+        return max(1, heads // 2)
+    if s == "max":
+        return 1
+    return s
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """kernels.attention with this process's attention slicing."""
+    slices = attention_slices(heads)
+    if slices is None:
+        return kernels.attention(q, k, v, heads, mask=mask)
+    return kernels.attention(q, k, v, heads, mask=mask, max_slices=slices)
+
+
+_STORAGE = {"dtype": None}  # the storage dtype of Params made without one (weights_dtype)
+
+
+@contextlib.contextmanager
+def weights_dtype(dtype):
+    """Within the block, models built from tensors (Params without a dtype of their own) hold their weights at
+    ``dtype`` (float32, float16, or uint16 for bfloat16; None: each tensor's own)."""
+    before = _STORAGE["dtype"]
+    _STORAGE["dtype"] = None if dtype is None else np.dtype(dtype)
+    try:
+        yield
+    finally:
+        _STORAGE["dtype"] = before
 
 
 class Params:
-    """The tensors of one model, seen from a name prefix: ``p.sub("down_blocks.0")["conv1.weight"]``."""
+    """The tensors of one model, seen from a name prefix: ``p.sub("down_blocks.0")["conv1.weight"]``.
 
-    def __init__(self, tensors: dict[str, np.ndarray], prefix: str = "", source: str = "model"):
+    dtype: the storage dtype of weight matrices (float32, float16, or uint16 for bfloat16 bits; None: each
+    tensor's own). ``stored`` converts a weight to it once; tensors a layer copied (converted, fused, re-laid out)
+    are released from a memory-mapped checkpoint (``tensors.release(name)`` where the dict has it), so a file's
+    pages stay in memory only where a layer uses them in place.
+    """
+
+    def __init__(self, tensors: dict[str, np.ndarray], prefix: str = "", source: str = "model", dtype=None):
         self.tensors = tensors
         self.prefix = prefix
         self.source = source
+        self.dtype = _STORAGE["dtype"] if dtype is None else np.dtype(dtype)
 
     def sub(self, name: str | int) -> "Params":
-        return Params(self.tensors, f"{self.prefix}{name}.", self.source)
+        return Params(self.tensors, f"{self.prefix}{name}.", self.source, self.dtype)
+
+    def stored(self, name: str, t: np.ndarray) -> np.ndarray:
+        """Weight ``name`` (already fetched as t) at this model's storage dtype, converted once."""
+        dtype = self.dtype
+        if dtype is None:
+            dtype = t.dtype if t.dtype in (np.float16, np.uint16) else np.float32
+        out = _weights.to_storage(t, dtype)
+        if out is not t and not np.shares_memory(out, t):
+            self.release(name)
+        return out
+
+    def f32(self, name: str, t: np.ndarray | None) -> np.ndarray | None:
+        """A small float32 tensor (norm, bias) from ``name`` (already fetched as t), widened if stored in half."""
+        if t is None:
+            return None
+        out = _weights.to_storage(t, np.float32)
+        if out is not t and not np.shares_memory(out, t):
+            self.release(name)
+        return out
+
+    def release(self, name: str) -> None:
+        """Tell a memory-mapped source that tensor ``name`` is no longer read (a copy of it is kept instead)."""
+        release = self.releaser(name)
+        if release is not None:
+            release()
+
+    def releaser(self, name: str):
+        """A function doing ``release(name)`` later, holding no reference to these tensors (None: nothing to do)."""
+        releaser = getattr(self.tensors, "releaser", None)
+        return None if releaser is None else releaser(self.prefix + name)
 
     def __contains__(self, name: str) -> bool:
         return self.prefix + name in self.tensors
@@ -71,12 +168,12 @@ class RandomParams(Params):
     (benchmarks on machines without weights). Deterministic per name; scaled by 1/sqrt(fan-in) so activations stay
     in a sane range; norm weights near 1."""
 
-    def __init__(self, seed: int = 0, prefix: str = "", source: str = "random weights"):
-        super().__init__({}, prefix, source)
+    def __init__(self, seed: int = 0, prefix: str = "", source: str = "random weights", dtype=None):
+        super().__init__({}, prefix, source, dtype)
         self.seed = seed
 
     def sub(self, name: str | int) -> "RandomParams":
-        return RandomParams(self.seed, f"{self.prefix}{name}.", self.source)
+        return RandomParams(self.seed, f"{self.prefix}{name}.", self.source, self.dtype)
 
     def __contains__(self, name: str) -> bool:
         return True
@@ -112,25 +209,33 @@ def _f32(a: np.ndarray | None) -> np.ndarray | None:
 
 
 class Linear:
+    """x @ W^T + b; W (out, in) held at the storage dtype, widened into a scratch buffer at each call if half."""
+
     def __init__(self, p: Params, in_features: int, out_features: int, bias: bool = True):
-        self.weight = _f32(p.matrix("weight", out_features, in_features))
-        self.bias = _f32(p.shaped("bias", (out_features,))) if bias else None
+        self.weight = p.stored("weight", p.matrix("weight", out_features, in_features))
+        self.bias = p.f32("bias", p.shaped("bias", (out_features,))) if bias else None
+        # until fused: how to release the source of the weights once copied
+        self._release = [r for r in (p.releaser("weight"), p.releaser("bias")) if r is not None]
 
     @classmethod
     def fused(cls, layers: list["Linear"]) -> "Linear":
         """One Linear computing several that share an input (e.g. q, k and v): one GEMM instead of three."""
         fused = cls.__new__(cls)
         fused.weight = np.ascontiguousarray(np.concatenate([l.weight for l in layers], axis=0))
+        for layer in layers:  # the parts are copied: a memory-mapped source may drop them
+            for release in getattr(layer, "_release", ()):
+                release()
         biases = [l.bias for l in layers]
         if all(b is None for b in biases):
             fused.bias = None
         else:
             fused.bias = np.concatenate([np.zeros(l.weight.shape[0], np.float32) if b is None else b
                                          for l, b in zip(layers, biases)])
+        fused._release = []
         return fused
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return kernels.linear(x, self.weight, self.bias)
+        return kernels.linear(x, _weights.as_float32(self.weight, "linear"), self.bias)
 
 
 class Conv2d:
@@ -140,9 +245,11 @@ class Conv2d:
                  padding: int | None = None):
         if padding is None:
             padding = kernel_size // 2
-        weight = p.shaped("weight", (out_channels, in_channels, kernel_size, kernel_size))
-        bias = p.shaped("bias", (out_channels,)) if "bias" in p else None
-        self.plan = kernels.Conv2dPlan(weight, bias, stride=stride, padding=padding)
+        weight = p.stored("weight", p.shaped("weight", (out_channels, in_channels, kernel_size, kernel_size)))
+        bias = p.f32("bias", p.shaped("bias", (out_channels,))) if "bias" in p else None
+        # the plan keeps the weights re-laid out (HWIO) and nothing else: the OIHW tensor is released
+        self.plan = kernels.Conv2dPlan(weight, bias, stride=stride, padding=padding, cache=False)
+        p.release("weight")
         self.out_channels = out_channels
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
@@ -153,8 +260,8 @@ class GroupNorm:
     def __init__(self, p: Params, num_groups: int, channels: int, eps: float):
         self.num_groups = num_groups
         self.eps = eps
-        self.gamma = _f32(p.shaped("weight", (channels,)))
-        self.beta = _f32(p.shaped("bias", (channels,)))
+        self.gamma = p.f32("weight", p.shaped("weight", (channels,)))
+        self.beta = p.f32("bias", p.shaped("bias", (channels,)))
 
     def __call__(self, x: np.ndarray, silu: bool = False) -> np.ndarray:
         return kernels.group_norm(x, self.num_groups, self.gamma, self.beta, self.eps, silu=silu)
@@ -163,8 +270,8 @@ class GroupNorm:
 class LayerNorm:
     def __init__(self, p: Params, channels: int, eps: float = 1e-5):
         self.eps = eps
-        self.gamma = _f32(p.shaped("weight", (channels,)))
-        self.beta = _f32(p.shaped("bias", (channels,)))
+        self.gamma = p.f32("weight", p.shaped("weight", (channels,)))
+        self.beta = p.f32("bias", p.shaped("bias", (channels,)))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return kernels.layer_norm(x, self.gamma, self.beta, self.eps)

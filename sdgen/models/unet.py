@@ -18,8 +18,8 @@ import numpy as np
 
 from .. import kernels
 from ..errors import BadModelFileError
-from .layers import (Conv2d, GroupNorm, LayerNorm, Linear, Params, nchw_to_nhwc, nhwc_to_nchw, timestep_embedding,
-                     upsample_nearest)
+from .layers import (Conv2d, GroupNorm, LayerNorm, Linear, Params, attention, nchw_to_nhwc, nhwc_to_nchw,
+                     timestep_embedding, upsample_nearest)
 
 
 def _per_block(value, n: int) -> list:
@@ -112,8 +112,11 @@ class Attention:
         else:
             q = self.q(x)
             k, v = np.split(self.kv(context), 2, axis=-1)
-        out = kernels.attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), self.heads)
+        out = attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), self.heads)
         return self.to_out(out)
+
+
+FF_CHUNK_BYTES = 32 << 20  # the transformer MLP's intermediate (tokens x 8 channels) per block of tokens, at most
 
 
 class TransformerBlock:
@@ -131,7 +134,21 @@ class TransformerBlock:
     def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff_out(kernels.geglu(self.ff_in(self.norm3(x))))
+        return self.feed_forward(x)
+
+    def feed_forward(self, x: np.ndarray) -> np.ndarray:
+        """x + GEGLU-MLP(LN x), over blocks of tokens so that the MLP's 8x-wide intermediate stays within
+        FF_CHUNK_BYTES (as diffusers' forward chunking: every token on its own, the same numbers)."""
+        b, n, c = x.shape
+        rows = max(64, FF_CHUNK_BYTES // (4 * self.ff_in.weight.shape[0]))
+        if b * n <= rows:
+            return x + self.ff_out(kernels.geglu(self.ff_in(self.norm3(x))))
+        flat = x.reshape(b * n, c)
+        out = np.empty_like(flat)
+        for r0 in range(0, b * n, rows):
+            xs = flat[r0 : r0 + rows]
+            out[r0 : r0 + rows] = xs + self.ff_out(kernels.geglu(self.ff_in(self.norm3(xs))))
+        return out.reshape(b, n, c)
 
 
 class Transformer2D:

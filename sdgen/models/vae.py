@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import kernels
-from .layers import Conv2d, GroupNorm, Linear, Params, nchw_to_nhwc, nhwc_to_nchw, upsample_nearest
+from .layers import Conv2d, GroupNorm, Linear, Params, attention, nchw_to_nhwc, nhwc_to_nchw, upsample_nearest
 from .unet import ResnetBlock
 
 _EPS = 1e-6
@@ -56,7 +56,7 @@ class SpatialAttention:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         n, h, w, c = x.shape
         q, k, v = np.split(self.qkv(self.norm(x).reshape(n, h * w, c)), 3, axis=-1)
-        out = kernels.attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), 1)
+        out = attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), 1)
         return self.to_out(out).reshape(n, h, w, c) + x
 
 
@@ -139,12 +139,64 @@ class AutoencoderKL:
             self.encoder = Encoder(p.sub("encoder"), cfg)
             self.quant_conv = Conv2d(p.sub("quant_conv"), 2 * lat, 2 * lat, 1) if cfg.use_quant_conv else None
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Raw latents (B, C, h, w), already divided by the scaling factor -> images (B, 3, H, W) in about [-1, 1]."""
+    # -- decoding ------------------------------------------------------------------------------------------------
+    # Tiling as diffusers' AutoencoderKL.enable_tiling(): latents larger than tile_latent_min_size (the config's
+    # sample_size / 8) are decoded in tiles of that size overlapping by a quarter, each tile's top and left
+    # edges blended linearly into the tiles above and before it (blend_v, blend_h), then cropped to
+    # tile_sample_min_size * 3/4 -- the same pixels as diffusers with tiling. GroupNorm statistics are per tile,
+    # so a tiled image differs slightly from an untiled one everywhere, and most near the seams.
+    tile_overlap_factor = 0.25
+
+    @property
+    def tile_sample_min_size(self) -> int:
+        size = self.cfg.sample_size or 512
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def tile_latent_min_size(self) -> int:
+        return int(self.tile_sample_min_size / self.cfg.downscale)
+
+    def decode(self, latents: np.ndarray, tiling: bool = False, slicing: bool = False) -> np.ndarray:
+        """Raw latents (B, C, h, w), already divided by the scaling factor -> images (B, 3, H, W) in about [-1, 1].
+
+        tiling: decode latents larger than a tile in overlapping tiles (diffusers' enable_tiling). slicing: decode a
+        batch one image at a time (diffusers' enable_slicing; the same images)."""
+        if slicing and latents.shape[0] > 1:
+            return np.concatenate([self._decode(latents[i : i + 1], tiling) for i in range(latents.shape[0])])
+        return self._decode(latents, tiling)
+
+    def _decode(self, latents: np.ndarray, tiling: bool) -> np.ndarray:
+        t = self.tile_latent_min_size
+        if tiling and (latents.shape[-1] > t or latents.shape[-2] > t):
+            return self.tiled_decode(latents)
         z = nchw_to_nhwc(latents)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return nhwc_to_nchw(self.decoder(z))
+
+    def tiled_decode(self, latents: np.ndarray) -> np.ndarray:
+        """Decode NCHW latents tile by tile as diffusers' AutoencoderKL.tiled_decode (NHWC inside)."""
+        tl, ts = self.tile_latent_min_size, self.tile_sample_min_size
+        overlap = int(tl * (1 - self.tile_overlap_factor))
+        blend = int(ts * self.tile_overlap_factor)
+        limit = ts - blend
+        z = nchw_to_nhwc(latents)
+        result_rows, above = [], None
+        for i in range(0, z.shape[1], overlap):
+            row = []
+            for j in range(0, z.shape[2], overlap):
+                tile = np.ascontiguousarray(z[:, i : i + tl, j : j + tl])
+                if self.post_quant_conv is not None:
+                    tile = self.post_quant_conv(tile)
+                row.append(self.decoder(tile))
+            for j, tile in enumerate(row):  # blended in place, in diffusers' order
+                if above is not None:
+                    _blend(above[j], tile, blend, axis=1)
+                if j > 0:
+                    _blend(row[j - 1], tile, blend, axis=2)
+            result_rows.append(np.concatenate([tile[:, :limit, :limit] for tile in row], axis=2))
+            above = row  # only the row above is blended into the next
+        return nhwc_to_nchw(np.concatenate(result_rows, axis=1))
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar) of the latent distribution, NCHW."""
@@ -155,3 +207,15 @@ class AutoencoderKL:
             moments = self.quant_conv(moments)
         mean, logvar = np.split(nhwc_to_nchw(moments), 2, axis=1)
         return np.ascontiguousarray(mean), np.clip(logvar, -30.0, 20.0)
+
+
+def _blend(a: np.ndarray, b: np.ndarray, extent: int, axis: int) -> None:
+    """diffusers' blend_v (axis 1, rows) / blend_h (axis 2, columns) on NHWC tiles: b's first `extent` lines
+    become a linear mix of a's last ones and their own, in place; float32 arithmetic as PyTorch's."""
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    for y in range(extent):
+        wa, wb = np.float32(1 - y / extent), np.float32(y / extent)
+        if axis == 1:
+            b[:, y] = a[:, y - extent] * wa + b[:, y] * wb
+        else:
+            b[:, :, y] = a[:, :, y - extent] * wa + b[:, :, y] * wb

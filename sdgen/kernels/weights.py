@@ -1,0 +1,296 @@
+"""Weights held at a storage precision and widened to float32 when a layer runs, and the scratch buffers that
+receive them.
+
+Storage dtypes (what a layer keeps, the only copy of a weight):
+  float32   used as it is,
+  float16   widened exactly through a 65536-entry table (numpy's own float16 conversion is ~25x slower),
+  uint16    the bits of bfloat16 numbers (numpy has no bfloat16), widened by a shift.
+
+Kernels that need a weight in another layout (Winograd filters, im2col matrices, float32 copies of half-precision
+matrices) build it at each call into a scratch buffer that is kept between calls and shared by every layer: the
+model holds one copy of each weight plus a few bounded buffers, never a second, transformed copy per layer.
+Widening is exact, so half-precision weights give the same results whether widened once or at every call.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from numba import njit
+
+from . import _pool
+
+# float16 bits -> float32 value (exact, including subnormals, infinities and NaN payloads)
+F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+STORAGE_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
+_PARALLEL_MIN = 1 << 20  # elements: below this a single thread widens (the pool's overhead would dominate)
+
+
+def storage_name(dtype) -> str:
+    """"fp32", "fp16" or "bf16" for a storage dtype."""
+    dtype = np.dtype(dtype)
+    for name, d in STORAGE_DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"not a weight storage dtype: {dtype}")
+
+
+def f32_to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even as PyTorch's .to(torch.bfloat16); NaN stays NaN."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    return rounded
+
+
+def to_storage(a: np.ndarray, dtype) -> np.ndarray:
+    """A float array (float32, float16, or bfloat16 bits as uint16 with ``stored_bf16``) converted once to the
+    storage dtype, C-contiguous; returned as it is when nothing needs converting (e.g. a memory-mapped view)."""
+    dtype = np.dtype(dtype)
+    if a.dtype == dtype:
+        return np.ascontiguousarray(a)
+    if dtype == np.float32:
+        return widen(a)
+    if dtype == np.float16:
+        return np.ascontiguousarray(widen(a) if a.dtype == np.uint16 else a, dtype=np.float16)
+    if dtype == np.uint16:
+        return f32_to_bf16(widen(a) if a.dtype != np.float32 else a)
+    raise ValueError(f"not a weight storage dtype: {dtype}")
+
+
+@njit(nogil=True, cache=True)
+def _widen_f16(src, dst, table, lo, hi):
+    """dst[i] = table[src[i]] for i in [lo, hi) (1-D, float16 bits -> float32)."""
+    for i in range(lo, hi):
+        dst[i] = table[src[i]]
+
+
+@njit(nogil=True, cache=True)
+def _widen_bf16(src, dst, lo, hi):
+    """dst[i] = src[i] << 16 for i in [lo, hi) (1-D, bfloat16 bits -> float32 bits)."""
+    for i in range(lo, hi):
+        dst[i] = np.uint32(src[i]) << np.uint32(16)
+
+
+def widen(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 copy of a stored weight (float32, float16 or bfloat16 bits), into ``out`` (C-contiguous float32 of
+    w's size) when given. Large weights are widened on the kernel workers."""
+    w = np.ascontiguousarray(w)
+    if out is None:
+        out = np.empty(w.shape, dtype=np.float32)
+    out = out.reshape(w.shape)
+    if w.dtype == np.float32:
+        np.copyto(out, w)
+        return out
+    if w.dtype not in (np.float16, np.uint16):
+        np.copyto(out, w, casting="unsafe")
+        return out
+    src = w.reshape(-1).view(np.uint16)
+    flat = out.reshape(-1)
+    n = src.size
+    nw = _pool.workers() if n >= _PARALLEL_MIN else 1
+
+    def part(i: int) -> None:
+        lo, hi = n * i // nw, n * (i + 1) // nw
+        if w.dtype == np.float16:
+            _widen_f16(src, flat, F16_TABLE, lo, hi)
+        else:
+            _widen_bf16(src, flat.view(np.uint32), lo, hi)
+
+    _pool.run(part, nw)
+    return out
+
+
+def as_float32(w: np.ndarray, slot: str = "weights") -> np.ndarray:
+    """w as float32: w itself when it is float32, else widened into the shared scratch buffer ``slot`` (valid
+    until the next call using that slot)."""
+    if w.dtype == np.float32:
+        return w
+    return widen(w, scratch(slot, w.size))
+
+
+# ---------------------------------------------------------------- scratch buffers
+
+_scratch: dict[str, np.ndarray] = {}
+_scratch_lock = threading.Lock()
+
+
+def scratch(slot: str, size: int) -> np.ndarray:
+    """A float32 buffer of ``size`` elements (1-D, contents undefined), kept in ``slot`` and reused by later calls:
+    it grows to the largest size asked for and never shrinks until ``release_scratch``."""
+    with _scratch_lock:
+        buf = _scratch.get(slot)
+        if buf is None or buf.size < size:
+            _scratch.pop(slot, None)
+            buf = np.empty(size, dtype=np.float32)
+            _scratch[slot] = buf
+    return buf[:size]
+
+
+def scratch_bytes() -> int:
+    """Memory held by the scratch buffers."""
+    return sum(b.nbytes for b in _scratch.values())
+
+
+def release_scratch() -> None:
+    """Free every scratch buffer (they are made again when next needed)."""
+    with _scratch_lock:
+        _scratch.clear()
+
+
+# ---------------------------------------------------------------- Winograd filters from stored weights
+
+
+_OB = 512  # output channels per row piece in the filter transforms (their temporaries stay in L1/L2)
+
+
+# The filter transform U = G g G^T, applied as G to the columns of g, then to the rows of the result. Each step is
+# G applied to three rows (x0, x1, x2) of output channels, giving alpha rows; the channel index t is innermost,
+# every row a separate 1-D array, so that LLVM vectorises the loops (float32, as the convolution's arithmetic).
+# G of F(2,3): (x0, (x0+x1+x2)/2, (x0-x1+x2)/2, x2); of F(4,3): (x0/4, -(x0+x1+x2)/6, -(x0-x1+x2)/6,
+# x0/24 + x1/12 + x2/6, x0/24 - x1/12 + x2/6, x2) -- the rows of winograd.matrices(m)[1].
+
+
+@njit(inline="always")
+def _g23(x0r, x1r, x2r, y0, y1, y2, y3, nb):
+    h = np.float32(0.5)
+    for t in range(nb):
+        x0 = x0r[t]
+        x1 = x1r[t]
+        x2 = x2r[t]
+        s = x0 + x2
+        y0[t] = x0
+        y1[t] = h * (s + x1)
+        y2[t] = h * (s - x1)
+        y3[t] = x2
+
+
+@njit(inline="always")
+def _g43(x0r, x1r, x2r, y0, y1, y2, y3, y4, y5, nb):
+    q = np.float32(0.25)
+    s6 = np.float32(1.0 / 6.0)
+    s12 = np.float32(1.0 / 12.0)
+    s24 = np.float32(1.0 / 24.0)
+    for t in range(nb):
+        x0 = x0r[t]
+        x1 = x1r[t]
+        x2 = x2r[t]
+        s = x0 + x2
+        e = s24 * x0 + s6 * x2
+        d = s12 * x1
+        y0[t] = q * x0
+        y1[t] = -s6 * (s + x1)
+        y2[t] = -s6 * (s - x1)
+        y3[t] = e + d
+        y4[t] = e - d
+        y5[t] = x2
+
+
+@njit(nogil=True, cache=True)
+def _filter_piece(g, m, t3, u, i, col, nb):
+    """u[p, i, col + t] for t < nb from the taps g[3k + l][t] (float32 rows) of nb output channels: G to the
+    columns (into t3, (alpha, 3, >= nb)), then to the rows of t3."""
+    a = m + 2
+    for l in range(3):
+        if m == 2:
+            _g23(g[l], g[3 + l], g[6 + l], t3[0, l], t3[1, l], t3[2, l], t3[3, l], nb)
+        else:
+            _g43(g[l], g[3 + l], g[6 + l], t3[0, l], t3[1, l], t3[2, l], t3[3, l], t3[4, l], t3[5, l], nb)
+    for r in range(a):
+        p = r * a
+        e = col + nb
+        if m == 2:
+            _g23(t3[r, 0], t3[r, 1], t3[r, 2], u[p, i, col:e], u[p + 1, i, col:e], u[p + 2, i, col:e],
+                 u[p + 3, i, col:e], nb)
+        else:
+            _g43(t3[r, 0], t3[r, 1], t3[r, 2], u[p, i, col:e], u[p + 1, i, col:e], u[p + 2, i, col:e],
+                 u[p + 3, i, col:e], u[p + 4, i, col:e], u[p + 5, i, col:e], nb)
+
+
+@njit(nogil=True, cache=True)
+def _zero_rows(u, cin, c_lo, c_hi):
+    """u[:, cin:, c_lo:c_hi] = 0 (the channel padding of the filters must read as zero)."""
+    for p in range(u.shape[0]):
+        for i in range(cin, u.shape[1]):
+            for o in range(c_lo, c_hi):
+                u[p, i, o] = np.float32(0.0)
+
+
+@njit(nogil=True, cache=True)
+def _filters_f32(w, m, u, o_lo, o_hi, c_off):
+    """Winograd F(m,3) filters of output channels [o_lo, o_hi) of float32 3x3 weights w stored (9, Cin, Cout)
+    (HWIO) into the columns (o - c_off) of u (alpha^2, Cin', cols); rows from Cin on are zeroed."""
+    cin = w.shape[1]
+    t3 = np.empty((m + 2, 3, _OB), dtype=np.float32)
+    g = np.empty((9, _OB), dtype=np.float32)
+    for i in range(cin):
+        for o0 in range(o_lo, o_hi, _OB):
+            nb = min(_OB, o_hi - o0)
+            for kl in range(9):
+                src = w[kl, i]
+                dst = g[kl]
+                for t in range(nb):
+                    dst[t] = src[o0 + t]
+            _filter_piece(g, m, t3, u, i, o0 - c_off, nb)
+    _zero_rows(u, cin, o_lo - c_off, o_hi - c_off)
+
+
+@njit(nogil=True, cache=True)
+def _filters_u16(w, bf16, table, m, u, o_lo, o_hi, c_off):
+    """_filters_f32 for float16 (bf16=False: their bits, widened through table) or bfloat16 (bf16=True) weights."""
+    cin = w.shape[1]
+    t3 = np.empty((m + 2, 3, _OB), dtype=np.float32)
+    g = np.empty((9, _OB), dtype=np.float32)
+    gbits = g.view(np.uint32)
+    for i in range(cin):
+        for o0 in range(o_lo, o_hi, _OB):
+            nb = min(_OB, o_hi - o0)
+            for kl in range(9):
+                src = w[kl, i]
+                if bf16:
+                    dbits = gbits[kl]
+                    for t in range(nb):
+                        dbits[t] = np.uint32(src[o0 + t]) << np.uint32(16)
+                else:
+                    dst = g[kl]
+                    for t in range(nb):
+                        dst[t] = table[src[o0 + t]]
+            _filter_piece(g, m, t3, u, i, o0 - c_off, nb)
+    _zero_rows(u, cin, o_lo - c_off, o_hi - c_off)
+
+
+def fill_filters(w: np.ndarray, m: int, u: np.ndarray, o_lo: int, o_hi: int, c_off: int = 0,
+                 parallel: bool = True) -> None:
+    """Winograd F(m,3) filters of output channels [o_lo, o_hi) of 3x3 weights stored HWIO, (3, 3, Cin, Cout) --
+    float32, float16 or bfloat16 bits -- into u[:, :, o_lo - c_off : o_hi - c_off]; u is (alpha^2, Cin', cols)
+    float32, its rows from Cin on are zeroed there (winograd.filter_transform makes its filters with it too)."""
+    if m not in (2, 4):
+        raise ValueError(f"no Winograd F({m},3)")
+    w = w.reshape(9, w.shape[2], w.shape[3])
+    if w.dtype == np.float32:
+        kernel = lambda lo, hi: _filters_f32(w, m, u, lo, hi, c_off)  # noqa: E731
+    else:
+        bf16 = w.dtype == np.uint16
+        w16 = w.view(np.uint16)
+        kernel = lambda lo, hi: _filters_u16(w16, bf16, F16_TABLE, m, u, lo, hi, c_off)  # noqa: E731
+    n = o_hi - o_lo
+    nw = _pool.workers() if parallel and n * w.shape[1] >= 4096 else 1
+    nw = max(1, min(nw, n // 16 or 1))
+
+    def part(i: int) -> None:
+        lo = o_lo + (n * i // nw) // 16 * 16
+        hi = o_hi if i == nw - 1 else o_lo + (n * (i + 1) // nw) // 16 * 16
+        if hi > lo:
+            kernel(lo, hi)
+
+    _pool.run(part, nw)
+
+
+def hwio(w: np.ndarray) -> np.ndarray:
+    """OIHW weights (as PyTorch stores them) re-laid (kh, kw, Cin, Cout), C-contiguous, dtype kept: the layout from
+    which the 1x1 and im2col paths multiply directly and the Winograd filters are made with contiguous loads."""
+    return np.ascontiguousarray(np.asarray(w).transpose(2, 3, 1, 0))
