@@ -9,6 +9,13 @@ sdgen / diffusers (below 1 means sdgen is faster), plus peak memory of each side
 
 Goals (issue #5): SD1.5 UNet forward (batch 2) <= 0.55, SDXL UNet forward (batch 1) <= 0.6, VAE decode <= 0.35,
 whole SD1.5 512x512 20-step DPM++ 2M txt2img <= 0.55. Run it on an otherwise idle machine.
+
+--memory: peak RSS of one whole run per side, each in its own process (issue #6): diffusers' pipeline on the random
+folder (fp32, or --torch-dtype float16; --vae-tiling / --vae-slicing as its enable_* options) next to
+`sdgen bench --random-weights` of the same architecture and run (--weights-dtype; --decode-only: only a VAE
+decode of random latents of the size).
+
+    python scripts/bench_vs_diffusers.py --model sd15 --memory --steps 2 --weights-dtype fp16
 """
 
 from __future__ import annotations
@@ -36,6 +43,54 @@ def best_of(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def memory_side(side: str, args) -> dict:
+    """One whole run in this process (a subprocess per side), its peak RSS."""
+    import resource
+
+    t0 = time.perf_counter()
+    if side == "diffusers":
+        import torch
+        import diffusers
+
+        torch.set_num_threads(args.threads)
+        dtype = getattr(torch, args.torch_dtype)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(args.folder, safety_checker=None,
+                                                           requires_safety_checker=False, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        if args.vae_tiling:
+            pipe.vae.enable_tiling()
+        if args.vae_slicing:
+            pipe.vae.enable_slicing()
+        with torch.no_grad():
+            if args.decode_only:
+                lat = args.size // 8
+                z = torch.randn((args.batch, 4, lat, lat), generator=torch.Generator().manual_seed(0), dtype=dtype)
+                pipe.vae.decode(z)
+            else:
+                pipe(["a photograph of an astronaut riding a horse"] * args.batch, num_inference_steps=args.steps,
+                     width=args.size, height=args.size, generator=torch.Generator().manual_seed(0),
+                     output_type="np")
+        out = {"dtype": args.torch_dtype}
+    else:
+        cmd = [sys.executable, "-m", "sdgen.cli", "bench", "--model", args.model, "--random-weights", "--json",
+               "--steps", str(args.steps), "--batch", str(args.batch), "--width", str(args.size),
+               "--height", str(args.size), "--threads", str(args.threads), "--vae-tiling",
+               "on" if args.vae_tiling else "auto"]
+        if args.weights_dtype:
+            cmd += ["--weights-dtype", args.weights_dtype]
+        if args.decode_only:
+            cmd.append("--decode-only")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode:
+            sys.exit(f"sdgen bench failed:\n{proc.stderr[-3000:]}")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        out["command"] = " ".join(cmd[2:])
+        return out
+    out["total_s"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
 
 
 def run_side(side: str, args) -> dict:
@@ -110,6 +165,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
+    ap.add_argument("--memory", action="store_true", help="peak RSS of one whole run per side (see above)")
+    ap.add_argument("--batch", type=int, default=1, help="--memory: images per run")
+    ap.add_argument("--weights-dtype", default=None, help="--memory: sdgen's --weights-dtype")
+    ap.add_argument("--torch-dtype", default="float32", help="--memory: diffusers' torch_dtype")
+    ap.add_argument("--vae-tiling", action="store_true", help="--memory: tiled VAE decode on both sides")
+    ap.add_argument("--vae-slicing", action="store_true", help="--memory: diffusers' enable_slicing (sdgen: always)")
+    ap.add_argument("--decode-only", action="store_true", help="--memory: only a VAE decode of random latents")
+    ap.add_argument("--sides", default="diffusers,sdgen", help="--memory: which sides to run")
     ap.add_argument("--side", choices=["diffusers", "sdgen"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -117,7 +180,28 @@ def main() -> None:
     if args.size is None:
         args.size = 1024 if args.model.startswith("sdxl") and args.model != "sdxl-turbo" else 512
     if args.side:
-        print(json.dumps(run_side(args.side, args)))
+        print(json.dumps(memory_side(args.side, args) if args.memory else run_side(args.side, args)))
+        return
+    if args.memory:
+        results = {}
+        for side in args.sides.split(","):
+            folder = ""
+            if side == "diffusers":
+                from compare_full_size import build_random_model
+                folder = str(build_random_model(args.model, args.workdir / args.model))
+            cmd = [sys.executable, __file__, "--memory", "--side", side, "--folder", folder, "--model", args.model,
+                   "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--batch", str(args.batch), "--torch-dtype", args.torch_dtype]
+            cmd += ["--weights-dtype", args.weights_dtype] if args.weights_dtype else []
+            cmd += [f for f, on in (("--vae-tiling", args.vae_tiling), ("--vae-slicing", args.vae_slicing),
+                                    ("--decode-only", args.decode_only)) if on]
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
+            results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{side:10s} peak RSS {results[side]['peak_rss_mb']:8.1f} MB  ({json.dumps(results[side])})",
+                  flush=True)
         return
 
     from compare_full_size import build_random_model

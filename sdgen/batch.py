@@ -277,6 +277,10 @@ class Job:
     scheduler: str | None = None
     timestep_spacing: str | None = None   # the registry's override of the scheduler config (turbo models)
     line: int | None = None
+    init_image: str | None = None         # img2img: the init image's file (absolute path)
+    mask: str | None = None               # inpainting: the mask image's file (white = repaint)
+    strength: float | None = None         # img2img: how much of the schedule runs (1: all of it)
+    clip_skip: int | None = None          # text-encoder layers skipped, diffusers' numbering (--clip-skip N: N - 1)
 
     def resolved(self, defaults: "Defaults") -> "Job":
         """This job with every unset setting taken from ``defaults``."""
@@ -287,7 +291,8 @@ class Job:
     def settings(self) -> tuple:
         """What images must share to be computed in one UNet batch: the settings, and whether a negative prompt
         is given (an SDXL batch zeroes the unconditional embedding only when no image has one)."""
-        return tuple(getattr(self, k) for k in SETTINGS) + (self.negative_prompt is None,)
+        return tuple(getattr(self, k) for k in SETTINGS) + (self.negative_prompt is None, self.init_image, self.mask,
+                                                              self.strength, self.clip_skip)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -473,8 +478,13 @@ def scheduler_label(job: Job, pipe) -> str:
 def png_parameters(job: Job, pipe, model_name: str) -> str:
     """The A1111 ``parameters`` text written into the image's PNG."""
     from .image import format_parameters
+    extra = {}
+    if job.init_image is not None:
+        extra["Denoising strength"] = f"{job.strength:g}"
+    if job.clip_skip:
+        extra["Clip skip"] = job.clip_skip + 1  # the web UI's numbering
     return format_parameters(job.prompt, job.negative_prompt, job.steps, scheduler_label(job, pipe), job.guidance,
-                             job.seed, job.width, job.height, model_name)
+                             job.seed, job.width, job.height, model_name, extra or None)
 
 
 def generate_batch(pipe, jobs: list[Job], progress=None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
@@ -489,14 +499,20 @@ def generate_batch(pipe, jobs: list[Job], progress=None) -> tuple[np.ndarray, np
     timings = {}
     t0 = time.perf_counter()
     progress.status(f"encoding {'prompt' if len(jobs) == 1 else f'{len(jobs)} prompts'}")
-    cond = pipe.encode_prompt([j.prompt for j in jobs], [j.negative_prompt for j in jobs], guided=guidance > 1.0)
+    cond = pipe.encode_prompt([j.prompt for j in jobs], [j.negative_prompt for j in jobs], guided=guidance > 1.0,
+                              clip_skip=first.clip_skip)
     timings["encode_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     progress.status(f"denoising {len(jobs)} image{'s' if len(jobs) > 1 else ''}")
-    bar = progress.steps(_model_calls(pipe, first.scheduler, steps, options))
+    init = None
+    if first.init_image is not None:  # img2img / inpainting
+        from .img2img import ImageInit, read_image
+        init = ImageInit.from_arrays(read_image(first.init_image), width, height, first.strength, len(jobs),
+                                     None if first.mask is None else read_image(first.mask))
+    bar = progress.steps(_model_calls(pipe, first.scheduler, steps, options, first.strength))
     latents = None
     for latents in pipe.generate_latents(cond, [j.seed for j in jobs], steps, guidance, width, height,
-                                         first.scheduler, scheduler_options=options):
+                                         first.scheduler, scheduler_options=options, init=init):
         bar.advance()
     timings["denoise_s"] = time.perf_counter() - t0
     finite = np.isfinite(latents.reshape(len(jobs), -1)).all(axis=1)
@@ -507,13 +523,16 @@ def generate_batch(pipe, jobs: list[Job], progress=None) -> tuple[np.ndarray, np
     return images, finite, timings
 
 
-def _model_calls(pipe, scheduler: str | None, steps: int, options: dict) -> int:
+def _model_calls(pipe, scheduler: str | None, steps: int, options: dict, strength: float | None = None) -> int:
     """How many times the loop runs for ``steps`` (PNDM adds one, second-order schedulers call the UNet twice
-    per step): the length of the scheduler's timesteps."""
+    per step): the length of the scheduler's timesteps (img2img: those its strength leaves)."""
     from .schedulers import make_scheduler
 
     sched = make_scheduler(scheduler, pipe.scheduler_config, **options)
     sched.set_timesteps(steps)
+    if strength is not None:
+        from .img2img import strength_timesteps
+        return len(strength_timesteps(sched, steps, strength))
     return len(sched.timesteps)
 
 
@@ -808,6 +827,20 @@ def plan_run(options: RunOptions, seed: int) -> Plan:
     return Plan(seed, jobs, todo, skipped, line_errors, _plan_grid(options, jobs))
 
 
+def with_job_fields(plan: Plan, **fields) -> Plan:
+    """The plan with the given Job fields set in every job: run-wide settings that prompt-file lines do not
+    override (``clip_skip``; ``init_image``, ``mask``, ``strength`` for img2img and inpainting, whose paths are made
+    absolute so that a job means the same file wherever it runs)."""
+    for key in ("init_image", "mask"):
+        if fields.get(key) is not None:
+            fields[key] = str(Path(fields[key]).resolve())
+    if not fields:
+        return plan
+    return dataclasses.replace(plan, jobs=[dataclasses.replace(j, **fields) for j in plan.jobs],
+                               todo=[dataclasses.replace(j, **fields) for j in plan.todo],
+                               skipped=[dataclasses.replace(j, **fields) for j in plan.skipped])
+
+
 def _plan_grid(options: RunOptions, jobs: list[Job]) -> str | None:
     """The grid file to write, or None (no --grid, or kept with --skip-existing); OutputError if it cannot be."""
     from .image import check_writable
@@ -828,14 +861,23 @@ def _plan_grid(options: RunOptions, jobs: list[Job]) -> str | None:
     return path
 
 
-def load_model(model_path: Path, spec=None, check: bool = False, progress=None, vae=None):
+def load_model(model_path: Path, spec=None, check: bool = False, progress=None, vae=None, loras=None, taesd=None,
+               weights_dtype=None, vae_tiling=None, attention_slicing=None, one_shot: bool = False,
+               memory_check: dict | None = None):
     """The pipeline of a model, its weights scanned for NaN/inf when asked or when they are small (up to
-    AUTO_CHECK_WEIGHT_BYTES)."""
+    AUTO_CHECK_WEIGHT_BYTES). loras: [(path, scale), ...] merged at load; taesd: decode with TAESD.
+    weights_dtype, vae_tiling (None: auto), attention_slicing: sdgen.memory's options; one_shot: the run is one
+    batch (models built when needed, released when done); memory_check: the run's size, checked against the
+    memory available before loading (Pipeline.load)."""
+    from .models.layers import set_attention_slicing
     from .pipeline import Pipeline
 
     progress = progress or _NoProgress()
     progress.status(f"loading {spec.name if spec else model_path}")
-    pipe = Pipeline.load(model_path, name=spec.name if spec else None, vae=vae)
+    set_attention_slicing(attention_slicing)
+    pipe = Pipeline.load(model_path, name=spec.name if spec else None, vae=vae, loras=loras, taesd=taesd,
+                         weights_dtype=weights_dtype, one_shot=one_shot, memory_check=memory_check)
+    pipe.vae_tiling = vae_tiling
     if check or weights_size(model_path) <= AUTO_CHECK_WEIGHT_BYTES:
         progress.status("checking the weights for NaN/inf")
         check_weights(model_path)

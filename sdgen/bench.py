@@ -37,6 +37,11 @@ class BenchResult:
     vae_decode_s: float
     total_s: float
     peak_rss_mb: float
+    weights_dtype: str = "auto"
+    vae_tiling: bool = False
+    attention_slicing: str | None = None
+    estimate_mb: float = 0.0    # sdgen.memory's estimate of the peak, for comparison with peak_rss_mb
+    stages: str = "txt2img"     # "txt2img", or "decode" (VAE decode of random latents only)
 
 
 def architecture_dir(name: str, spec: registry.ModelSpec | None) -> Path:
@@ -55,8 +60,19 @@ def peak_rss_mb() -> float:
 
 def run(model: str, width: int | None = None, height: int | None = None, steps: int | None = None, batch: int = 1,
         guidance: float | None = None, threads: int | None = None, random_weights: bool = False,
-        scheduler: str | None = None, seed: int = 0, on_step=None) -> BenchResult:
-    from .pipeline import Pipeline
+        scheduler: str | None = None, seed: int = 0, on_step=None, weights_dtype: str | None = None,
+        vae_tiling: bool | None = None, attention_slicing: str | None = None, decode_only: bool = False,
+        memory_check: bool = True) -> BenchResult:
+    """One run as the CLI makes it (one batch: one-shot, each model built when needed and released when done),
+    timed by stage; peak_rss_mb is the whole process's. decode_only: only the VAE decode of random latents of
+    the size (the VAE alone in memory)."""
+    import dataclasses
+
+    import numpy as np
+
+    from . import memory
+    from .models.layers import set_attention_slicing
+    from .pipeline import Pipeline, open_model
     from .threads import set_threads
 
     threads = set_threads(threads)
@@ -70,30 +86,57 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         except ModelNotFoundError as e:
             raise ModelNotFoundError(f"{e} -- or benchmark its architecture with --random-weights") from None
         weights = "file"
-    pipe = Pipeline.load(path, name=spec.name if spec else None, random_weights=0 if random_weights else None)
+    set_attention_slicing(memory.attention_slicing(attention_slicing))
     steps = steps if steps is not None else (spec.steps if spec else 20)
     guidance = guidance if guidance is not None else (spec.guidance if spec else 7.5)
-    width = width or (spec.width if spec and spec.width else pipe.default_size())
-    height = height or (spec.height if spec and spec.height else pipe.default_size())
     scheduler = scheduler or (spec.scheduler if spec else None)
-    pipe.check_request(steps, width, height)
     guided = guidance > 1.0
-    cond = pipe.encode_prompt(["a photograph of an astronaut riding a horse"] * batch, [None] * batch, guided)
-    latents = None
-    for latents in pipe.generate_latents(cond, [seed + i for i in range(batch)], steps, guidance, width, height,
-                                         scheduler):
-        if on_step is not None:
-            on_step()
-    pipe.decode(latents)
+    rw = 0 if random_weights else None
+    src = open_model(Path(path), random_weights=rw)
+    vae_cfg = src.components["vae"][0]
+    unet_cfg = src.components["unet"][0]
+    default = (unet_cfg.get("sample_size") or 64) * 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
+    width = width or (spec.width if spec and spec.width else default)
+    height = height or (spec.height if spec and spec.height else default)
+    run_shape = {"width": width, "height": height, "batch": batch, "guided": guided, "vae_tiling": vae_tiling}
+    est = memory.estimate({k: c for k, (c, _) in src.components.items()}, src.family, width, height, batch, guided,
+                          weights_dtype or "auto", None, True, vae_tiling)
+    if decode_only:  # the VAE alone
+        est = memory.Estimate(est.stages["decoding"], {"decoding": est.stages["decoding"]},
+                              {"vae": est.weights["vae"]}, est.vae_tiled)
+    if memory_check:
+        memory.check(est, None, weights_dtype or "auto", batch)
+    del src
+    pipe = Pipeline.load(path, name=spec.name if spec else None, random_weights=rw, weights_dtype=weights_dtype,
+                         one_shot=True)
+    pipe.vae_tiling = vae_tiling
+    pipe.check_request(steps, width, height)
+    if decode_only:
+        scale = pipe.vae_scale_factor
+        z = np.random.default_rng(seed).standard_normal((batch, pipe.vae.cfg.latent_channels, height // scale,
+                                                          width // scale), dtype=np.float32)
+        pipe.decode(z * np.float32(pipe.vae.cfg.scaling_factor))
+    else:
+        cond = pipe.encode_prompt(["a photograph of an astronaut riding a horse"] * batch, [None] * batch, guided)
+        latents = None
+        for latents in pipe.generate_latents(cond, [seed + i for i in range(batch)], steps, guidance, width, height,
+                                             scheduler):
+            if on_step is not None:
+                on_step()
+        pipe.decode(latents)
     total = time.perf_counter() - t_start
     t = pipe.timings
-    per_step = t.unet_steps_s[1:] if len(t.unet_steps_s) > 1 else t.unet_steps_s
+    per_step = (t.unet_steps_s[1:] if len(t.unet_steps_s) > 1 else t.unet_steps_s) or [0.0]
+    tiled = vae_tiling if vae_tiling is not None else memory.auto_vae_tiling(dataclasses.asdict(pipe.vae.cfg),
+                                                                              height, width)
     return BenchResult(
         model=model, family=(spec.family if spec else pipe.family), width=width, height=height, steps=steps,
         batch=batch, guidance=guidance, threads=threads, weights=weights, load_s=round(t.load_s, 3),
         text_encode_s=round(t.text_encode_s, 3), unet_step_s=round(sum(per_step) / len(per_step), 3),
-        first_step_s=round(t.unet_steps_s[0], 3), vae_decode_s=round(t.vae_decode_s, 3), total_s=round(total, 3),
-        peak_rss_mb=round(peak_rss_mb(), 1),
+        first_step_s=round((t.unet_steps_s or [0.0])[0], 3), vae_decode_s=round(t.vae_decode_s, 3),
+        total_s=round(total, 3), peak_rss_mb=round(peak_rss_mb(), 1), weights_dtype=weights_dtype or "auto",
+        vae_tiling=bool(tiled), attention_slicing=attention_slicing, estimate_mb=round(est.peak / 2**20, 1),
+        stages="decode" if decode_only else "txt2img",
     )
 
 

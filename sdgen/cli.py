@@ -40,6 +40,26 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     _state["debug"] = debug
 
 
+_WEIGHTS_DTYPE_HELP = ("Precision the weights are held at in memory: fp32, fp16, bf16 (half the memory; computation "
+                       "stays fp32), or auto: as the model's files store them (fp16 files stay fp16, exact). "
+                       "[default: auto]")
+_VAE_TILING_HELP = ("Decode in overlapping tiles as diffusers' enable_tiling (seams blended): on, off, or auto "
+                    "(above 4 tiles' worth of pixels, e.g. beyond 1024x1024 for SD 1.x).")
+_ATTENTION_SLICING_HELP = ("diffusers' attention slicing: auto (half the heads at a time), max (one head at a time) "
+                           "or N heads: caps the attention scores held at once (same images). [default: off; "
+                           "sdgen's attention never holds more than a few MB of scores anyway]")
+_NO_MEMORY_CHECK_HELP = ("Run even when the estimated peak memory exceeds the memory available (otherwise: an error "
+                         "naming the estimate and the options that help). [default: off]")
+
+
+def _tiling_option(value: str) -> bool | None:
+    """--vae-tiling on/off/auto -> True/False/None."""
+    v = (value or "auto").lower()
+    if v not in ("on", "off", "auto"):
+        raise UsageError(f"--vae-tiling must be on, off or auto (got {value!r})")
+    return None if v == "auto" else v == "on"
+
+
 def _err(message: str) -> None:
     print(f"sdgen: error: {message}", file=sys.stderr, flush=True)
 
@@ -122,6 +142,25 @@ def txt2img(
         None, "--ray-workers", show_default=False,
         help="Ray workers to start (each holds a copy of the model). [default: as many as the cluster has CPUs "
              "for at --threads each, at most one per batch]"),
+    lora: Optional[List[str]] = typer.Option(
+        None, "--lora", metavar="PATH[:SCALE]", show_default=False,
+        help="Merge a LoRA (.safetensors; kohya/A1111 or diffusers/PEFT names; UNet and text encoders) into the "
+             "model at SCALE (default 1); repeat for several. [default: none]"),
+    clip_skip: Optional[int] = typer.Option(
+        None, "--clip-skip", min=1, show_default=False,
+        help="Text-encoder layers to stop early, numbered as in the web UIs: 1 = none (the model's usual layer), "
+             "2 = skip the last one (diffusers' clip_skip=1). [default: 1]"),
+    taesd: Optional[Path] = typer.Option(
+        None, "--taesd", show_default=False,
+        help="Decode with this tiny autoencoder (TAESD / TAESDXL: a diffusers AutoencoderTiny folder or "
+             ".safetensors, or taesd_decoder.safetensors): much faster, slightly softer. [default: the VAE]"),
+    weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", show_default=False,
+                                                help=_WEIGHTS_DTYPE_HELP),
+    vae_tiling: str = typer.Option("auto", "--vae-tiling", help=_VAE_TILING_HELP),
+    attention_slicing: Optional[str] = typer.Option(None, "--attention-slicing", show_default=False,
+                                                    help=_ATTENTION_SLICING_HELP),
+    no_memory_check: bool = typer.Option(False, "--no-memory-check", show_default=False,
+                                         help=_NO_MEMORY_CHECK_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", show_default=False,
                                help="No progress bars and no messages on stderr, only errors. [default: off; bars "
                                     "show only when stderr is a terminal]"),
@@ -136,9 +175,18 @@ def txt2img(
 
 def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batch_size, steps, guidance, width,
              height, scheduler, output, overwrite, skip_existing, grid, grid_rows, grid_cols, grid_output,
-             json_lines, vae, check_weights, threads, quiet, ray=None, ray_workers=None) -> None:
+             json_lines, vae, check_weights, threads, quiet, ray=None, ray_workers=None, lora=None, clip_skip=None,
+             taesd=None, init_image=None, strength=None, mask=None, weights_dtype=None, vae_tiling="auto",
+             attention_slicing=None, no_memory_check=False) -> None:
     from . import batch, registry
     from .progress import Progress
+
+    if init_image is not None and (width is None or height is None):  # img2img: the image's size by default
+        from .img2img import default_size, read_image
+        w, h = default_size(read_image(init_image))
+        width, height = width or w, height or h
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise UsageError(f"--strength must be in (0, 1] (got {strength:g})")
 
     options = batch.RunOptions(
         prompts=list(prompt or []), prompt_file=str(prompt_file) if prompt_file is not None else None,
@@ -157,7 +205,21 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
     for error in plan.line_errors:
         _err(f"{error} (line skipped)")
     batch.remove_stale_temp_files(plan.todo)
-    load_options = dict(vae=vae)  # what load_model takes besides the model: here, or on each Ray worker
+    fields = {} if clip_skip is None or clip_skip == 1 else {"clip_skip": clip_skip - 1}
+    if init_image is not None:
+        fields.update(init_image=init_image, mask=mask, strength=strength)
+    plan = batch.with_job_fields(plan, **fields)
+    from .lora import parse_lora_option
+    loras = [parse_lora_option(item) for item in lora or []]
+    for request in loras:
+        if not request.path.is_file():
+            raise UsageError(f"--lora {request.path}: file not found")
+    # what load_model takes besides the model: here, or on each Ray worker
+    from .memory import attention_slicing as _slicing, weights_dtype as _dtype
+    _dtype(weights_dtype)  # UsageError for a bad value before anything is loaded
+    load_options = dict(vae=vae, loras=[(str(r.path.resolve()), r.scale) for r in loras] or None, taesd=taesd,
+                        weights_dtype=weights_dtype, vae_tiling=_tiling_option(vae_tiling),
+                        attention_slicing=_slicing(attention_slicing))
     runner = None
     if ray is not None:  # --ray: Ray workers compute the batches (each loads the model), this process writes
         from .distributed import RayRunner
@@ -172,9 +234,16 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
             else:
                 from .threads import set_threads
                 set_threads(threads)
-                pipe = batch.load_model(model_path, spec, check_weights, progress, **load_options)
-            if seed is None:
-                progress.message(f"sdgen: seed {first_seed} (random; --seed {first_seed} makes the same images)")
+                batches = batch.plan_batches(plan.todo, batch_size)
+                widths = [j.width or (spec.width if spec else None) for j in plan.todo]
+                heights = [j.height or (spec.height if spec else None) for j in plan.todo]
+                size_known = None not in widths and None not in heights
+                check = None if no_memory_check else {
+                    "width": max(widths) if size_known else None, "height": max(heights) if size_known else None,
+                    "batch": max(len(b) for b in batches), "vae_tiling": load_options["vae_tiling"]}
+                # one batch: each model loaded when needed and freed when done (never all three in memory)
+                pipe = batch.load_model(model_path, spec, check_weights, progress, **load_options,
+                                        one_shot=len(batches) == 1, memory_check=check)
         if plan.skipped:
             progress.message(f"sdgen: keeping {len(plan.skipped)} existing image"
                              f"{'s' if len(plan.skipped) > 1 else ''} (--skip-existing)")
@@ -182,6 +251,9 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
             for record in batch.execute(plan, options, pipe, spec, _model_name(spec, model_path), progress,
                                         run=runner.run_jobs if runner is not None else None):
                 written += record.get("status") == "written"
+                if seed is None and written == 1 and record.get("status") == "written":
+                    # told with the first image, not before: a run that fails early prints its error alone
+                    progress.message(f"sdgen: seed {first_seed} (random; --seed {first_seed} makes the same images)")
                 if json_lines:
                     print(json.dumps(record, ensure_ascii=False), flush=True)
                 elif record.get("status") != "skipped":
@@ -197,6 +269,45 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
         s = "s" if len(lines) > 1 else ""
         raise UsageError(f"{prompt_file}: {len(lines)} malformed line{s} skipped (line{s} {', '.join(lines)}); "
                          "the other images were made")
+
+
+# ------------------------------------------------------------------------------------------------ img2img
+def _img2img_command(**options) -> None:
+    """Generate images from an init image and text prompts, as diffusers' img2img pipelines: the image is encoded,
+    noised to where --strength puts it in the schedule, and denoised from there. With --mask (white = repaint),
+    inpaint as diffusers' inpainting pipeline (9-channel inpainting models, or any model by blending).
+
+    Takes every txt2img option; --width/--height default to the image's size (rounded down to a multiple of 8).
+    """
+    _run(lambda: _txt2img(**options))
+
+
+def _register_img2img() -> None:
+    """``sdgen img2img``: txt2img's options (the same parameters, help and defaults) plus the image ones."""
+    import inspect
+
+    extra = {
+        "init_image": ("Path", typer.Option(..., "--init-image", "-i", show_default=False,
+                                            help="The image to start from (PNG, JPEG, ...).")),
+        "strength": ("float", typer.Option(0.75, "--strength", "--denoising-strength",
+                                           help="How much of the schedule runs, in (0, 1]: 1 repaints everything, "
+                                                "low values keep close to the image.")),
+        "mask": ("Optional[Path]", typer.Option(None, "--mask", show_default=False,
+                                                help="Inpainting mask image: white = repaint, black = keep (greyscale, "
+                                                     "binarised at half). [default: none: plain img2img]")),
+    }
+    base = inspect.signature(txt2img)
+    params = [p for p in base.parameters.values()]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+               for name, (annotation, option) in extra.items()]
+    _img2img_command.__signature__ = base.replace(parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                                                              for p in params])
+    _img2img_command.__annotations__ = {**txt2img.__annotations__,
+                                        **{name: annotation for name, (annotation, _) in extra.items()}}
+    app.command("img2img")(_img2img_command)
+
+
+_register_img2img()
 
 
 def _model_name(spec, model_path: Path) -> str:
@@ -306,14 +417,26 @@ def bench(
                                  help="Time each convolution variant on the SD layer shapes instead. [default: off]"),
     json_out: bool = typer.Option(False, "--json", show_default=False,
                                   help="Print one JSON object on stdout. [default: a table]"),
+    weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", show_default=False,
+                                                help=_WEIGHTS_DTYPE_HELP),
+    vae_tiling: str = typer.Option("auto", "--vae-tiling", help=_VAE_TILING_HELP),
+    attention_slicing: Optional[str] = typer.Option(None, "--attention-slicing", show_default=False,
+                                                    help=_ATTENTION_SLICING_HELP),
+    decode_only: bool = typer.Option(False, "--decode-only", show_default=False,
+                                     help="Time only the VAE decode of random latents of the size (e.g. a 2048x2048 "
+                                          "tiled decode). [default: off]"),
+    no_memory_check: bool = typer.Option(False, "--no-memory-check", show_default=False,
+                                         help=_NO_MEMORY_CHECK_HELP),
 ) -> None:
     """Time load, text encoding, each UNet step, VAE decode and the whole run; report peak memory."""
     _run(lambda: _bench(model, width, height, steps, batch_size, guidance, scheduler, threads, random_weights,
-                        kernels, json_out))
+                        kernels, json_out, weights_dtype, vae_tiling, attention_slicing, decode_only,
+                        no_memory_check))
 
 
 def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads, random_weights, kernels,
-           json_out) -> None:
+           json_out, weights_dtype=None, vae_tiling="auto", attention_slicing=None, decode_only=False,
+           no_memory_check=False) -> None:
     from . import bench as bench_mod
     from . import registry
 
@@ -327,8 +450,12 @@ def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads
             for row in rows:
                 print("  ".join(f"{k}={v}" for k, v in row.items()))
         return
+    from .memory import attention_slicing as _slicing, weights_dtype as _dtype
+    _dtype(weights_dtype), _slicing(attention_slicing)  # UsageError for bad values, before anything is loaded
     result = bench_mod.run(model or registry.default_model_name(), width, height, steps, batch_size, guidance,
-                           threads, random_weights, scheduler)
+                           threads, random_weights, scheduler, weights_dtype=weights_dtype,
+                           vae_tiling=_tiling_option(vae_tiling), attention_slicing=attention_slicing,
+                           decode_only=decode_only, memory_check=not no_memory_check)
     record = bench_mod.as_dict(result)
     if json_out:
         print(json.dumps(record))

@@ -8,6 +8,7 @@ threads are many times slower than on one), so each run takes a second or two.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -47,6 +48,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needl
 def pixels(path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def pixels_of(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
+    """One image made in batches of different sizes: at most 1 grey level apart, 99% of values identical."""
+    diff = np.abs(a - b)
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99, (diff.max(), (diff == 0).mean())
 
 
 def files_in(folder: Path) -> list[str]:
@@ -96,15 +108,17 @@ def test_batch_equals_each_image_alone(tiny_sd1, batch_run, tmp_path):
     """Image i of a batch (seed S+i) is the image generated alone with seed S+i (and so is image 1, remade alone
     in test_skip_existing_makes_only_the_missing_images).
 
-    Measured: pixel for pixel identical here (the batched UNet computes each image's rows exactly as alone), so
-    that is what is asserted, not merely "within one grey level".
+    Tolerance: the prompt is encoded alone either way (sdgen.conditioning encodes each distinct prompt on its own),
+    but the UNet and VAE run a batch of 3 (6 rows with guidance) through GEMMs whose rounding depends on the row
+    count: measured ~3e-7 apart on the UNet output, which moves a pixel across a rounding boundary now and then.
+    So: at most 1 grey level anywhere, and 99% of the values identical.
     """
     cwd, records = batch_run
     alone = sdgen("txt2img", "-m", tiny_sd1, *FAST, "-p", "a cat", "--seed", 7, "-o", "seven.png", cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr
     assert alone.stdout.splitlines() == ["seven.png"]
     ours, batched = pixels(tmp_path / "seven.png"), pixels(cwd / "out/00002-7.png")
-    assert np.array_equal(ours, batched), f"max difference {np.abs(ours - batched).max()}"
+    assert_same_image(ours, batched)
     assert batched.std() > 5  # not a flat image: the comparison means something
     assert read_parameters(tmp_path / "seven.png") == read_parameters(cwd / "out/00002-7.png")
 
@@ -132,7 +146,9 @@ def test_skip_existing_makes_only_the_missing_images(tiny_sd1, batch_run, tmp_pa
     assert [(r.get("status"), r["path"]) for r in records] == [
         ("skipped", "resume/00000-5.png"), ("skipped", "resume/00002-7.png"), ("written", "resume/00001-6.png"),
         (None, "resume/grid-5.png")]
-    assert (work / "00001-6.png").read_bytes() == original  # made alone now, in a batch of 3 before: same bytes
+    # made alone now, in a batch of 3 before: the same image (see test_batch_equals_each_image_alone's tolerance)
+    assert_same_image(pixels(work / "00001-6.png"), pixels_of(original))
+    assert read_parameters(work / "00001-6.png") == read_parameters(io.BytesIO(original))
     assert (work / "grid-5.png").read_bytes() == (cwd / "out/grid-5.png").read_bytes()
     assert {name: (work / name).stat().st_mtime_ns for name in kept} == kept
 

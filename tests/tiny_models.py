@@ -104,6 +104,8 @@ FAMILIES = {
     "sdxl": (SDXL_UNET, "EulerDiscreteScheduler", {"timestep_spacing": "leading"}),
     "sdxl-turbo": (SDXL_UNET, "EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
     "sd-turbo": (SD2_UNET, "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    # an inpainting model: the UNet also takes the mask and the masked image's latents (4 + 1 + 4 channels)
+    "sd1-inpaint": (dict(SD1_UNET, in_channels=9), "PNDMScheduler", {}),
 }
 
 

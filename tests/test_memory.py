@@ -1,0 +1,282 @@
+"""Memory features on tiny models: VAE tiling (== diffusers' enable_tiling) and slicing, attention slicing, weights
+held in fp16/bf16, convolutions that keep no transformed weights, one-shot pipelines that release their models,
+memory-mapped weights released once copied, and the memory estimate / check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdgen import memory
+from sdgen.errors import OutOfMemoryError
+from sdgen.image import to_uint8
+from sdgen.kernels import Conv2dPlan, attention, conv2d
+from sdgen.kernels import weights as W
+from sdgen.models.layers import Params, set_attention_slicing, weights_dtype
+from sdgen.models.unet import UNet, UNetConfig
+from sdgen.models.vae import AutoencoderKL, VAEConfig
+from tiny_models import SD1_UNET, SD1_VAE, build_sd_folder, make_unet, make_vae, state_dict_numpy
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    ref = make_vae(SD1_VAE, seed=1)
+    ours = AutoencoderKL(VAEConfig.from_dict(dict(ref.config)), state_dict_numpy(ref))
+    return ref, ours
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory):
+    return build_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
+
+
+# ----------------------------------------------------------------------------------------- VAE tiling, slicing
+
+
+def test_tiled_decode_matches_diffusers_tiling(tiny_vae):
+    """Tiles of sample_size / 8 latents overlapping by a quarter, blended as diffusers' blend_v / blend_h: the same
+    image as diffusers' AutoencoderKL with enable_tiling()."""
+    ref, ours = tiny_vae
+    z = RNG.standard_normal((2, 4, 20, 27), dtype=np.float32)  # 2.5 x 3.4 tiles of 8 latents: edge tiles too
+    with torch.no_grad():
+        ref.enable_tiling()
+        want = ref.decode(torch.from_numpy(z)).sample.numpy()
+        ref.disable_tiling()
+    got = ours.decode(z, tiling=True)
+    assert got.shape == want.shape == (2, 3, 160, 216)
+    assert np.abs(got - want).max() < 1e-4
+    assert np.array_equal(to_uint8(got), to_uint8(want)) or np.abs(
+        to_uint8(got).astype(int) - to_uint8(want).astype(int)).max() <= 1
+
+
+def test_tiling_only_above_a_tile(tiny_vae):
+    """Latents no larger than a tile decode untiled (as diffusers), whatever the option says."""
+    _, ours = tiny_vae
+    z = RNG.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    assert np.array_equal(ours.decode(z, tiling=True), ours.decode(z))
+
+
+def test_tiled_vs_untiled_tolerance(tiny_vae):
+    """Tiled and untiled decodes differ (each tile has its own GroupNorm statistics, as in diffusers), by a few
+    grey levels on average on this random tiny VAE (64-pixel tiles; far less on real VAEs and their 512-pixel
+    tiles); the stated tolerance: mean difference within 12 grey levels, and no larger than 1.5x the mean
+    difference away from the seams (no visible seams)."""
+    _, ours = tiny_vae
+    z = RNG.standard_normal((1, 4, 20, 27), dtype=np.float32)
+    tiled = to_uint8(ours.decode(z, tiling=True)).astype(int)
+    plain = to_uint8(ours.decode(z)).astype(int)
+    d = np.abs(tiled - plain).max(axis=-1)[0]
+    near = np.zeros(d.shape, bool)
+    for k in range(48, max(d.shape), 48):  # tiles start every 48 pixels; blending over their first 16
+        near[max(0, k - 8): k + 24, :] = True
+        near[:, max(0, k - 8): k + 24] = True
+    assert d.mean() <= 12
+    assert d[near].mean() <= 1.5 * d[~near].mean()
+
+
+def test_vae_slicing_same_images(tiny_vae):
+    """Decoding a batch one image at a time gives the same images (within rounding: the convolution path may
+    depend on the batch size)."""
+    _, ours = tiny_vae
+    z = RNG.standard_normal((3, 4, 12, 10), dtype=np.float32)
+    sliced, whole = ours.decode(z, slicing=True), ours.decode(z)
+    assert np.abs(sliced - whole).max() < 1e-4
+    assert np.abs(to_uint8(sliced).astype(int) - to_uint8(whole).astype(int)).max() <= 1
+
+
+# ----------------------------------------------------------------------------------------- attention slicing
+
+
+@pytest.mark.parametrize("slices", [1, 3])
+def test_attention_slicing_kernel_same_numbers(slices):
+    q = RNG.standard_normal((2, 300, 64), dtype=np.float32)
+    k = RNG.standard_normal((2, 300, 64), dtype=np.float32)
+    v = RNG.standard_normal((2, 300, 64), dtype=np.float32)
+    full = attention(q, k, v, 4)
+    sliced = attention(q, k, v, 4, max_slices=slices)
+    assert np.abs(full - sliced).max() < 1e-6
+
+
+@pytest.mark.parametrize("value", ["auto", "max", 2])
+def test_attention_slicing_unet_matches_diffusers_sliced(value):
+    """The UNet with --attention-slicing equals diffusers' UNet with set_attention_slice(value)."""
+    ref = make_unet(SD1_UNET, seed=3)
+    ours = UNet(UNetConfig.from_dict(dict(ref.config)), state_dict_numpy(ref))
+    x = RNG.standard_normal((2, 4, 8, 8), dtype=np.float32)
+    ctx = RNG.standard_normal((2, 7, 32), dtype=np.float32)
+    with torch.no_grad():
+        ref.set_attention_slice(value)
+        want = ref(torch.from_numpy(x), 500, encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy()
+    plain = ours(x, 500, ctx)
+    set_attention_slicing(value)
+    try:
+        got = ours(x, 500, ctx)
+    finally:
+        set_attention_slicing(None)
+    assert np.abs(got - plain).max() < 1e-5
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+
+
+# ----------------------------------------------------------------------------------------- weights dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.uint16])
+def test_widen_exact(dtype):
+    a = (RNG.standard_normal(5000) * 10.0 ** RNG.integers(-8, 4, 5000)).astype(np.float32)
+    stored = W.to_storage(a, dtype)
+    want = a.astype(np.float16).astype(np.float32) if dtype == np.float16 else torch.from_numpy(a).to(
+        torch.bfloat16).float().numpy()
+    assert np.array_equal(W.widen(stored), want)
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_half_weights_are_the_rounded_model(name):
+    """A UNet held in fp16/bf16 computes exactly what the fp32 UNet of the rounded weights computes (weights are
+    widened exactly), and holds about half the bytes."""
+    ref = make_unet(SD1_UNET, seed=3)
+    tensors = state_dict_numpy(ref)
+    dtype = memory.weights_dtype(name)
+    # matrices and convolution kernels are held at the dtype; biases and norms stay float32
+    rounded = {k: W.widen(W.to_storage(v, dtype)) if v.ndim >= 2 else v for k, v in tensors.items()}
+    with weights_dtype(dtype):
+        half = UNet(UNetConfig.from_dict(dict(ref.config)), tensors)
+    full = UNet(UNetConfig.from_dict(dict(ref.config)), rounded)
+    x = RNG.standard_normal((2, 4, 8, 8), dtype=np.float32)
+    ctx = RNG.standard_normal((2, 7, 32), dtype=np.float32)
+    assert np.abs(half(x, 500, ctx) - full(x, 500, ctx)).max() < 1e-5
+    assert half.conv_in.plan.hwio.dtype == dtype and half.time_linear_1.weight.dtype == dtype
+
+
+@pytest.mark.parametrize("variant", [None, "f43", "f23", "im2col"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
+def test_conv_without_cache_matches_cached(variant, dtype):
+    """A plan keeping only the stored weights (the models' convolutions) computes what a plan keeping each path's
+    transformed weights does, for each weight precision, and holds nothing beside the weights."""
+    for cin, cout, h, n in ((24, 40, 12, 1), (64, 64, 9, 2), (130, 70, 16, 1)):
+        x = RNG.standard_normal((n, h, h, cin), dtype=np.float32)
+        w = (RNG.standard_normal((cout, cin, 3, 3), dtype=np.float32) / np.sqrt(9 * cin)).astype(np.float32)
+        b = RNG.standard_normal(cout, dtype=np.float32)
+        res = RNG.standard_normal((n, h, h, cout), dtype=np.float32)
+        stored = W.to_storage(w, dtype)
+        lean = Conv2dPlan(stored, b, 1, 1, variant=variant, cache=False)
+        cached = Conv2dPlan(W.widen(stored), b, 1, 1, variant=variant or lean.variant_for(h, h, n))
+        got, want = conv2d(x, lean, residual=res), conv2d(x, cached, residual=res)
+        assert np.abs(got - want).max() < 1e-4, (cin, cout, h, n)
+        assert lean.prepared_bytes() == 0 and lean.stored_bytes() == stored.nbytes + b.nbytes
+
+
+def test_streamed_filters_in_groups():
+    """Filters larger than the shared buffer are made and used a group of output channels at a time."""
+    from sdgen.kernels import winograd
+
+    x = RNG.standard_normal((1, 10, 10, 96), dtype=np.float32)
+    w = RNG.standard_normal((200, 96, 3, 3), dtype=np.float32) / np.float32(30)
+    b = RNG.standard_normal(200, dtype=np.float32)
+    want = winograd.winograd_conv(x, winograd.filter_transform(w, 4), 4, 1, b, 200)
+    before = winograd.STREAM_FILTER_BYTES
+    winograd.STREAM_FILTER_BYTES = 36 * 96 * 64 * 4  # one 64-channel group at a time
+    try:
+        got = winograd.winograd_conv(x, winograd.FilterSource(W.hwio(w), 4), 4, 1, b, 200)
+    finally:
+        winograd.STREAM_FILTER_BYTES = before
+    assert np.abs(got - want).max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------- pipelines
+
+
+def test_one_shot_pipeline_releases_and_matches(sd1_folder):
+    """A one-shot pipeline (a run of one batch) builds each model at its first use, releases the text encoder after
+    encoding and the UNet after denoising, and makes the same image as an ordinary pipeline."""
+    from sdgen.pipeline import Pipeline
+
+    normal = Pipeline.load(sd1_folder)
+    want = normal.txt2img("a red circle", seed=3, steps=3)
+    lean = Pipeline.load(sd1_folder, one_shot=True)
+    assert not lean.unet.built and not lean.vae.built and not lean.text_encoders[0].built
+    got = lean.txt2img("a red circle", seed=3, steps=3)
+    assert np.array_equal(got, want)
+    assert not lean.text_encoders[0].built and not lean.unet.built and lean.vae.built
+    again = lean.txt2img("a red circle", seed=3, steps=3)  # released models are built again when used
+    assert np.array_equal(again, want)
+
+
+def test_weights_dtype_pipeline(sd1_folder):
+    """fp16 weights give an image within a few grey levels of the fp32 one; the weights are stored in half."""
+    from sdgen.pipeline import Pipeline
+
+    full = Pipeline.load(sd1_folder).txt2img("a red circle", seed=3, steps=3).astype(int)
+    half = Pipeline.load(sd1_folder, weights_dtype="fp16")
+    img = half.txt2img("a red circle", seed=3, steps=3).astype(int)
+    assert np.abs(img - full).mean() < 3
+    assert half.unet.conv_in.plan.hwio.dtype == np.float16
+
+
+def test_mapped_weights_kept_as_stored_and_released(tmp_path):
+    """Weights load as memory-mapped views in their stored dtype; a tensor a model copies can be released (its
+    pages dropped) and still reads correctly afterwards."""
+    from safetensors.numpy import save_file
+
+    from sdgen.checkpoint import load_weights
+
+    a = RNG.standard_normal((64, 1024), dtype=np.float32).astype(np.float16)
+    b = RNG.standard_normal((3, 5), dtype=np.float32)
+    save_file({"a": a, "b": b}, str(tmp_path / "w.safetensors"))
+    t = load_weights(tmp_path / "w.safetensors", dtype=None)
+    assert t["a"].dtype == np.float16 and not t["a"].flags.writeable and np.array_equal(t["a"], a)
+    t.releaser("a")()
+    assert np.array_equal(t["a"], a) and np.array_equal(t["b"], b)
+
+
+# ----------------------------------------------------------------------------------------- estimate and check
+
+
+def _configs(name: str) -> dict:
+    from sdgen.bench import CONFIGS
+
+    root = CONFIGS / name
+    return {c: json.loads((root / c / "config.json").read_text())
+            for c in ("unet", "vae", "text_encoder", "text_encoder_2") if (root / c / "config.json").exists()}
+
+
+def test_param_counts_of_the_real_architectures():
+    cfg = _configs("sd15")
+    assert memory.count_params("unet", cfg["unet"]) == 859_520_964
+    assert memory.count_params("text_encoder", cfg["text_encoder"]) == 123_650_304
+
+
+def test_estimate_and_check():
+    cfg = _configs("sd15")
+    fp32 = memory.estimate(cfg, "sd", 512, 512, 1, weights_dtype_name="fp32")
+    fp16 = memory.estimate(cfg, "sd", 512, 512, 1, weights_dtype_name="fp16")
+    assert 3.4 * 2**30 < fp32.peak < 4.2 * 2**30 and fp16.peak < 2.5 * 2**30
+    assert memory.estimate(cfg, "sd", 2048, 2048, 1).vae_tiled
+    with pytest.raises(OutOfMemoryError, match="--weights-dtype fp16"):
+        memory.check(fp32, available=2 * 2**30, weights_dtype_name="fp32")
+    memory.check(fp32, available=8 * 2**30)
+    big = memory.estimate(cfg, "sd", 2048, 2048, 1, vae_tiling=False)
+    with pytest.raises(OutOfMemoryError, match="--vae-tiling on"):
+        memory.check(big, available=6 * 2**30)
+
+
+def test_cli_memory_error_and_override(sd1_folder, tmp_path, monkeypatch):
+    """txt2img refuses a run that would not fit, with exit code 5 and the options that help; --no-memory-check
+    runs it anyway."""
+    from sdgen.cli import main
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    args = ["txt2img", "--model", str(sd1_folder), "-p", "a red circle", "--steps", "2", "--seed", "1", "-q",
+            "--output", str(tmp_path / "a.png")]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 5
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--no-memory-check", "--weights-dtype", "bf16", "--attention-slicing", "max",
+                     "--vae-tiling", "on"])
+    assert e.value.code == 0 and (tmp_path / "a.png").exists()
+    set_attention_slicing(None)
