@@ -69,9 +69,10 @@ def memory_side(side: str, args) -> dict:
                 z = torch.randn((args.batch, 4, lat, lat), generator=torch.Generator().manual_seed(0), dtype=dtype)
                 pipe.vae.decode(z)
             else:
+                guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
                 pipe(["a photograph of an astronaut riding a horse"] * args.batch, num_inference_steps=args.steps,
                      width=args.size, height=args.size, generator=torch.Generator().manual_seed(0),
-                     output_type="np")
+                     output_type="np", **guidance)
         out = {"dtype": args.torch_dtype}
     else:
         cmd = [sys.executable, "-m", "sdgen.cli", "bench", "--model", args.model, "--random-weights", "--json",
@@ -80,6 +81,8 @@ def memory_side(side: str, args) -> dict:
                "on" if args.vae_tiling else "auto"]
         if args.weights_dtype:
             cmd += ["--weights-dtype", args.weights_dtype]
+        if args.guidance is not None:
+            cmd += ["--guidance", str(args.guidance)]
         if args.decode_only:
             cmd.append("--decode-only")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -172,6 +175,8 @@ def main() -> None:
     ap.add_argument("--vae-tiling", action="store_true", help="--memory: tiled VAE decode on both sides")
     ap.add_argument("--vae-slicing", action="store_true", help="--memory: diffusers' enable_slicing (sdgen: always)")
     ap.add_argument("--decode-only", action="store_true", help="--memory: only a VAE decode of random latents")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="--memory: guidance scale on both sides (default: each side's default for the model)")
     ap.add_argument("--sides", default="diffusers,sdgen", help="--memory: which sides to run")
     ap.add_argument("--side", choices=["diffusers", "sdgen"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -193,6 +198,7 @@ def main() -> None:
                    "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
                    "--batch", str(args.batch), "--torch-dtype", args.torch_dtype]
             cmd += ["--weights-dtype", args.weights_dtype] if args.weights_dtype else []
+            cmd += ["--guidance", str(args.guidance)] if args.guidance is not None else []
             cmd += [f for f, on in (("--vae-tiling", args.vae_tiling), ("--vae-slicing", args.vae_slicing),
                                     ("--decode-only", args.decode_only)) if on]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))

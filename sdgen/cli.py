@@ -150,6 +150,11 @@ def txt2img(
         None, "--clip-skip", min=1, show_default=False,
         help="Text-encoder layers to stop early, numbered as in the web UIs: 1 = none (the model's usual layer), "
              "2 = skip the last one (diffusers' clip_skip=1). [default: 1]"),
+    config: Optional[str] = typer.Option(
+        None, "--config", show_default=False,
+        help="For a single-file checkpoint: the configs it follows, a bundled name (sd15, sd21 = SD 2.x 768 "
+             "v-prediction, sd21-base, sd-turbo, sdxl, sdxl-turbo) or a diffusers folder. [default: from the "
+             "tensors: sd15, sd21-base (epsilon, 512) or sdxl]"),
     taesd: Optional[Path] = typer.Option(
         None, "--taesd", show_default=False,
         help="Decode with this tiny autoencoder (TAESD / TAESDXL: a diffusers AutoencoderTiny folder or "
@@ -177,7 +182,7 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
              height, scheduler, output, overwrite, skip_existing, grid, grid_rows, grid_cols, grid_output,
              json_lines, vae, check_weights, threads, quiet, ray=None, ray_workers=None, lora=None, clip_skip=None,
              taesd=None, init_image=None, strength=None, mask=None, weights_dtype=None, vae_tiling="auto",
-             attention_slicing=None, no_memory_check=False) -> None:
+             attention_slicing=None, no_memory_check=False, config=None) -> None:
     from . import batch, registry
     from .progress import Progress
 
@@ -217,8 +222,11 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
     # what load_model takes besides the model: here, or on each Ray worker
     from .memory import attention_slicing as _slicing, weights_dtype as _dtype
     _dtype(weights_dtype)  # UsageError for a bad value before anything is loaded
-    load_options = dict(vae=vae, loras=[(str(r.path.resolve()), r.scale) for r in loras] or None, taesd=taesd,
-                        weights_dtype=weights_dtype, vae_tiling=_tiling_option(vae_tiling),
+    if config is not None:
+        from .checkpoint.single_file import resolve_config
+        resolve_config(config)  # UsageError for a bad value before anything is loaded
+    load_options = dict(config=config, vae=vae, loras=[(str(r.path.resolve()), r.scale) for r in loras] or None,
+                        taesd=taesd, weights_dtype=weights_dtype, vae_tiling=_tiling_option(vae_tiling),
                         attention_slicing=_slicing(attention_slicing))
     runner = None
     if ray is not None:  # --ray: Ray workers compute the batches (each loads the model), this process writes

@@ -34,7 +34,7 @@ _FAMILY_DEFAULTS = {
     "sdxl": {"width": 1024, "height": 1024, "steps": 50, "guidance": 5.0},
 }
 _KEYS = {"family": str, "repo": str, "path": str, "width": int, "height": int, "steps": int,
-         "guidance": (int, float), "scheduler": str, "timestep_spacing": str, "description": str}
+         "guidance": (int, float), "scheduler": str, "timestep_spacing": str, "description": str, "config": str}
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class ModelSpec:
     timestep_spacing: str | None = None
     path: Path | None = None
     description: str = ""
+    config: str | None = None  # single-file weights: a bundled config name or a diffusers folder (--config)
 
 
 # ------------------------------------------------------------------------------------------------ reading TOML
@@ -102,6 +103,7 @@ def _spec(name: str, entry: dict, source: str) -> ModelSpec:
         steps=values["steps"], guidance=float(values["guidance"]), scheduler=values.get("scheduler"),
         timestep_spacing=values.get("timestep_spacing"),
         path=Path(values["path"]) if "path" in values else None, description=values.get("description", ""),
+        config=values.get("config"),
     )
 
 

@@ -76,3 +76,28 @@ def test_vae_override_matches_diffusers_with_that_vae(folders, tmp_path):
     out = ref_pipe("a castle", num_inference_steps=3, guidance_scale=7.0, output_type="np",
                    generator=torch.Generator().manual_seed(2))
     assert_images_close(ours, (out.images[0] * 255).round().astype(np.uint8))
+
+
+def test_cli_config_chooses_a_single_files_configs(folders, tmp_path):
+    """--config: an SD 2.x v-prediction single file run with its configs (here the folder's: tiny models do not fit
+    the bundled full-size ones, e.g. sd21) gives the folder's image exactly; read with the configs of an epsilon
+    model of the same architecture (what SD 2.x files default to) it gives another image -- which is why the
+    option exists. Bad values are one-line usage errors."""
+    from ldm_export import export_single_file
+    from test_cli import assert_one_line_error, pixels, sdgen
+
+    folder = folders("sd2-v")
+    single = export_single_file(folder, "sd2", tmp_path / "sd2v.safetensors")
+    args = ["-p", "a watercolor fox", "--seed", "5", "--steps", "3", "-W", "64", "-H", "64", "-t", "1"]
+    runs = {"folder": ["-m", folder], "configured": ["-m", single, "--config", folder],
+            "epsilon": ["-m", single, "--config", folders("sd2")]}
+    for name, model in runs.items():
+        result = sdgen("txt2img", *model, *args, "-o", f"{name}.png", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert np.array_equal(pixels(tmp_path / "configured.png"), pixels(tmp_path / "folder.png"))
+    assert np.abs(pixels(tmp_path / "epsilon.png") - pixels(tmp_path / "folder.png")).max() > 10
+    bad = sdgen("txt2img", "-m", single, *args, "--config", "sd99", "-o", "x.png", cwd=tmp_path)
+    assert_one_line_error(bad, 2, "--config sd99", "sd21-base")
+    on_folder = sdgen("txt2img", "-m", folder, *args, "--config", "sd21", "-o", "x.png", cwd=tmp_path)
+    assert_one_line_error(on_folder, 2, "single-file")
+    assert not (tmp_path / "x.png").exists()

@@ -35,7 +35,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..errors import BadModelFileError
+from ..errors import UsageError, BadModelFileError
 from .diffusers_folder import TEXT_MODEL_PREFIX, read_json
 from .safetensors_file import SafetensorsFile, open_safetensors
 
@@ -83,6 +83,25 @@ def default_config_dir(family: str) -> Path:
     if base not in DEFAULT_CONFIGS:
         raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
     return CONFIGS_ROOT / DEFAULT_CONFIGS[base]
+
+
+def bundled_configs() -> list[str]:
+    """The names of the config folders sdgen ships (sd15, sd21, sd21-base, sd-turbo, sdxl, sdxl-turbo)."""
+    return sorted(d.name for d in CONFIGS_ROOT.iterdir() if (d / "unet" / "config.json").is_file())
+
+
+def resolve_config(name_or_dir: str | os.PathLike) -> Path:
+    """A single file's configs: a diffusers folder (with <component>/config.json files) or the name of a bundled one
+    (e.g. ``sd21`` for SD 2.x 768 v-prediction files, which the tensors cannot tell from the 512 epsilon ones)."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        if not (path / "unet" / "config.json").is_file():
+            raise UsageError(f"{path}: not a diffusers config folder (no unet/config.json)")
+        return path
+    if str(name_or_dir) in bundled_configs():
+        return CONFIGS_ROOT / str(name_or_dir)
+    raise UsageError(f"--config {name_or_dir}: neither a diffusers folder nor a bundled config "
+                     f"(bundled: {', '.join(bundled_configs())})")
 
 
 def _shapes(names_and_shapes) -> dict[str, tuple[int, ...]]:
