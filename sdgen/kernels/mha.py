@@ -41,35 +41,14 @@ def _exp_nonpos(x):
 
 
 @njit(nogil=True, cache=True, fastmath={"contract"})
-def softmax_rows(s, scale, mask, has_mask, inv):
-    """In place over the rows of s (rows, n): s <- exp(scale * s + mask - rowmax), inv[r] <- 1 / rowsum.
-
-    Not normalised: the caller multiplies by inv where it is cheapest. mask (rows, n), used if has_mask; scale > 0.
-    A row that is entirely -inf gives inv = inf (and NaN downstream), as in PyTorch. Serial; releases the GIL.
-    """
-    rows, n = s.shape
-    for r in range(rows):
-        row = s[r]
-        if has_mask:
-            mr = mask[r]
-            for j in range(n):
-                row[j] = row[j] * scale + mr[j]
-            mx = max32(row, n)
-            for j in range(n):
-                row[j] = _exp_nonpos(row[j] - mx)
-        else:
-            mx = max32(row, n) * scale
-            for j in range(n):
-                row[j] = _exp_nonpos(row[j] * scale - mx)
-        inv[r] = np.float32(1.0 / sum64(row, n))
-
-
-@njit(nogil=True, cache=True, fastmath={"contract"})
 def _softmax_block(s, n, scale, mask, has_mask, inv):
-    """softmax_rows for attention's score blocks, whose rows may be padded: s (rows, w), w >= n, scores in columns
-    < n. Without a mask the exp loop runs over all w columns (w a multiple of 8 keeps it free of a scalar tail,
-    which costs ~20% on 77 keys) and columns >= n are then set to 0. With a mask (rows, n), w must equal n.
-    inv[r] <- 1 / sum of row r."""
+    """In place over the rows of s (rows, w): s <- exp(scale * s + mask - rowmax), inv[r] <- 1 / rowsum; not
+    normalised (the caller multiplies by inv where it is cheapest). A row that is entirely -inf gives inv = inf (and
+    NaN downstream), as in PyTorch. Serial; releases the GIL.
+
+    Rows may be padded (attention's score blocks): w >= n, scores in columns < n. Without a mask the exp loop runs
+    over all w columns (w a multiple of 8 keeps it free of a scalar tail, which costs ~20% on 77 keys) and columns
+    >= n are then set to 0. With a mask (rows, n), w must equal n."""
     rows, w = s.shape
     for r in range(rows):
         row = s[r]
@@ -228,6 +207,6 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     n = xm.shape[-1]
     s = np.array(xm.reshape(-1, n), dtype=np.float32, copy=True)  # never write into the caller's array
     inv = np.empty(s.shape[0], dtype=np.float32)
-    softmax_rows(s, np.float32(1.0), _NO_MASK, False, inv)
+    _softmax_block(s, n, np.float32(1.0), _NO_MASK, False, inv)
     s *= inv[:, None]
     return np.moveaxis(s.reshape(xm.shape), -1, axis)
