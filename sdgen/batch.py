@@ -10,8 +10,9 @@ images written atomically, and one result record per image.
 Seeds: image ``i`` of a run (its ``index``, counting every image the run asks for, in order) gets seed ``S + i``
 where ``S`` is ``--seed``; a prompt-file line with its own ``seed`` gives its images ``seed, seed + 1, ...``.
 Every image has its own random generator (``pipeline.BatchGenerator``), so image ``i`` is the same image whether
-it is computed alone or in a UNet batch with others (pixel for pixel on the tiny test model; batched matrix
-products could in principle round differently, by a grey level at most).
+it is computed alone or in a UNet batch with others: its prompt is encoded on its own either way, and only the
+UNet's and VAE's batched matrix products may round differently, moving a pixel value by a grey level now and then
+(tests/test_cli.py measures it).
 
 A malformed prompt-file line keeps its place: it still takes ``--num-images`` indices (and so seeds), so fixing the
 line and running again with ``--skip-existing`` generates just its images under the names the first run would

@@ -172,7 +172,8 @@ def txt2img(
 ) -> None:
     """Generate images from text prompts and write them as PNGs (their paths are printed on stdout).
 
-    Image i of a run gets seed SEED+i and is the same image whether generated alone or in a batch.
+    Image i of a run gets seed SEED+i and is the same image whether generated alone or in a batch (to within a grey
+    level: batched matrix products round a little differently).
     """
     options = dict(locals())
     _run(lambda: _txt2img(**options))
