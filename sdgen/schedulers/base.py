@@ -205,6 +205,26 @@ class SolverScheduler(SigmaScheduler):
         alpha, sig = cls._alpha_sigma(sigma)
         return alpha, sig, S.log32(alpha) - S.log32(sig)
 
+    def _set_spaced_timesteps(self, num_inference_steps: int, zero_final: bool) -> None:
+        """DEIS's and UniPC's set_timesteps: spaced timesteps, the configured sigma schedule, then a final sigma of 0
+        (zero_final), else the schedule's own last sigma (karras / exponential / beta) or the smallest trained one."""
+        c = self.config
+        T = c["num_train_timesteps"]
+        n = S.check_steps(num_inference_steps, T)
+        timesteps = S.solver_timesteps(c["timestep_spacing"], T, n, c["steps_offset"])
+        timesteps, sigmas = S.solver_sigma_schedule(c, self.alphas_cumprod, timesteps, n)
+        if zero_final:
+            sigma_last = 0.0
+        elif c["use_karras_sigmas"] or c["use_exponential_sigmas"] or c["use_beta_sigmas"]:
+            sigma_last = sigmas[-1]
+        else:
+            sigma_last = S.min_train_sigma(self.alphas_cumprod)
+        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(S.F32)
+        self.timesteps = np.asarray(timesteps).astype(np.int64)
+        self.num_inference_steps = len(self.timesteps)
+        self._reset_state()
+        self._reset_step_index()
+
     def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
         return sample
 

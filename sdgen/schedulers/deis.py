@@ -96,20 +96,7 @@ class DEISMultistepScheduler(SolverScheduler):
         self.lower_order_nums = 0
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        c = self.config
-        T = c["num_train_timesteps"]
-        n = S.check_steps(num_inference_steps, T)
-        timesteps = S.solver_timesteps(c["timestep_spacing"], T, n, c["steps_offset"])
-        timesteps, sigmas = S.solver_sigma_schedule(c, self.alphas_cumprod, timesteps, n)
-        if c["use_karras_sigmas"] or c["use_exponential_sigmas"] or c["use_beta_sigmas"]:
-            sigma_last = sigmas[-1]
-        else:
-            sigma_last = S.min_train_sigma(self.alphas_cumprod)
-        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(F32)
-        self.timesteps = np.asarray(timesteps).astype(np.int64)
-        self.num_inference_steps = len(self.timesteps)
-        self._reset_state()
-        self._reset_step_index()
+        self._set_spaced_timesteps(num_inference_steps, zero_final=False)  # diffusers' DEIS has no final_sigmas_type
 
     def convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """The noise prediction, by way of x0 (so thresholding and the other prediction types apply)."""
