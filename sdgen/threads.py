@@ -1,7 +1,10 @@
 """One thread setting for everything that computes: Numba's parallel loops and the BLAS under numpy.
 
-set_threads(n) sets both; None means all the cores this process may run on. The kernels never call BLAS from inside
-a Numba parallel loop, so the two pools take turns and n threads in total are busy at any time.
+set_threads(n) runs the kernels on n threads; None means all the cores this process may run on. Numba's parallel
+loops get n threads. BLAS is set to ONE thread: every GEMM runs on the kernel workers (n threads, sdgen.kernels._pool),
+each calling single-threaded BLAS on its share. BLAS's own threads are never used, because after each call they
+spin, waiting for the next, for a while that outlasts the gap to the next kernel: measured on the SD1.5 UNet
+(2 cores), OpenBLAS's idle thread burned ~10 s of CPU per 14 s forward, slowing the workers' attention ~1.8x.
 
 BLAS is limited through threadpoolctl when it is installed; without it, through the OpenBLAS library that numpy
 loaded (found in /proc/self/maps, its *_set_num_threads entry point called with ctypes).
@@ -56,8 +59,8 @@ def _set_blas_threads_ctypes(n: int) -> bool:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Use n threads (None: all available cores) in Numba kernels and in BLAS; returns the number set (n, capped
-    at Numba's pool size)."""
+    """Use n threads (None: all available cores) for the kernels, BLAS single-threaded inside them; returns the
+    number set (n, capped at Numba's pool size)."""
     global _current, _limiter
     import numba
     import numpy  # noqa: F401  (loads BLAS, so that it can be found and limited)
@@ -72,9 +75,9 @@ def set_threads(n: int | None = None) -> int:
     try:
         import threadpoolctl
     except ImportError:
-        _set_blas_threads_ctypes(n)
+        _set_blas_threads_ctypes(1)
     else:
-        _limiter = threadpoolctl.threadpool_limits(limits=n, user_api="blas")
+        _limiter = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
     _current = n
     return n
 

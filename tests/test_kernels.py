@@ -256,6 +256,23 @@ def test_linear(rng, with_bias, with_residual):
     assert rel_err(y, ref) < TOL
 
 
+@pytest.mark.parametrize("m, n", [(203, 97), (37, 161)])  # rows split among the workers; few rows: columns
+@pytest.mark.parametrize("nworkers", [1, 2, 3])
+def test_gemm_bias_on_the_workers(rng, m, n, nworkers):
+    from sdgen.kernels.gemm import gemm_bias
+
+    k = 801  # m * n * k above the size that runs on one thread (_PARALLEL_FLOPS)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((n, k), dtype=np.float32).T  # a weight as linear passes it: (out, in) transposed
+    bias = rng.standard_normal(n, dtype=np.float32)
+    res = rng.standard_normal((m, n), dtype=np.float32)
+    y = gemm_bias(a, b, bias, res, nworkers=nworkers)
+    ref = a.astype(np.float64) @ b.astype(np.float64) + bias + res
+    assert y.shape == (m, n) and y.dtype == np.float32
+    assert rel_err(y, ref) < TOL
+    assert rel_err(gemm_bias(a, b, None, nworkers=nworkers), ref - bias - res) < TOL
+
+
 # ------------------------------------------------------------------------------------------------ attention
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import weights as _weights
 from . import winograd
-from .gemm import conv_im2col, epilogue
+from .gemm import conv_im2col, gemm_bias
 
 VARIANTS = ("f43", "f23", "im2col", "gemm1x1")
 
@@ -166,9 +166,7 @@ def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None) 
         bias = plan.bias if plan.bias is not None else plan.zero_bias()
         y = winograd.winograd_conv(x, prep, 4 if v == "f43" else 2, plan.padding, bias, plan.out_channels, residual)
     elif v == "gemm1x1":
-        y = np.matmul(x.reshape(-1, cin), prep)  # one large GEMM on BLAS's threads
-        epilogue(y, plan.bias, None if residual is None else residual.reshape(-1, plan.out_channels))
-        y = y.reshape(n, h, w, plan.out_channels)
+        y = gemm_bias(x.reshape(-1, cin), prep, plan.bias, residual).reshape(n, h, w, plan.out_channels)
     else:
         y = conv_im2col(x, prep, plan.kh, plan.kw, plan.stride, plan.padding, plan.bias, residual)
     return y

@@ -1,7 +1,7 @@
 """GEMM-based kernels: linear layers, im2col for the convolutions that Winograd does not cover, bias/residual epilogue.
 
-The GEMMs are numpy's (OpenBLAS). A large single GEMM (linear, 1x1 convolution) runs on BLAS's own threads; the
-blocked im2col convolution runs its blocks on the kernel workers (see _pool.py), each with single-threaded BLAS.
+The GEMMs are numpy's (OpenBLAS), always single-threaded BLAS on the kernel workers (see _pool.py): a linear
+layer or 1x1 convolution splits its rows (or columns) among them, the blocked im2col convolution its blocks.
 The Numba kernels here are serial and release the GIL; they never call BLAS.
 """
 
@@ -43,25 +43,44 @@ def _split(total: int, parts: int, i: int, align: int = 1) -> tuple[int, int]:
     return lo, hi
 
 
-def epilogue(y: np.ndarray, bias: np.ndarray | None, residual2d: np.ndarray | None) -> None:
-    """y += bias (+ residual2d), in place, rows split over the kernel workers."""
-    if bias is None and residual2d is None:
-        return
-    b = _NO_BIAS if bias is None else bias
-    nw = _pool.workers() if y.shape[0] >= 64 else 1
+_PARALLEL_FLOPS = 1 << 22  # multiply-adds below which a GEMM runs on one thread (the hand-off would dominate)
+
+
+def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None,
+              nworkers: int | None = None) -> np.ndarray:
+    """a @ b + bias (+ residual), a: (M, K) float32, b: (K, N) (C- or Fortran-contiguous; BLAS takes either).
+
+    On the kernel workers, each with single-threaded BLAS (never BLAS's own threads, whose idle spinning slows the
+    workers' next phase): the rows of the result are split among them, or, for few rows (short token sequences,
+    deep feature maps), the columns; each worker adds bias and residual to its part while it is in cache."""
+    m, k = a.shape
+    n = b.shape[1]
+    y = np.empty((m, n), dtype=np.float32)
+    res2 = None if residual is None else _as2d(residual, n)
+    has_bias = bias is not None
+    bb = bias if has_bias else _NO_BIAS
+    nw = _pool.workers() if nworkers is None else max(1, nworkers)
+    if m * n * k < _PARALLEL_FLOPS:
+        nw = 1
+    by_rows = m >= 64 * nw
 
     def part(i: int) -> None:
-        lo, hi = _split(y.shape[0], nw, i)
-        r = _NO_RES2 if residual2d is None else residual2d[lo:hi]
-        add_bias_residual(y[lo:hi], b, bias is not None, r, residual2d is not None, 0, y.shape[1])
+        if by_rows:
+            lo, hi = _split(m, nw, i, align=16)
+            if lo < hi:
+                yp = y[lo:hi]
+                np.matmul(a[lo:hi], b, out=yp)
+                if has_bias or res2 is not None:
+                    r = _NO_RES2 if res2 is None else res2[lo:hi]
+                    add_bias_residual(yp, bb, has_bias, r, res2 is not None, 0, n)
+        else:
+            lo, hi = _split(n, nw, i, align=16)
+            if lo < hi:
+                np.matmul(a, b[:, lo:hi], out=y[:, lo:hi])
+                if has_bias or res2 is not None:
+                    add_bias_residual(y, bb, has_bias, _NO_RES2 if res2 is None else res2, res2 is not None, lo, hi)
 
     _pool.run(part, nw)
-
-
-def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None) -> np.ndarray:
-    """a @ b + bias (+ residual), a: (M, K) float32, b: (K, N) (C- or Fortran-contiguous; BLAS takes either)."""
-    y = np.matmul(a, b)
-    epilogue(y, bias, None if residual is None else _as2d(residual, y.shape[1]))
     return y
 
 
