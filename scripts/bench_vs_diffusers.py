@@ -30,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+# as the user's shell had it: importing sdgen sets OMP_WAIT_POLICY=PASSIVE for its own process (sdgen/__init__.py);
+# the diffusers side runs with PyTorch's OpenMP as it would without sdgen
+_OMP_WAIT = os.environ.get("OMP_WAIT_POLICY")
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -81,6 +85,7 @@ def memory_side(side: str, args) -> dict:
                "on" if args.vae_tiling else "auto"]
         if args.weights_dtype:
             cmd += ["--weights-dtype", args.weights_dtype]
+        cmd += ["--conv-filters", args.conv_filters]
         if args.guidance is not None:
             cmd += ["--guidance", str(args.guidance)]
         if args.decode_only:
@@ -140,10 +145,12 @@ def run_side(side: str, args) -> dict:
                  width=args.size, height=args.size, generator=torch.Generator().manual_seed(0), output_type="np")
             out["txt2img_s"] = time.perf_counter() - t0 + out["load_s"]
     else:
+        from sdgen.models.layers import set_conv_filters
         from sdgen.pipeline import Pipeline
         from sdgen.threads import set_threads
 
         set_threads(args.threads)
+        set_conv_filters(args.conv_filters)
         pipe = Pipeline.load(folder)
         out["load_s"] = time.perf_counter() - t0
         if "unet" in args.what:
@@ -157,6 +164,13 @@ def run_side(side: str, args) -> dict:
             out["txt2img_s"] = time.perf_counter() - t0 + out["load_s"]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def _side_env(side: str, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if side == "diffusers" and _OMP_WAIT is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
 
 
 def main() -> None:
@@ -178,6 +192,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None,
                     help="--memory: guidance scale on both sides (default: each side's default for the model)")
     ap.add_argument("--sides", default="diffusers,sdgen", help="--memory: which sides to run")
+    ap.add_argument("--conv-filters", default="make", choices=["make", "keep"], help="sdgen's --conv-filters")
     ap.add_argument("--side", choices=["diffusers", "sdgen"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -198,10 +213,11 @@ def main() -> None:
                    "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
                    "--batch", str(args.batch), "--torch-dtype", args.torch_dtype]
             cmd += ["--weights-dtype", args.weights_dtype] if args.weights_dtype else []
+            cmd += ["--conv-filters", args.conv_filters]
             cmd += ["--guidance", str(args.guidance)] if args.guidance is not None else []
             cmd += [f for f, on in (("--vae-tiling", args.vae_tiling), ("--vae-slicing", args.vae_slicing),
                                     ("--decode-only", args.decode_only)) if on]
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            env = _side_env(side, args.threads)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
                 sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
@@ -217,15 +233,15 @@ def main() -> None:
     for side in ("diffusers", "sdgen"):
         cmd = [sys.executable, __file__, "--side", side, "--folder", str(folder), "--model", args.model,
                "--size", str(args.size), "--what", ",".join(args.what), "--steps", str(args.steps),
-               "--threads", str(args.threads), "--repeat", str(args.repeat)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+               "--threads", str(args.threads), "--repeat", str(args.repeat), "--conv-filters", args.conv_filters]
+        env = _side_env(side, args.threads)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
         results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{args.model} (random weights), {args.size}x{args.size}, {args.threads} threads; "
           f"command: python scripts/bench_vs_diffusers.py --model {args.model} --what {','.join(args.what)} "
-          f"--threads {args.threads}")
+          f"--threads {args.threads} --conv-filters {args.conv_filters}")
     print(f"{'':14s} {'diffusers':>10s} {'sdgen':>10s} {'ratio':>7s}")
     for key in ("load_s", "unet_s", "vae_s", "txt2img_s", "peak_rss_mb"):
         if key in results["diffusers"] and key in results["sdgen"]:

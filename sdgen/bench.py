@@ -40,6 +40,7 @@ class BenchResult:
     weights_dtype: str = "auto"
     vae_tiling: bool = False
     attention_slicing: str | None = None
+    conv_filters: str = "make"
     estimate_mb: float = 0.0    # sdgen.memory's estimate of the peak, for comparison with peak_rss_mb
     stages: str = "txt2img"     # "txt2img", or "decode" (VAE decode of random latents only)
 
@@ -62,7 +63,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         guidance: float | None = None, threads: int | None = None, random_weights: bool = False,
         scheduler: str | None = None, seed: int = 0, on_step=None, weights_dtype: str | None = None,
         vae_tiling: bool | None = None, attention_slicing: str | None = None, decode_only: bool = False,
-        memory_check: bool = True) -> BenchResult:
+        memory_check: bool = True, conv_filters: str = "make") -> BenchResult:
     """One run as the CLI makes it (one batch: one-shot, each model built when needed and released when done),
     timed by stage; peak_rss_mb is the whole process's. decode_only: only the VAE decode of random latents of
     the size (the VAE alone in memory)."""
@@ -71,7 +72,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
     import numpy as np
 
     from . import memory
-    from .models.layers import set_attention_slicing
+    from .models.layers import set_attention_slicing, set_conv_filters
     from .pipeline import Pipeline, open_model
     from .threads import set_threads
 
@@ -87,6 +88,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
             raise ModelNotFoundError(f"{e} -- or benchmark its architecture with --random-weights") from None
         weights = "file"
     set_attention_slicing(memory.attention_slicing(attention_slicing))
+    set_conv_filters(conv_filters)
     steps = steps if steps is not None else (spec.steps if spec else 20)
     guidance = guidance if guidance is not None else (spec.guidance if spec else 7.5)
     scheduler = scheduler or (spec.scheduler if spec else None)
@@ -100,7 +102,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
     height = height or (spec.height if spec and spec.height else default)
     run_shape = {"width": width, "height": height, "batch": batch, "guided": guided, "vae_tiling": vae_tiling}
     est = memory.estimate({k: c for k, (c, _) in src.components.items()}, src.family, width, height, batch, guided,
-                          weights_dtype or "auto", None, True, vae_tiling)
+                          weights_dtype or "auto", None, True, vae_tiling, conv_filters=conv_filters)
     if decode_only:  # the VAE alone
         est = memory.Estimate(est.stages["decoding"], {"decoding": est.stages["decoding"]},
                               {"vae": est.weights["vae"]}, est.vae_tiled)
@@ -135,7 +137,8 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         text_encode_s=round(t.text_encode_s, 3), unet_step_s=round(sum(per_step) / len(per_step), 3),
         first_step_s=round((t.unet_steps_s or [0.0])[0], 3), vae_decode_s=round(t.vae_decode_s, 3),
         total_s=round(total, 3), peak_rss_mb=round(peak_rss_mb(), 1), weights_dtype=weights_dtype or "auto",
-        vae_tiling=bool(tiled), attention_slicing=attention_slicing, estimate_mb=round(est.peak / 2**20, 1),
+        vae_tiling=bool(tiled), attention_slicing=attention_slicing, conv_filters=conv_filters,
+        estimate_mb=round(est.peak / 2**20, 1),
         stages="decode" if decode_only else "txt2img",
     )
 

@@ -48,8 +48,17 @@ _VAE_TILING_HELP = ("Decode in overlapping tiles as diffusers' enable_tiling (se
 _ATTENTION_SLICING_HELP = ("diffusers' attention slicing: auto (half the heads at a time), max (one head at a time) "
                            "or N heads: caps the attention scores held at once (same images). [default: off; "
                            "sdgen's attention never holds more than a few MB of scores anyway]")
+_CONV_FILTERS_HELP = ("What the 3x3 convolutions keep: make (only the weights; the Winograd filters are made at each "
+                      "step: least memory) or keep (the filters too, made once: faster, more memory; see the README's "
+                      "Speed section). [default: make]")
 _NO_MEMORY_CHECK_HELP = ("Run even when the estimated peak memory exceeds the memory available (otherwise: an error "
                          "naming the estimate and the options that help). [default: off]")
+
+
+def _conv_filters_option(value: str) -> str:
+    if value not in ("make", "keep"):
+        raise UsageError(f"--conv-filters must be make or keep (got {value!r})")
+    return value
 
 
 def _tiling_option(value: str) -> bool | None:
@@ -164,6 +173,7 @@ def txt2img(
     vae_tiling: str = typer.Option("auto", "--vae-tiling", help=_VAE_TILING_HELP),
     attention_slicing: Optional[str] = typer.Option(None, "--attention-slicing", show_default=False,
                                                     help=_ATTENTION_SLICING_HELP),
+    conv_filters: str = typer.Option("make", "--conv-filters", show_default=False, help=_CONV_FILTERS_HELP),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", show_default=False,
                                          help=_NO_MEMORY_CHECK_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", show_default=False,
@@ -183,7 +193,7 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
              height, scheduler, output, overwrite, skip_existing, grid, grid_rows, grid_cols, grid_output,
              json_lines, vae, check_weights, threads, quiet, ray=None, ray_workers=None, lora=None, clip_skip=None,
              taesd=None, init_image=None, strength=None, mask=None, weights_dtype=None, vae_tiling="auto",
-             attention_slicing=None, no_memory_check=False, config=None) -> None:
+             attention_slicing=None, no_memory_check=False, config=None, conv_filters="make") -> None:
     from . import batch, registry
     from .progress import Progress
 
@@ -223,12 +233,13 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
     # what load_model takes besides the model: here, or on each Ray worker
     from .memory import attention_slicing as _slicing, weights_dtype as _dtype
     _dtype(weights_dtype)  # UsageError for a bad value before anything is loaded
+    _conv_filters_option(conv_filters)
     if config is not None:
         from .checkpoint.single_file import resolve_config
         resolve_config(config)  # UsageError for a bad value before anything is loaded
     load_options = dict(config=config, vae=vae, loras=[(str(r.path.resolve()), r.scale) for r in loras] or None,
                         taesd=taesd, weights_dtype=weights_dtype, vae_tiling=_tiling_option(vae_tiling),
-                        attention_slicing=_slicing(attention_slicing))
+                        attention_slicing=_slicing(attention_slicing), conv_filters=conv_filters)
     runner = None
     if ray is not None:  # --ray: Ray workers compute the batches (each loads the model), this process writes
         from .distributed import RayRunner
@@ -434,18 +445,19 @@ def bench(
     decode_only: bool = typer.Option(False, "--decode-only", show_default=False,
                                      help="Time only the VAE decode of random latents of the size (e.g. a 2048x2048 "
                                           "tiled decode). [default: off]"),
+    conv_filters: str = typer.Option("make", "--conv-filters", show_default=False, help=_CONV_FILTERS_HELP),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", show_default=False,
                                          help=_NO_MEMORY_CHECK_HELP),
 ) -> None:
     """Time load, text encoding, each UNet step, VAE decode and the whole run; report peak memory."""
     _run(lambda: _bench(model, width, height, steps, batch_size, guidance, scheduler, threads, random_weights,
                         kernels, json_out, weights_dtype, vae_tiling, attention_slicing, decode_only,
-                        no_memory_check))
+                        no_memory_check, conv_filters))
 
 
 def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads, random_weights, kernels,
            json_out, weights_dtype=None, vae_tiling="auto", attention_slicing=None, decode_only=False,
-           no_memory_check=False) -> None:
+           no_memory_check=False, conv_filters="make") -> None:
     from . import bench as bench_mod
     from . import registry
 
@@ -461,10 +473,11 @@ def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads
         return
     from .memory import attention_slicing as _slicing, weights_dtype as _dtype
     _dtype(weights_dtype), _slicing(attention_slicing)  # UsageError for bad values, before anything is loaded
+    _conv_filters_option(conv_filters)
     result = bench_mod.run(model or registry.default_model_name(), width, height, steps, batch_size, guidance,
                            threads, random_weights, scheduler, weights_dtype=weights_dtype,
                            vae_tiling=_tiling_option(vae_tiling), attention_slicing=attention_slicing,
-                           decode_only=decode_only, memory_check=not no_memory_check)
+                           decode_only=decode_only, memory_check=not no_memory_check, conv_filters=conv_filters)
     record = bench_mod.as_dict(result)
     if json_out:
         print(json.dumps(record))

@@ -169,16 +169,36 @@ def rss_bytes() -> int:
 def count_params(component: str, config: dict) -> int:
     """Parameters of a component's architecture (unet, vae decoder, text_encoder[_2]) from its config, by building
     it with shape-only placeholder weights (no memory)."""
+    return sum(_shapes(component, config).values())
+
+
+def kept_filter_bytes(component: str, config: dict, bytes_per: float) -> int:
+    """What --conv-filters keep adds to a component's weights: each 3x3 convolution's float32 weights (beside
+    those held at bytes_per) and its Winograd filters, F(4,3) or F(2,3) as sdgen.kernels.conv chooses them."""
+    from .kernels.conv import F43_MAX_FILTER_BYTES
+
+    extra = 0
+    for shape in _shapes(component, config, whole=True).values():
+        if len(shape) == 4 and shape[2:] == (3, 3):
+            cout, cin = shape[:2]
+            n = cout * cin * 9
+            f43 = 36 * cin * cout * 4 <= F43_MAX_FILTER_BYTES
+            extra += n * (4 - bytes_per) + n * 4 * (36 if f43 else 16) // 9
+    return int(extra)
+
+
+def _shapes(component: str, config: dict, whole: bool = False) -> dict:
+    """name -> parameter count (whole: shape) of a component's weights, from its config."""
     from .models.layers import RandomParams
 
-    shapes: dict[str, int] = {}
+    shapes: dict = {}
 
     class Shapes(RandomParams):
         def sub(self, name):
             return Shapes(self.seed, f"{self.prefix}{name}.", self.source, self.dtype)
 
         def shaped(self, name, shape):
-            shapes[self.prefix + name] = math.prod(shape)
+            shapes[self.prefix + name] = tuple(shape) if whole else math.prod(shape)
             return np.zeros((1,) * len(shape), dtype=np.float32)
 
         def matrix(self, name, rows, cols):
@@ -198,11 +218,12 @@ def count_params(component: str, config: dict) -> int:
         from .models.vae import Decoder, VAEConfig
         cfg = VAEConfig.from_dict(config)
         Decoder(p.sub("decoder"), cfg)
-        shapes["post_quant_conv"] = cfg.latent_channels * (cfg.latent_channels + 1)
+        c = cfg.latent_channels
+        shapes["post_quant_conv"] = (c, c + 1) if whole else c * (c + 1)
     else:
         from .models.clip import CLIPTextConfig, CLIPTextModel
         CLIPTextModel(CLIPTextConfig.from_dict(config), p)
-    return sum(shapes.values())
+    return shapes
 
 
 # ------------------------------------------------------------------------------------------- the estimate
@@ -272,13 +293,16 @@ def auto_vae_tiling(config: dict, height: int, width: int) -> bool:
 
 def estimate(components: dict, family: str, width: int, height: int, batch: int, guided: bool = True,
              weights_dtype_name: str = "auto", stored_bytes: dict | None = None, one_shot: bool = True,
-             vae_tiling: bool | None = None, vae_slicing: bool = True) -> Estimate:
+             vae_tiling: bool | None = None, vae_slicing: bool = True, conv_filters: str = "make") -> Estimate:
     """Peak memory of a run: components maps a component name to its config (text_encoder[_2], unet, vae);
     stored_bytes: bytes per parameter of each component's checkpoint (for "auto"). One-shot runs hold one model
-    at a time; others all of them."""
+    at a time; others all of them. conv_filters: "keep" counts the kept Winograd filters (kept_filter_bytes)."""
     weights = {}
     for name, cfg in components.items():
-        weights[name] = int(count_params(name, cfg) * _bytes_per(weights_dtype_name, name, stored_bytes))
+        per = _bytes_per(weights_dtype_name, name, stored_bytes)
+        weights[name] = int(count_params(name, cfg) * per)
+        if conv_filters == "keep" and name in ("unet", "vae"):
+            weights[name] += kept_filter_bytes(name, cfg, per)
     te = sum(v for k, v in weights.items() if k.startswith("text_encoder"))
     vae_cfg = components["vae"]
     scale = 2 ** (len(vae_cfg.get("block_out_channels", [128, 256, 512, 512])) - 1)

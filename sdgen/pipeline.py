@@ -26,7 +26,7 @@ from .lora import merge_loras
 from .image import to_uint8
 from .models.clip import CLIPTextConfig, CLIPTextModel
 from . import memory
-from .models.layers import RandomParams
+from .models.layers import RandomParams, conv_filters
 from .models.layers import weights_dtype as _weights_dtype
 from .models.unet import UNet, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
@@ -146,7 +146,8 @@ def _check_memory(src: ModelSource, dtype_name: str, one_shot: bool, run: dict) 
                                                                                         [0] * 4)) - 1)
     est = memory.estimate(configs, src.family, run.get("width") or default, run.get("height") or default,
                           run.get("batch", 1),
-                          run.get("guided", True), dtype_name, stored, one_shot, run.get("vae_tiling"))
+                          run.get("guided", True), dtype_name, stored, one_shot, run.get("vae_tiling"),
+                          conv_filters=conv_filters())
     memory.check(est, run.get("available"), dtype_name, run.get("batch", 1))
 
 

@@ -5,6 +5,7 @@ memory-mapped weights released once copied, and the memory estimate / check."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -280,3 +281,61 @@ def test_cli_memory_error_and_override(sd1_folder, tmp_path, monkeypatch):
                      "--vae-tiling", "on"])
     assert e.value.code == 0 and (tmp_path / "a.png").exists()
     set_attention_slicing(None)
+
+
+# ----------------------------------------------------------------------------------------- --conv-filters keep
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_conv_filters_keep_same_images(sd1_folder, dtype):
+    """--conv-filters keep (Winograd filters made once and kept) gives the image of the default within a grey
+    level on >= 99% of values (tiny maps may take F(2,3) instead of im2col: the sums round differently), with
+    half-precision weights widened exactly; the plans then hold float32 weights and their transforms."""
+    from sdgen.models.layers import set_conv_filters
+    from sdgen.pipeline import Pipeline
+
+    want = Pipeline.load(sd1_folder, weights_dtype=dtype).txt2img("a red circle", seed=3, steps=3).astype(int)
+    set_conv_filters("keep")
+    try:
+        pipe = Pipeline.load(sd1_folder, weights_dtype=dtype)
+    finally:
+        set_conv_filters(None)
+    got = pipe.txt2img("a red circle", seed=3, steps=3).astype(int)
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+    plan = pipe.unet.down_blocks[0].resnets[0].conv1.plan
+    assert plan.cache and plan.weight.dtype == np.float32 and plan.prepared_bytes() > 0
+    with pytest.raises(ValueError):
+        set_conv_filters("sometimes")
+
+
+def test_estimate_counts_kept_filters():
+    """keep adds the 3x3 convolutions' filters: SD 1.5's UNet has 541,002,240 weights in 3x3 convolutions (counted
+    from the diffusers checkpoint's header), held as F(2,3) (16/9) or F(4,3) (36/9) filters."""
+    cfg = _configs("sd15")
+    conv3 = sum(math.prod(s) for s in memory._shapes("unet", cfg["unet"], whole=True).values()
+                if len(s) == 4 and s[2:] == (3, 3))
+    assert conv3 == 541_002_240
+    kept = memory.kept_filter_bytes("unet", cfg["unet"], 4)
+    assert conv3 * 4 * 16 / 9 < kept < conv3 * 4 * 36 / 9
+    make = memory.estimate(cfg, "sd", 512, 512, 1, weights_dtype_name="fp32")
+    keep = memory.estimate(cfg, "sd", 512, 512, 1, weights_dtype_name="fp32", conv_filters="keep")
+    assert keep.weights["unet"] - make.weights["unet"] == kept
+    assert memory.kept_filter_bytes("unet", cfg["unet"], 2) == kept + conv3 * 2  # plus a float32 copy of fp16 ones
+
+
+def test_cli_conv_filters_option(sd1_folder, tmp_path):
+    from sdgen.cli import main
+
+    args = ["txt2img", "--model", str(sd1_folder), "-p", "a red circle", "--steps", "2", "--seed", "1", "-q",
+            "--output", str(tmp_path / "a.png")]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--conv-filters", "always"])
+    assert e.value.code == 2 and not (tmp_path / "a.png").exists()
+    from sdgen.models.layers import conv_filters, set_conv_filters
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(args + ["--conv-filters", "keep"])
+        assert e.value.code == 0 and (tmp_path / "a.png").exists() and conv_filters() == "keep"
+    finally:
+        set_conv_filters(None)

@@ -59,6 +59,26 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: np.
     return kernels.attention(q, k, v, heads, mask=mask, max_slices=slices)
 
 
+# conv_filters: what the 3x3 convolutions keep. "make" (the default): only their weights, the Winograd filters made
+# at each call into shared scratch buffers (one copy of each weight: the memory figures of sdgen.memory). "keep":
+# the filters too, made once at the first call (float32, 16/9 or 36/9 the size of the weights, beside a float32 copy
+# of them): more memory, less work per call (scripts/bench_vs_diffusers.py --conv-filters measures both).
+CONV_FILTERS = ("make", "keep")
+_CONV = {"filters": "make"}
+
+
+def set_conv_filters(value: str | None) -> None:
+    """conv_filters for the convolutions of models built from now on in this process (None: "make")."""
+    value = value or "make"
+    if value not in CONV_FILTERS:
+        raise ValueError(f"conv filters must be make or keep (got {value!r})")
+    _CONV["filters"] = value
+
+
+def conv_filters() -> str:
+    return _CONV["filters"]
+
+
 _STORAGE = {"dtype": None}  # the storage dtype of Params made without one (weights_dtype)
 
 
@@ -247,8 +267,12 @@ class Conv2d:
             padding = kernel_size // 2
         weight = p.stored("weight", p.shaped("weight", (out_channels, in_channels, kernel_size, kernel_size)))
         bias = p.f32("bias", p.shaped("bias", (out_channels,))) if "bias" in p else None
-        # the plan keeps the weights re-laid out (HWIO) and nothing else: the OIHW tensor is released
-        self.plan = kernels.Conv2dPlan(weight, bias, stride=stride, padding=padding, cache=False)
+        # "make": the plan keeps the weights re-laid out (HWIO) and nothing else; "keep": float32 weights and, from
+        # the first call, each path's transformed ones. The OIHW tensor is released either way.
+        keep = _CONV["filters"] == "keep"
+        if keep and weight.dtype != np.float32:
+            weight = _weights.widen(weight)  # float16 / bfloat16 bits -> float32 (exact)
+        self.plan = kernels.Conv2dPlan(weight, bias, stride=stride, padding=padding, cache=keep)
         p.release("weight")
         self.out_channels = out_channels
 
