@@ -74,14 +74,18 @@ def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: n
                     r = _NO_RES2 if res2 is None else res2[lo:hi]
                     add_bias_residual(yp, bb, has_bias, r, res2 is not None, 0, n)
         else:
-            lo, hi = _split(n, nw, i, align=16)
-            if lo < hi:
-                np.matmul(a, b[:, lo:hi], out=y[:, lo:hi])
-                if has_bias or res2 is not None:
-                    add_bias_residual(y, bb, has_bias, _NO_RES2 if res2 is None else res2, res2 is not None, lo, hi)
+            _multiply_columns(a, b, y, *_split(n, nw, i, align=16), bb, has_bias, res2)
 
     _pool.run(part, nw)
     return y
+
+
+def _multiply_columns(a, b, out, lo: int, hi: int, bias, has_bias: bool, res2) -> None:
+    """out[:, lo:hi] = a @ b[:, lo:hi] (+ bias, + res2), one worker's share of the columns."""
+    if lo < hi:
+        np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])
+        if has_bias or res2 is not None:
+            add_bias_residual(out, bias, has_bias, _NO_RES2 if res2 is None else res2, res2 is not None, lo, hi)
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None) -> np.ndarray:
@@ -179,11 +183,7 @@ def conv_im2col(
             im2col(x, cols, 0, lo, hi, ho, wo, stride, pad, kh, kw)
 
         def multiply(i: int) -> None:
-            lo, hi = _split(cout, nw, i, align=16)
-            if lo < hi:
-                np.matmul(cmat, wmat[:, lo:hi], out=out[:, lo:hi])
-                if has_bias or res2 is not None:
-                    add_bias_residual(out, b, has_bias, _NO_RES2 if res2 is None else res2, res2 is not None, lo, hi)
+            _multiply_columns(cmat, wmat, out, *_split(cout, nw, i, align=16), b, has_bias, res2)
 
         _pool.run(gather, nw)
         _pool.run(multiply, nw)
