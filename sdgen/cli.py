@@ -56,8 +56,11 @@ _NO_MEMORY_CHECK_HELP = ("Run even when the estimated peak memory exceeds the me
 
 
 def _conv_filters_option(value: str) -> str:
-    if value not in ("make", "keep"):
-        raise UsageError(f"--conv-filters must be make or keep (got {value!r})")
+    """--conv-filters checked against the values sdgen.models.layers.set_conv_filters takes."""
+    from .models.layers import CONV_FILTERS
+
+    if value not in CONV_FILTERS:
+        raise UsageError(f"--conv-filters must be {' or '.join(CONV_FILTERS)} (got {value!r})")
     return value
 
 
