@@ -145,10 +145,12 @@ def run_side(side: str, args) -> dict:
                  width=args.size, height=args.size, generator=torch.Generator().manual_seed(0), output_type="np")
             out["txt2img_s"] = time.perf_counter() - t0 + out["load_s"]
     else:
+        from sdgen.memory import keep_freed_memory
         from sdgen.models.layers import set_conv_filters
         from sdgen.pipeline import Pipeline
         from sdgen.threads import set_threads
 
+        keep_freed_memory()  # as the sdgen command does
         set_threads(args.threads)
         set_conv_filters(args.conv_filters)
         pipe = Pipeline.load(folder)
