@@ -115,6 +115,44 @@ def test_winograd_worker_splits(rng, m, nworkers, block):
     assert rel_err(y, ref) < TOL
 
 
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("nworkers", [1, 2, 3])
+@pytest.mark.parametrize("rows", [None, 24, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_winograd_filters_made_in_slices(rng, m, nworkers, rows, dtype):
+    """Filters made from the stored weights a slice of input channels at a time (rows=24: 6 slices of Cin 130,
+    the last one partly padding; 64: 3; None: SLICE_BYTES's choice, one slice here), summed over the slices, for
+    each worker's share of the output channels (Cout 136: 3 channel blocks, the last one partly padding)."""
+    from sdgen.kernels.weights import hwio, to_storage, widen
+
+    x = rng.standard_normal((3, 7, 9, 130), dtype=np.float32)
+    wt = (rng.standard_normal((136, 130, 3, 3)) / math.sqrt(9 * 130)).astype(np.float32)
+    stored = to_storage(wt, dtype)
+    b = rng.standard_normal(136, dtype=np.float32)
+    res = rng.standard_normal((3, 7, 9, 136), dtype=np.float32)
+    ref = R.conv2d(*f64(x, widen(stored), b), stride=1, padding=1) + res
+    src = winograd.FilterSource(hwio(stored), m)
+    y = winograd.winograd_conv_slices(x, src, m, 1, b, 136, res, nworkers=nworkers, rows=rows)
+    assert rel_err(y, ref) < TOL
+
+
+def test_filters_made_in_slices_where_they_outweigh_the_tiles(rng, monkeypatch):
+    """A plan without cache takes F(4,3) whatever the filters' size, and the sliced path where the filters outweigh
+    the transformed tiles (few tiles, many channels: the UNet's 16x16 and 32x32 layers)."""
+    assert choose_variant(1280, 1280, 16, 16, 2, cache=False) == "f43"
+    calls = []
+    real = winograd.winograd_conv_slices
+    monkeypatch.setattr(winograd, "winograd_conv_slices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    wt = (rng.standard_normal((200, 192, 3, 3)) / math.sqrt(9 * 192)).astype(np.float32)
+    b = rng.standard_normal(200, dtype=np.float32)
+    for hw, sliced in ((4, True), (80, False)):
+        x = rng.standard_normal((1, hw, hw, 192), dtype=np.float32)
+        calls.clear()
+        y = conv2d(x, Conv2dPlan(wt, b, 1, 1, variant="f43", cache=False))
+        assert bool(calls) == sliced, hw
+        assert rel_err(y, R.conv2d(*f64(x, wt, b), stride=1, padding=1)) < TOL
+
+
 def test_winograd_f43_error_against_float64_with_many_channels(rng):
     """F(4,3) on SD-like data (Cin 640, weights scaled as in a trained net) stays within tolerance of float64."""
     x = rng.standard_normal((1, 12, 12, 640), dtype=np.float32)
