@@ -41,14 +41,16 @@ def _exp_nonpos(x):
 
 
 @njit(nogil=True, cache=True, fastmath={"contract"})
-def _softmax_block(s, n, scale, mask, has_mask, inv):
+def _softmax_block(s, n, scale, mask, has_mask, rowmax, has_rowmax, inv):
     """In place over the rows of s (rows, w): s <- exp(scale * s + mask - rowmax), inv[r] <- 1 / rowsum; not
     normalised (the caller multiplies by inv where it is cheapest). A row that is entirely -inf gives inv = inf (and
     NaN downstream), as in PyTorch. Serial; releases the GIL.
 
     Rows may be padded (attention's score blocks): w >= n, scores in columns < n. Without a mask the exp loop runs
     over all w columns (w a multiple of 8 keeps it free of a scalar tail, which costs ~20% on 77 keys) and columns
-    >= n are then set to 0. With a mask (rows, n), w must equal n."""
+    >= n are then set to 0; the row maxima of the unscaled scores (columns < n) are taken here, or given in rowmax
+    if has_rowmax (numpy's max over long rows is ~1.8x faster than this loop: 0.81 -> 0.70 ms for the whole pass
+    over a 256 x 4096 block). With a mask (rows, n), w must equal n, and the maxima are taken here, after it."""
     rows, w = s.shape
     for r in range(rows):
         row = s[r]
@@ -60,12 +62,15 @@ def _softmax_block(s, n, scale, mask, has_mask, inv):
             for j in range(n):
                 row[j] = _exp_nonpos(row[j] - mx)
         else:
-            mx = max32(row, n) * scale
+            mx = (rowmax[r] if has_rowmax else max32(row, n)) * scale
             for j in range(w):
                 row[j] = _exp_nonpos(row[j] * scale - mx)
             for j in range(n, w):
                 row[j] = np.float32(0.0)
         inv[r] = np.float32(1.0 / sum64(row, n))
+
+
+_NUMPY_MAX_KEYS = 512  # from this many keys on, attention takes the row maxima with numpy
 
 
 @njit(nogil=True, cache=True)
@@ -177,6 +182,7 @@ def attention(
     def work(_: int) -> None:
         sbuf = np.empty(hg * qb * lkp, dtype=np.float32)
         inv = np.empty(hg * qb, dtype=np.float32)
+        rowmax = np.empty(hg * qb, dtype=np.float32)
         while True:
             i = next(nxt)
             if i >= len(jobs):
@@ -189,10 +195,12 @@ def attention(
             np.matmul(qv[bi, h0:h1, q0:q1], kt[bi, h0:h1], out=s)
             s2 = s.reshape(g * nq, lkp)
             if m4 is None:
-                _softmax_block(s2, lk, scale, _NO_MASK, False, inv)
+                if lk >= _NUMPY_MAX_KEYS:
+                    np.max(s2[:, :lk], axis=1, out=rowmax[: g * nq])
+                _softmax_block(s2, lk, scale, _NO_MASK, False, rowmax, lk >= _NUMPY_MAX_KEYS, inv)
             else:
                 mb = np.ascontiguousarray(m4[bi, h0:h1, q0:q1]).reshape(g * nq, lk)
-                _softmax_block(s2, lk, scale, mb, True, inv)
+                _softmax_block(s2, lk, scale, mb, True, rowmax, False, inv)
             np.matmul(s, vv[bi, h0:h1], out=ov[bi, h0:h1, q0:q1])
             _scale_out_rows(out[bi], q0, nq, h0, g, d, inv)
 
@@ -207,6 +215,6 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     n = xm.shape[-1]
     s = np.array(xm.reshape(-1, n), dtype=np.float32, copy=True)  # never write into the caller's array
     inv = np.empty(s.shape[0], dtype=np.float32)
-    _softmax_block(s, n, np.float32(1.0), _NO_MASK, False, inv)
+    _softmax_block(s, n, np.float32(1.0), _NO_MASK, False, inv, False, inv)
     s *= inv[:, None]
     return np.moveaxis(s.reshape(xm.shape), -1, axis)
