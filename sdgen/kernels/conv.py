@@ -27,8 +27,11 @@ VARIANTS = ("f43", "f23", "im2col", "gemm1x1")
 # as F(4,3) filters, and on their 16x16 and 8x8 maps F(2,3) is fast enough (scripts/bench_kernels.py).
 F43_MAX_FILTER_BYTES = 64 << 20
 # Plans without cache make the Winograd filters at each call; with this few F(2,3) tiles or fewer the products
-# are too small to repay that, and im2col (which multiplies by the stored weights directly) is faster.
-STREAM_IM2COL_TILES = 64
+# are too small to repay that, and im2col (which multiplies by the stored weights directly) is faster (1280
+# channels, 2 threads: 8x8 maps, batch 2 (32 tiles): im2col 23 ms, F(2,3) 27; 16x16, batch 1 (64 tiles): im2col
+# 44, F(2,3) 37). With fewer F(4,3) tiles than STREAM_F43_TILES they take F(2,3), as fast there (37 vs 39 ms).
+STREAM_IM2COL_TILES = 32
+STREAM_F43_TILES = 32
 
 
 def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = True) -> str:
@@ -38,13 +41,15 @@ def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = Tr
     im2col when channels are very few (the transforms then cost more than the GEMMs) or the map is tiny.
     cache: whether the plan keeps its filters (F43_MAX_FILTER_BYTES then bounds them); filters made at each call
     never take more than a bounded buffer, so F(4,3) is chosen whatever their size (1.3-2x faster than F(2,3) on
-    the UNet's 1280-channel layers, measured)."""
+    the UNet's 1280-channel layers, measured) where there are enough tiles (STREAM_F43_TILES)."""
     if min(cin, cout) < 16:
         return "im2col"
     tiles2 = n * (-(-h // 2)) * (-(-w // 2))
     if tiles2 < 8:
         return "im2col"
-    if (not cache or 36 * cin * cout * 4 <= F43_MAX_FILTER_BYTES) and h * w >= 64:
+    if not cache:
+        return "f43" if n * (-(-h // 4)) * (-(-w // 4)) >= STREAM_F43_TILES else "f23"
+    if 36 * cin * cout * 4 <= F43_MAX_FILTER_BYTES and h * w >= 64:
         return "f43"
     return "f23"
 
