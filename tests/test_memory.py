@@ -155,6 +155,19 @@ def test_half_weights_are_the_rounded_model(name):
     assert half.conv_in.plan.hwio.dtype == dtype and half.time_linear_1.weight.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
+@pytest.mark.parametrize("shape", [(130, 70, 3, 3), (300, 260, 1, 1), (64, 200, 1, 1), (7, 5, 3, 3)])
+def test_hwio_relayout(dtype, shape):
+    """The tiled OIHW -> HWIO re-layout (partial tiles on both channel axes; below its size threshold, numpy's)
+    moves every weight's bits to where numpy's transpose puts them."""
+    w = RNG.standard_normal(shape).astype(np.float32)
+    w = W.to_storage(w, dtype)
+    got = W.hwio(w)
+    want = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    assert got.dtype == w.dtype and got.flags.c_contiguous
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
 @pytest.mark.parametrize("variant", [None, "f43", "f23", "im2col"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 def test_conv_without_cache_matches_cached(variant, dtype):

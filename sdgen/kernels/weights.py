@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from . import _pool
 
@@ -290,7 +290,40 @@ def fill_filters(w: np.ndarray, m: int, u: np.ndarray, o_lo: int, o_hi: int, c_o
     _pool.run(part, nw)
 
 
+_T_BLOCK = 64  # output and input channels per tile of the OIHW -> HWIO re-layout
+
+
+@njit(parallel=True, cache=True)
+def _oihw_to_hwio(w, out):
+    """out[a, b, i, o] = w[o, i, a, b], in tiles of _T_BLOCK output x _T_BLOCK input channels: each tile read as
+    _T_BLOCK contiguous runs of w (the taps of _T_BLOCK inputs for one output), written as runs of _T_BLOCK outputs,
+    while it is in cache. Any dtype (float32, float16, bfloat16 bits)."""
+    cout, cin, kh, kw = w.shape
+    nob = -(-cout // _T_BLOCK)
+    nib = -(-cin // _T_BLOCK)
+    for job in prange(nob * nib):
+        ob = job // nib
+        o0 = ob * _T_BLOCK
+        i0 = (job - ob * nib) * _T_BLOCK
+        o1 = min(cout, o0 + _T_BLOCK)
+        i1 = min(cin, i0 + _T_BLOCK)
+        for a in range(kh):
+            for b in range(kw):
+                for i in range(i0, i1):
+                    for o in range(o0, o1):
+                        out[a, b, i, o] = w[o, i, a, b]
+
+
 def hwio(w: np.ndarray) -> np.ndarray:
     """OIHW weights (as PyTorch stores them) re-laid (kh, kw, Cin, Cout), C-contiguous, dtype kept: the layout from
-    which the 1x1 and im2col paths multiply directly and the Winograd filters are made with contiguous loads."""
-    return np.ascontiguousarray(np.asarray(w).transpose(2, 3, 1, 0))
+    which the 1x1 and im2col paths multiply directly and the Winograd filters are made with contiguous loads.
+    Tiled and parallel (numpy's strided copy took 3.7 of the 4.2 s of loading SD1.5's models from the page cache)."""
+    w = np.asarray(w)
+    if w.ndim != 4 or w.dtype not in (np.float32, np.float16, np.uint16) or w.size < (1 << 16):
+        return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    src = np.ascontiguousarray(w)
+    if src.dtype == np.float16:  # Numba has no float16: the same bits as uint16
+        src = src.view(np.uint16)
+    out = np.empty((w.shape[2], w.shape[3], w.shape[1], w.shape[0]), dtype=src.dtype)
+    _oihw_to_hwio(src, out)
+    return out.view(w.dtype)
