@@ -464,6 +464,13 @@ def test_activations_elementwise(rng, name):
     assert np.all(np.abs(y - twin) <= 1e-5 * np.abs(twin) + 1e-30)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 13), (2, 8, 9, 64)])
+def test_upsample2x(rng, shape):
+    """Nearest-neighbour upsampling by 2 moves values: exactly numpy's repeat (odd sizes, batch 3)."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    assert np.array_equal(K.upsample2x(x), R.upsample2x(x))
+
+
 def test_geglu(rng):
     x = rng.standard_normal((3, 5, 2 * 37), dtype=np.float32) * 2
     y = K.geglu(x)

@@ -9,8 +9,9 @@ from .mha import attention, softmax
 from .conv import Conv2dPlan, conv2d
 from .gemm import linear
 from .norm import group_norm, layer_norm
+from .resize import upsample2x
 
 __all__ = [
     "Conv2dPlan", "conv2d", "attention", "gelu", "geglu", "group_norm", "layer_norm", "linear", "quick_gelu", "silu",
-    "softmax",
+    "softmax", "upsample2x",
 ]

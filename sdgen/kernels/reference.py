@@ -106,3 +106,8 @@ def geglu(x: np.ndarray) -> np.ndarray:
     """GEGLU: split the last axis in halves (a, gate), a * gelu(gate) with the exact GELU."""
     a, gate = np.split(x, 2, axis=-1)
     return (a.astype(np.float64) * gelu(gate).astype(np.float64)).astype(np.float32)
+
+
+def upsample2x(x: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour upsampling by 2 of NHWC x: each pixel repeated 2 x 2."""
+    return np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)

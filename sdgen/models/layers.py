@@ -321,7 +321,7 @@ def upsample_nearest(x: np.ndarray, size: tuple[int, int] | None = None) -> np.n
     """Nearest-neighbour upsampling of NHWC x, by 2 or to a given (H, W) as torch's interpolate(mode="nearest")."""
     n, h, w, c = x.shape
     if size is None or tuple(size) == (2 * h, 2 * w):
-        return np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+        return kernels.upsample2x(x)
     oh, ow = size
     rows = np.floor(np.arange(oh) * (h / oh)).astype(np.int64).clip(0, h - 1)
     cols = np.floor(np.arange(ow) * (w / ow)).astype(np.int64).clip(0, w - 1)
