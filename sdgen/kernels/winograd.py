@@ -430,36 +430,56 @@ def winograd_conv(
     n, h, w, cin = x.shape
     a2, cinp, coutp = u.shape
     assert a2 == (m + 2) ** 2 and cinp == padded_channels(cin) and coutp == padded_channels(cout), (x.shape, u.shape)
-    ho = h + 2 * pad - 2
-    wo = w + 2 * pad - 2
-    out = np.empty((n, ho, wo, cout), dtype=np.float32)
-    th = -(-ho // m)
-    tw = -(-wo // m)
+    th, tw = _tiles(h, w, m, pad)
     ntiles = n * th * tw
     tb = tile_block(m, cinp, coutp, ntiles, budget_bytes) if block_tiles is None else max(1, min(block_tiles, ntiles))
     nblocks = -(-ntiles // tb)
     nw = _pool.workers() if nworkers is None else max(1, nworkers)
+    if nblocks < nw:  # one block: split the tiles for the input transform, then the output channels
+
+        def product(buf: _Buffers, c_lo: int, c_hi: int) -> None:
+            np.matmul(buf.vmat[:, :ntiles], u[:, :, c_lo:c_hi], out=buf.mmat[:, :ntiles, c_lo:c_hi])
+
+        return _one_block(x, m, pad, bias, cout, residual, nw, product)
+
+    out = np.empty((n, h + 2 * pad - 2, w + 2 * pad - 2, cout), dtype=np.float32)
+    has_res = residual is not None
+    res = residual if has_res else _NO_RES
+    nbo = coutp // channel_block(cout)
+
+    def blocks(i: int) -> None:
+        buf = _Buffers(a2, tb, cin, cout)
+        for blk in range(i, nblocks, nw):
+            t0 = blk * tb
+            nt = min(tb, ntiles - t0)
+            input_transform(m, x, buf.v, t0, 0, nt, th, tw, pad)
+            np.matmul(buf.vmat[:, :nt], u, out=buf.mmat[:, :nt])
+            output_transform(m, buf.m, out, t0, 0, nt, th, tw, bias, res, has_res, 0, nbo)
+
+    _pool.run(blocks, nw)
+    return out
+
+
+def _tiles(h: int, w: int, m: int, pad: int) -> tuple[int, int]:
+    """Tile rows and columns of F(m,3) over an h x w map with zero padding pad."""
+    return -(-(h + 2 * pad - 2) // m), -(-(w + 2 * pad - 2) // m)
+
+
+def _one_block(x, m, pad, bias, cout, residual, nw, product) -> np.ndarray:
+    """winograd_conv with all the tiles in one block: the nw workers split the tiles for the input transform, then
+    the output channel blocks; product(buf, c_lo, c_hi) writes M[:, :ntiles, c_lo:c_hi] of a worker's channels
+    from the transformed tiles buf.vmat[:, :ntiles], which the worker then inverse-transforms."""
+    from . import _pool
+
+    n, h, w, cin = x.shape
+    th, tw = _tiles(h, w, m, pad)
+    ntiles = n * th * tw
+    out = np.empty((n, h + 2 * pad - 2, w + 2 * pad - 2, cout), dtype=np.float32)
     has_res = residual is not None
     res = residual if has_res else _NO_RES
     cbo = channel_block(cout)
-    nbo = coutp // cbo
-
-    if nblocks >= nw:
-
-        def blocks(i: int) -> None:
-            buf = _Buffers(a2, tb, cin, cout)
-            for blk in range(i, nblocks, nw):
-                t0 = blk * tb
-                nt = min(tb, ntiles - t0)
-                input_transform(m, x, buf.v, t0, 0, nt, th, tw, pad)
-                np.matmul(buf.vmat[:, :nt], u, out=buf.mmat[:, :nt])
-                output_transform(m, buf.m, out, t0, 0, nt, th, tw, bias, res, has_res, 0, nbo)
-
-        _pool.run(blocks, nw)
-        return out
-
-    # one block: split the tiles for the input transform, then the output channels
-    buf = _Buffers(a2, ntiles, cin, cout)
+    nbo = padded_channels(cout) // cbo
+    buf = _Buffers((m + 2) ** 2, ntiles, cin, cout)
 
     def transform(i: int) -> None:
         lo, hi = _split(ntiles, nw, i)
@@ -469,8 +489,7 @@ def winograd_conv(
         b_lo, b_hi = _split(nbo, nw, i)
         if b_lo == b_hi:
             return
-        c_lo, c_hi = b_lo * cbo, b_hi * cbo
-        np.matmul(buf.vmat[:, :ntiles], u[:, :, c_lo:c_hi], out=buf.mmat[:, :ntiles, c_lo:c_hi])
+        product(buf, b_lo * cbo, b_hi * cbo)
         output_transform(m, buf.m, out, 0, 0, ntiles, th, tw, bias, res, has_res, b_lo, b_hi)
 
     _pool.run(transform, nw)
@@ -526,7 +545,8 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
     n, h, w, cin = x.shape
     a2 = (m + 2) ** 2
     cinp, coutp = padded_channels(cin), padded_channels(cout)
-    ntiles = n * -(-(h + 2 * pad - 2) // m) * -(-(w + 2 * pad - 2) // m)
+    th, tw = _tiles(h, w, m, pad)
+    ntiles = n * th * tw
     tiles_bytes = a2 * _rows_padded(ntiles, max(cinp, coutp)) * (cinp + coutp) * 4
     if tiles_bytes < a2 * cinp * coutp * 4 and tiles_bytes <= SLICE_TILES_BYTES and block_tiles is None:
         return winograd_conv_slices(x, src, m, pad, bias, cout, residual, nworkers)
@@ -562,30 +582,12 @@ def winograd_conv_slices(x, src: FilterSource, m, pad, bias, cout, residual=None
     n, h, w, cin = x.shape
     a2 = (m + 2) ** 2
     cinp, coutp = padded_channels(cin), padded_channels(cout)
-    ho = h + 2 * pad - 2
-    wo = w + 2 * pad - 2
-    out = np.empty((n, ho, wo, cout), dtype=np.float32)
-    th = -(-ho // m)
-    tw = -(-wo // m)
+    th, tw = _tiles(h, w, m, pad)
     ntiles = n * th * tw
-    nw = _pool.workers() if nworkers is None else max(1, nworkers)
-    has_res = residual is not None
-    res = residual if has_res else _NO_RES
-    cbo = channel_block(cout)
-    nbo = coutp // cbo
     kc = max(64, SLICE_BYTES // (4 * a2 * coutp) // 8 * 8) if rows is None else max(1, rows)
     kc = min(cinp, kc)
-    buf = _Buffers(a2, ntiles, cin, cout)
 
-    def transform(i: int) -> None:
-        lo, hi = _split(ntiles, nw, i)
-        input_transform(m, x, buf.v, 0, lo, hi, th, tw, pad)
-
-    def multiply(i: int) -> None:
-        b_lo, b_hi = _split(nbo, nw, i)
-        if b_lo == b_hi:
-            return
-        c_lo, c_hi = b_lo * cbo, b_hi * cbo
+    def product(buf: _Buffers, c_lo: int, c_hi: int) -> None:
         nc = c_hi - c_lo
         ubuf = np.empty(a2 * kc * nc, dtype=np.float32)
         part = np.empty((a2, ntiles, nc), dtype=np.float32)
@@ -600,8 +602,6 @@ def winograd_conv_slices(x, src: FilterSource, m, pad, bias, cout, residual=None
             else:
                 np.matmul(vk, u, out=part)
                 np.add(mm, part, out=mm)
-        output_transform(m, buf.m, out, 0, 0, ntiles, th, tw, bias, res, has_res, b_lo, b_hi)
 
-    _pool.run(transform, nw)
-    _pool.run(multiply, nw)
-    return out
+    return _one_block(x, m, pad, bias, cout, residual, _pool.workers() if nworkers is None else max(1, nworkers),
+                      product)
