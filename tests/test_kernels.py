@@ -140,7 +140,7 @@ def test_filters_made_in_slices_where_they_outweigh_the_tiles(rng, monkeypatch):
     """A plan without cache takes F(4,3) whatever the filters' size, and the sliced path where the filters outweigh
     the transformed tiles (few tiles, many channels: the UNet's 16x16 and 32x32 layers)."""
     assert choose_variant(1280, 1280, 16, 16, 2, cache=False) == "f43"
-    assert choose_variant(1280, 1280, 16, 16, 1, cache=False) == "f23"  # 16 F(4,3) tiles: too few
+    assert choose_variant(1280, 1280, 8, 8, 2, cache=False) == "f23"  # 8 F(4,3) tiles: too few
     assert Conv2dPlan(np.zeros((64, 64, 3, 3), np.float32), None, 1, 1, cache=False).variant_for(8, 8, 2) == "im2col"
     calls = []
     real = winograd.winograd_conv_slices

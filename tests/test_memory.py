@@ -186,6 +186,44 @@ def test_conv_without_cache_matches_cached(variant, dtype):
         assert lean.prepared_bytes() == 0 and lean.stored_bytes() == stored.nbytes + b.nbytes
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
+def test_weights_in_blocks_of_outputs(dtype, monkeypatch):
+    """Weights whose filters would not fit the shared buffer are stored in blocks of 64 output channels (the
+    shared buffer made small here: 136 -> 3 blocks, the last one partly padding) and compute what a plan keeping
+    its filters does: the block path on small maps (F(2,3) and F(4,3), 1 to 3 workers), the groups path on a
+    large one, and a forced im2col; the blocks hold the weights and (padding aside) nothing more."""
+    from sdgen.kernels import winograd
+
+    monkeypatch.setattr(winograd, "STREAM_FILTER_BYTES", 36 * 72 * 64 * 4)
+    cin, cout = 72, 136
+    w = (RNG.standard_normal((cout, cin, 3, 3), dtype=np.float32) / np.sqrt(9 * cin)).astype(np.float32)
+    b = RNG.standard_normal(cout, dtype=np.float32)
+    stored = W.to_storage(w, dtype)
+    calls = []
+    real = winograd.winograd_conv_blocks
+    monkeypatch.setattr(winograd, "winograd_conv_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for variant in ("f23", "f43", "im2col"):
+        lean = Conv2dPlan(stored, b, 1, 1, variant=variant, cache=False)
+        assert lean.blocks is not None and lean.blocks.shape == (3, 3, 3, cin, 64) and lean.hwio is None
+        assert lean.stored_bytes() == stored.nbytes * 192 // 136 + b.nbytes
+        cached = Conv2dPlan(W.widen(stored), b, 1, 1, variant=variant)
+        for n, h, blocks in ((2, 5, True), (1, 8, True), (1, 40, False)):
+            x = RNG.standard_normal((n, h, h + 1, cin), dtype=np.float32)
+            res = RNG.standard_normal((n, h, h + 1, cout), dtype=np.float32)
+            want = conv2d(x, cached, residual=res)
+            for nw in (1, 2, 3):
+                calls.clear()
+                m = {"f23": 2, "f43": 4}.get(variant)
+                if m is None:
+                    got = conv2d(x, lean, residual=res)
+                else:
+                    got = winograd.winograd_conv(x, lean.weights_for(variant), m, 1, b, cout, res, nworkers=nw)
+                assert np.abs(got - want).max() < 1e-4, (variant, n, h, nw)
+                assert bool(calls) == (blocks and m is not None), (variant, n, h, nw)
+    auto = Conv2dPlan(stored, b, 1, 1, cache=False)
+    assert auto.variant_for(2, 2, 1) == "f23"  # never im2col: the blocks make no (9 Cin, Cout) matrix
+
+
 def test_streamed_filters_in_groups():
     """Filters larger than the shared buffer are made and used a group of output channels at a time."""
     from sdgen.kernels import winograd

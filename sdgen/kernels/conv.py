@@ -29,9 +29,10 @@ F43_MAX_FILTER_BYTES = 64 << 20
 # Plans without cache make the Winograd filters at each call; with this few F(2,3) tiles or fewer the products
 # are too small to repay that, and im2col (which multiplies by the stored weights directly) is faster (1280
 # channels, 2 threads: 8x8 maps, batch 2 (32 tiles): im2col 23 ms, F(2,3) 27; 16x16, batch 1 (64 tiles): im2col
-# 44, F(2,3) 37). With fewer F(4,3) tiles than STREAM_F43_TILES they take F(2,3), as fast there (37 vs 39 ms).
+# 44, F(2,3) 37). With fewer F(4,3) tiles than STREAM_F43_TILES they take F(2,3) (weights in blocks, 1280
+# channels: 8x8 maps, batch 2 (8 tiles): F(2,3) 16 ms, F(4,3) 22; 16x16, batch 1 (16 tiles): 27 and 25).
 STREAM_IM2COL_TILES = 32
-STREAM_F43_TILES = 32
+STREAM_F43_TILES = 16
 
 
 def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = True) -> str:
@@ -54,6 +55,13 @@ def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = Tr
     return "f23"
 
 
+def blocked_weights(cin: int, cout: int) -> bool:
+    """Whether a plan without cache stores these 3x3 weights in blocks of output channels: where their F(4,3)
+    filters would not fit the shared buffer whole (winograd.STREAM_FILTER_BYTES: 640 x 640 channels and up), so
+    that they are made a block at a time (winograd.winograd_conv_blocks) on the small maps such layers run on."""
+    return 36 * winograd.padded_channels(cin) * winograd.padded_channels(cout) * 4 > winograd.STREAM_FILTER_BYTES
+
+
 class Conv2dPlan:
     """Weights (OIHW, as PyTorch stores them), bias, stride and padding of one convolution, prepared for conv2d.
 
@@ -73,6 +81,9 @@ class Conv2dPlan:
     ):
         self.cache = bool(cache)
         self.out_channels, self.in_channels, self.kh, self.kw = weight.shape
+        self.stride = int(stride)
+        self.winograd_ok = (self.kh, self.kw) == (3, 3) and self.stride == 1
+        self.hwio = self.blocks = None
         if self.cache:
             self.weight = np.ascontiguousarray(weight, dtype=np.float32)
         else:  # the only copy: (kh, kw, Cin, Cout) as stored (float32, float16 or bfloat16 bits)
@@ -80,13 +91,15 @@ class Conv2dPlan:
                 weight = np.asarray(weight, dtype=np.float32)
             self.weight = None
             self.hwio = _weights.hwio(weight)
+            if self.winograd_ok and blocked_weights(self.in_channels, self.out_channels):
+                # in blocks of output channels instead (winograd.winograd_conv_blocks)
+                self.blocks = _weights.block_outputs(self.hwio, winograd.channel_block(self.out_channels))
+                self.hwio = None
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(self.out_channels)
-        self.stride = int(stride)
         self.padding = int(padding)
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"unknown conv variant {variant!r}")
         self.variant = variant
-        self.winograd_ok = (self.kh, self.kw) == (3, 3) and self.stride == 1
         self.is_1x1 = (self.kh, self.kw) == (1, 1) and self.stride == 1 and self.padding == 0
         self._prepared: dict[str, np.ndarray] = {}
         self._zero_bias = None
@@ -101,7 +114,9 @@ class Conv2dPlan:
             v = "im2col"
         else:
             v = self.variant or choose_variant(self.in_channels, self.out_channels, h, w, n, self.cache)
-            if (self.variant is None and not self.cache and v in ("f43", "f23")
+            if self.variant is None and self.blocks is not None and v == "im2col":
+                v = "f23"  # the blocked weights' filters beat im2col even on tiny maps (no (9 Cin, Cout) matrix)
+            elif (self.variant is None and not self.cache and self.blocks is None and v in ("f43", "f23")
                     and n * (-(-h // 2)) * (-(-w // 2)) <= STREAM_IM2COL_TILES):
                 v = "im2col"
         if v in ("f43", "f23") and not self.winograd_ok:
@@ -136,13 +151,15 @@ class Conv2dPlan:
         if self.cache:
             return self._prepared[v]
         if v in ("f43", "f23"):
-            return winograd.FilterSource(self.hwio, 4 if v == "f43" else 2)
+            return winograd.FilterSource(self.hwio, 4 if v == "f43" else 2, self.blocks, self.out_channels)
         # the 1x1 and im2col matrices are the HWIO weights seen as (kh*kw*Cin, Cout): float32 ones as they are
-        return _weights.as_float32(self.hwio.reshape(-1, self.out_channels), "conv")
+        # (blocked weights, on a forced im2col, are re-laid out into scratch first)
+        hwio = self.hwio if self.blocks is None else _weights.unblock_outputs(self.blocks, self.out_channels)
+        return _weights.as_float32(hwio.reshape(-1, self.out_channels), "conv")
 
     def stored_bytes(self) -> int:
         """Memory held by this plan's weights: the stored ones plus any kept transforms."""
-        held = self.weight if self.cache else self.hwio
+        held = self.weight if self.cache else (self.hwio if self.blocks is None else self.blocks)
         return held.nbytes + self.prepared_bytes() + (0 if self.bias is None else self.bias.nbytes)
 
     def zero_bias(self) -> np.ndarray:

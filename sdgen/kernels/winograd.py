@@ -498,14 +498,22 @@ def _one_block(x, m, pad, bias, cout, residual, nw, product) -> np.ndarray:
 
 
 class FilterSource:
-    """The Winograd filters of one convolution, made from its stored 3x3 weights (HWIO: (3, 3, Cin, Cout); float32,
-    float16 or bfloat16 bits; see sdgen.kernels.weights) each time they are needed instead of being kept: ``fill(u, c_lo, c_hi)`` writes
-    the filters of output channels [c_lo, c_hi) into u (alpha^2, Cin', c_hi - c_lo) float32."""
+    """The Winograd filters of one convolution, made from its stored 3x3 weights each time they are needed instead
+    of being kept: the weights HWIO ((3, 3, Cin, Cout); float32, float16 or bfloat16 bits; see
+    sdgen.kernels.weights), or given as `blocks` of output channels (weights.block_outputs: (blocks, 3, 3, Cin,
+    ob), for winograd_conv_blocks; weight_hwio is then None and cout says how many channels are real).
+    ``fill(u, c_lo, c_hi)`` writes the filters of output channels [c_lo, c_hi) into u (alpha^2, Cin',
+    c_hi - c_lo) float32."""
 
-    def __init__(self, weight_hwio: np.ndarray, m: int):
+    def __init__(self, weight_hwio: np.ndarray | None, m: int, blocks: np.ndarray | None = None,
+                 cout: int | None = None):
         self.weight = weight_hwio
+        self.blocks = blocks
         self.m = m
-        self.cin, self.cout = weight_hwio.shape[2], weight_hwio.shape[3]
+        if blocks is not None:
+            self.cin, self.ob, self.cout = blocks.shape[3], blocks.shape[4], int(cout)
+        else:
+            self.cin, self.cout = weight_hwio.shape[2], weight_hwio.shape[3]
 
     def fill(self, u: np.ndarray, c_lo: int, c_hi: int, parallel: bool = True, k_lo: int = 0) -> None:
         """u (alpha^2, rows, c_hi - c_lo) <- the filters of input channels k_lo .. k_lo + rows - 1 (zero from Cin
@@ -513,10 +521,35 @@ class FilterSource:
         from .weights import fill_filters
 
         k_hi = min(self.cin, k_lo + u.shape[1])
+        if self.blocks is not None:
+            self._fill_from_blocks(u, c_lo, c_hi, parallel, k_lo)
+            return
         w = self.weight if (k_lo, k_hi) == (0, self.cin) else self.weight[:, :, k_lo:max(k_lo, k_hi)]
         fill_filters(w, self.m, u, c_lo, min(c_hi, self.cout), c_off=c_lo, parallel=parallel)
         if c_hi > self.cout:  # channel padding of the last block
             u[:, :, self.cout - c_lo:] = 0.0
+
+    def _fill_from_blocks(self, u, c_lo, c_hi, parallel, k_lo) -> None:
+        """fill() from blocked weights: each block's filters made whole (one flat transform, in cache), then its
+        columns copied into u; the blocks shared out to the workers."""
+        from . import _pool
+        from .weights import fill_block_filters
+
+        if k_lo != 0 or u.shape[1] != padded_channels(self.cin):
+            raise ValueError("filters from blocked weights are made for all input channels")
+        ob = self.ob
+        js = list(range(c_lo // ob, -(-c_hi // ob)))
+        nw = min(len(js), _pool.workers()) if parallel else 1
+
+        def part(i: int) -> None:
+            tmp = np.empty((u.shape[0], u.shape[1], ob), dtype=np.float32)
+            taps = None if self.blocks.dtype == np.float32 else np.empty(9 * self.cin * ob, dtype=np.float32)
+            for j in js[i::nw]:
+                fill_block_filters(self.blocks[j], self.m, tmp, taps)
+                lo, hi = max(c_lo, j * ob), min(c_hi, (j + 1) * ob)
+                u[:, :, lo - c_lo:hi - c_lo] = tmp[:, :, lo - j * ob:hi - j * ob]
+
+        _pool.run(part, nw)
 
 
 # Filters made at each call go into one shared scratch buffer of at most this size; larger ones (1280-channel
@@ -535,8 +568,9 @@ SLICE_BYTES = 48 << 20  # a slice of filters over all the output channels at mos
 
 def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=None, budget_bytes=6 << 20,
                            block_tiles=None, nworkers=None) -> np.ndarray:
-    """winograd_conv with the filters made from the stored weights during the call: a slice of input channels at
-    a time where they outweigh the data (winograd_conv_slices); else whole (by all workers, into the shared
+    """winograd_conv with the filters made from the stored weights during the call: where they outweigh the data,
+    a block of output channels at a time from weights stored in blocks (winograd_conv_blocks), or else a slice of
+    input channels at a time (winograd_conv_slices); else whole (by all workers, into the shared
     "winograd" scratch buffer), in groups of output channels whose filters take at most STREAM_FILTER_BYTES.
     The numbers are those of winograd_conv with filter_transform's filters (up to the order of the sums over
     input channels, in slices)."""
@@ -549,6 +583,8 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
     ntiles = n * th * tw
     tiles_bytes = a2 * _rows_padded(ntiles, max(cinp, coutp)) * (cinp + coutp) * 4
     if tiles_bytes < a2 * cinp * coutp * 4 and tiles_bytes <= SLICE_TILES_BYTES and block_tiles is None:
+        if src.blocks is not None:
+            return winograd_conv_blocks(x, src, m, pad, bias, cout, residual, nworkers)
         return winograd_conv_slices(x, src, m, pad, bias, cout, residual, nworkers)
     if a2 * cinp * coutp * 4 <= STREAM_FILTER_BYTES:
         u = scratch("winograd", a2 * cinp * coutp).reshape(a2, cinp, coutp)
@@ -602,6 +638,34 @@ def winograd_conv_slices(x, src: FilterSource, m, pad, bias, cout, residual=None
             else:
                 np.matmul(vk, u, out=part)
                 np.add(mm, part, out=mm)
+
+    return _one_block(x, m, pad, bias, cout, residual, _pool.workers() if nworkers is None else max(1, nworkers),
+                      product)
+
+
+def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None, nworkers=None) -> np.ndarray:
+    """winograd_conv for maps whose filters outweigh their tiles, from weights stored in blocks of 64 output
+    channels (FilterSource with blocks): all workers transform the tiles (one block holding them all); then each
+    worker, for each block of its share of the output channels, makes that block's filters (alpha^2 x Cin' x 64,
+    a few MB, from contiguous weights) and multiplies V @ U_block into M while they are in cache, then
+    inverse-transforms its channels. The filters are never whole, and no sum is split: the same numbers as
+    winograd_conv with filter_transform's filters, whatever the number of workers."""
+    from . import _pool
+    from .weights import fill_block_filters
+
+    n, h, w, cin = x.shape
+    a2 = (m + 2) ** 2
+    ob = src.ob
+    assert ob == channel_block(cout), (ob, cout)
+    th, tw = _tiles(h, w, m, pad)
+    ntiles = n * th * tw
+
+    def product(buf: _Buffers, c_lo: int, c_hi: int) -> None:
+        u = np.empty((a2, padded_channels(cin), ob), dtype=np.float32)
+        taps = None if src.blocks.dtype == np.float32 else np.empty(9 * cin * ob, dtype=np.float32)
+        for j in range(c_lo // ob, c_hi // ob):
+            fill_block_filters(src.blocks[j], m, u, taps)
+            np.matmul(buf.vmat[:, :ntiles], u, out=buf.mmat[:, :ntiles, j * ob:(j + 1) * ob])
 
     return _one_block(x, m, pad, bias, cout, residual, _pool.workers() if nworkers is None else max(1, nworkers),
                       product)
