@@ -158,14 +158,18 @@ def test_half_weights_are_the_rounded_model(name):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 @pytest.mark.parametrize("shape", [(130, 70, 3, 3), (300, 260, 1, 1), (64, 200, 1, 1), (7, 5, 3, 3)])
 def test_hwio_relayout(dtype, shape):
-    """The tiled OIHW -> HWIO re-layout (partial tiles on both channel axes; below its size threshold, numpy's)
-    moves every weight's bits to where numpy's transpose puts them."""
+    """The tiled OIHW -> HWIO re-layout (partial tiles on both channel axes; below its size threshold, numpy's), and
+    the one into blocks of output channels, move every weight's bits to where numpy's transpose puts them."""
     w = RNG.standard_normal(shape).astype(np.float32)
     w = W.to_storage(w, dtype)
     got = W.hwio(w)
     want = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
     assert got.dtype == w.dtype and got.flags.c_contiguous
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    blocks = W.oihw_blocks(w, 64)  # in blocks of 64 output channels, the last one padded with zeros
+    assert blocks.dtype == w.dtype and blocks.shape == (-(-shape[0] // 64), shape[2], shape[3], shape[1], 64)
+    assert np.array_equal(blocks.view(np.uint8), W.block_outputs(want, 64).view(np.uint8))
+    assert np.array_equal(W.unblock_outputs(blocks, shape[0]).view(np.uint8), want.view(np.uint8))
 
 
 @pytest.mark.parametrize("variant", [None, "f43", "f23", "im2col"])

@@ -90,11 +90,11 @@ class Conv2dPlan:
             if weight.dtype not in (np.float16, np.uint16):
                 weight = np.asarray(weight, dtype=np.float32)
             self.weight = None
-            self.hwio = _weights.hwio(weight)
             if self.winograd_ok and blocked_weights(self.in_channels, self.out_channels):
                 # in blocks of output channels instead (winograd.winograd_conv_blocks)
-                self.blocks = _weights.block_outputs(self.hwio, winograd.channel_block(self.out_channels))
-                self.hwio = None
+                self.blocks = _weights.oihw_blocks(weight, winograd.channel_block(self.out_channels))
+            else:
+                self.hwio = _weights.hwio(weight)
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(self.out_channels)
         self.padding = int(padding)
         if variant is not None and variant not in VARIANTS:

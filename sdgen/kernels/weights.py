@@ -366,36 +366,56 @@ _T_BLOCK = 64  # output and input channels per tile of the OIHW -> HWIO re-layou
 
 
 @njit(parallel=True, cache=True)
-def _oihw_to_hwio(w, out):
-    """out[a, b, i, o] = w[o, i, a, b], in tiles of _T_BLOCK output x _T_BLOCK input channels: each tile read as
-    _T_BLOCK contiguous runs of w (the taps of _T_BLOCK inputs for one output), written as runs of _T_BLOCK outputs,
-    while it is in cache. Any dtype (float32, float16, bfloat16 bits)."""
+def _oihw_to_blocks(w, out):
+    """out[o // ob, a, b, i, o % ob] = w[o, i, a, b] for out (blocks, kh, kw, Cin, ob), ob a multiple of _T_BLOCK
+    or the only block (HWIO), in tiles of _T_BLOCK output x _T_BLOCK input channels: each tile read as _T_BLOCK
+    contiguous runs of w (the taps of _T_BLOCK inputs for one output), written as runs of _T_BLOCK outputs, while
+    it is in cache. Any dtype (float32, float16, bfloat16 bits); out's padding past Cout is left as it is."""
     cout, cin, kh, kw = w.shape
+    ob = out.shape[4]
     nob = -(-cout // _T_BLOCK)
     nib = -(-cin // _T_BLOCK)
     for job in prange(nob * nib):
-        ob = job // nib
-        o0 = ob * _T_BLOCK
-        i0 = (job - ob * nib) * _T_BLOCK
+        tb = job // nib
+        o0 = tb * _T_BLOCK
+        i0 = (job - tb * nib) * _T_BLOCK
         o1 = min(cout, o0 + _T_BLOCK)
         i1 = min(cin, i0 + _T_BLOCK)
+        j = o0 // ob
+        dst = out[j]
         for a in range(kh):
             for b in range(kw):
                 for i in range(i0, i1):
                     for o in range(o0, o1):
-                        out[a, b, i, o] = w[o, i, a, b]
+                        dst[a, b, i, o - j * ob] = w[o, i, a, b]
+
+
+def _relayout(w: np.ndarray, ob: int | None) -> np.ndarray:
+    """OIHW -> (blocks, kh, kw, Cin, ob) (ob None: one block, HWIO, returned without its leading axis)."""
+    w = np.asarray(w)
+    cout, cin, kh, kw = w.shape
+    blocked = ob is not None
+    ob = cout if ob is None else ob
+    nb = -(-cout // ob)
+    if w.dtype not in (np.float32, np.float16, np.uint16) or w.size < (1 << 16) or (blocked and ob % _T_BLOCK):
+        t = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+        return block_outputs(t, ob) if blocked else t
+    src = np.ascontiguousarray(w)
+    if src.dtype == np.float16:  # Numba has no float16: the same bits as uint16
+        src = src.view(np.uint16)
+    out = (np.zeros if nb * ob > cout else np.empty)((nb, kh, kw, cin, ob), dtype=src.dtype)
+    _oihw_to_blocks(src, out)
+    out = out.view(w.dtype)
+    return out if blocked else out[0]
 
 
 def hwio(w: np.ndarray) -> np.ndarray:
     """OIHW weights (as PyTorch stores them) re-laid (kh, kw, Cin, Cout), C-contiguous, dtype kept: the layout from
     which the 1x1 and im2col paths multiply directly and the Winograd filters are made with contiguous loads.
     Tiled and parallel (numpy's strided copy took 3.7 of the 4.2 s of loading SD1.5's models from the page cache)."""
-    w = np.asarray(w)
-    if w.ndim != 4 or w.dtype not in (np.float32, np.float16, np.uint16) or w.size < (1 << 16):
-        return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
-    src = np.ascontiguousarray(w)
-    if src.dtype == np.float16:  # Numba has no float16: the same bits as uint16
-        src = src.view(np.uint16)
-    out = np.empty((w.shape[2], w.shape[3], w.shape[1], w.shape[0]), dtype=src.dtype)
-    _oihw_to_hwio(src, out)
-    return out.view(w.dtype)
+    return _relayout(w, None)
+
+
+def oihw_blocks(w: np.ndarray, ob: int) -> np.ndarray:
+    """OIHW weights re-laid in blocks of ob output channels, as block_outputs(hwio(w), ob), in one pass."""
+    return _relayout(w, ob)
