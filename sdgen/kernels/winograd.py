@@ -17,6 +17,8 @@ and the Numba transforms below are those same matrices written out by hand.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from numba import njit
 
@@ -419,9 +421,10 @@ def winograd_conv(
     of about budget_bytes of transformed data (block_tiles, if given, sets the tiles per block instead).
 
     Parallel over nworkers threads (default: _pool.workers()). With at least as many blocks as workers, each worker
-    takes whole blocks (transform, 36 or 16 GEMMs, inverse transform in its own buffers); with fewer (small maps,
-    where the transformed filters outweigh the data) all workers transform the tiles of one block, then each
-    multiplies and inverse-transforms its own share of the output channels, so the filters are read once.
+    takes whole blocks, one at a time as it is free (transform, 36 or 16 GEMMs, inverse transform in its own
+    buffers); with fewer (small maps, where the transformed filters outweigh the data) all workers transform the
+    tiles of one block, then each multiplies and inverse-transforms its own share of the output channels, so the
+    filters are read once.
     """
     from . import _pool
 
@@ -447,9 +450,11 @@ def winograd_conv(
     res = residual if has_res else _NO_RES
     nbo = coutp // channel_block(cout)
 
+    nxt = itertools.count()  # blocks handed out one at a time: a worker slowed down by a busy machine takes fewer
+
     def blocks(i: int) -> None:
         buf = _Buffers(a2, tb, cin, cout)
-        for blk in range(i, nblocks, nw):
+        while (blk := next(nxt)) < nblocks:
             t0 = blk * tb
             nt = min(tb, ntiles - t0)
             input_transform(m, x, buf.v, t0, 0, nt, th, tw, pad)
