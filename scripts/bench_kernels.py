@@ -61,7 +61,7 @@ def bench_conv(torch, repeat: int, quick: bool, variants: list[str]) -> None:
     from sdgen.kernels.conv import choose_variant
 
     print("\n3x3 stride-1 conv, Cin = Cout, pad 1 (ms; ratio = ours / torch.nn.functional.conv2d)")
-    hdr = f"{'C':>5} {'HxW':>9} {'N':>2} {'torch':>8}" + "".join(f" {v:>16}" for v in variants) + "  auto"
+    hdr = f"{'C':>5} {'HxW':>9} {'N':>2} {'torch':>8}" + "".join(f" {v:>16}" for v in variants) + "  auto (kept/model)"
     print(hdr)
     rng = np.random.default_rng(0)
     for c, h, w, n in CONV_SHAPES:
@@ -94,7 +94,7 @@ def bench_conv(torch, repeat: int, quick: bool, variants: list[str]) -> None:
                 row += f" {best[v] * 1e3:>8.1f} ({best[v] / tt:4.2f})"
             else:
                 row += f" {'-':>16}"
-        row += "  " + choose_variant(c, c, h, w, n)
+        row += f"  {choose_variant(c, c, h, w, n)}/{Conv2dPlan(wt, b, 1, 1, cache=False).variant_for(h, w, n)}"
         print(row, flush=True)
 
 
