@@ -117,13 +117,11 @@ def test_winograd_worker_splits(rng, m, nworkers, block):
 
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("nworkers", [1, 2, 3])
-@pytest.mark.parametrize("rows", [None, 24, 64])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_winograd_filters_made_in_slices(rng, m, nworkers, rows, dtype):
-    """Filters made from the stored weights a slice of input channels at a time (rows=24: 6 slices of Cin 130,
-    the last one partly padding; 64: 3; None: SLICE_BYTES's choice, one slice here), summed over the slices, for
-    each worker's share of the output channels (Cout 136: 3 channel blocks, the last one partly padding)."""
-    from sdgen.kernels.weights import hwio, to_storage, widen
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
+def test_winograd_filters_made_by_blocks(rng, m, nworkers, dtype):
+    """Filters made from weights stored in blocks of 64 output channels, a block at a time right before its
+    product (Cin 130: padding rows; Cout 136: 3 blocks, the last one partly padding, shared by 1-3 workers)."""
+    from sdgen.kernels.weights import oihw_blocks, to_storage, widen
 
     x = rng.standard_normal((3, 7, 9, 130), dtype=np.float32)
     wt = (rng.standard_normal((136, 130, 3, 3)) / math.sqrt(9 * 130)).astype(np.float32)
@@ -131,28 +129,17 @@ def test_winograd_filters_made_in_slices(rng, m, nworkers, rows, dtype):
     b = rng.standard_normal(136, dtype=np.float32)
     res = rng.standard_normal((3, 7, 9, 136), dtype=np.float32)
     ref = R.conv2d(*f64(x, widen(stored), b), stride=1, padding=1) + res
-    src = winograd.FilterSource(hwio(stored), m)
-    y = winograd.winograd_conv_slices(x, src, m, 1, b, 136, res, nworkers=nworkers, rows=rows)
+    src = winograd.FilterSource(None, m, oihw_blocks(stored, 64), 136)
+    y = winograd.winograd_conv_blocks(x, src, m, 1, b, 136, res, nworkers=nworkers)
     assert rel_err(y, ref) < TOL
 
 
-def test_filters_made_in_slices_where_they_outweigh_the_tiles(rng, monkeypatch):
-    """A plan without cache takes F(4,3) whatever the filters' size, and the sliced path where the filters outweigh
-    the transformed tiles (few tiles, many channels: the UNet's 16x16 and 32x32 layers)."""
+def test_variant_choice_without_cache(rng):
+    """A plan without cache takes F(4,3) whatever the filters' size, F(2,3) with few F(4,3) tiles, and im2col on
+    small maps unless its weights are stored in blocks (which make no (9 Cin, Cout) matrix)."""
     assert choose_variant(1280, 1280, 16, 16, 2, cache=False) == "f43"
     assert choose_variant(1280, 1280, 8, 8, 2, cache=False) == "f23"  # 8 F(4,3) tiles: too few
     assert Conv2dPlan(np.zeros((64, 64, 3, 3), np.float32), None, 1, 1, cache=False).variant_for(8, 8, 2) == "im2col"
-    calls = []
-    real = winograd.winograd_conv_slices
-    monkeypatch.setattr(winograd, "winograd_conv_slices", lambda *a, **k: calls.append(1) or real(*a, **k))
-    wt = (rng.standard_normal((200, 192, 3, 3)) / math.sqrt(9 * 192)).astype(np.float32)
-    b = rng.standard_normal(200, dtype=np.float32)
-    for hw, sliced in ((4, True), (80, False)):
-        x = rng.standard_normal((1, hw, hw, 192), dtype=np.float32)
-        calls.clear()
-        y = conv2d(x, Conv2dPlan(wt, b, 1, 1, variant="f43", cache=False))
-        assert bool(calls) == sliced, hw
-        assert rel_err(y, R.conv2d(*f64(x, wt, b), stride=1, padding=1)) < TOL
 
 
 def test_winograd_f43_error_against_float64_with_many_channels(rng):

@@ -236,13 +236,12 @@ def test_streamed_filters_in_groups():
     w = RNG.standard_normal((200, 96, 3, 3), dtype=np.float32) / np.float32(30)
     b = RNG.standard_normal(200, dtype=np.float32)
     want = winograd.winograd_conv(x, winograd.filter_transform(w, 4), 4, 1, b, 200)
-    before = winograd.STREAM_FILTER_BYTES, winograd.SLICE_TILES_BYTES
+    before = winograd.STREAM_FILTER_BYTES
     winograd.STREAM_FILTER_BYTES = 36 * 96 * 64 * 4  # one 64-channel group at a time
-    winograd.SLICE_TILES_BYTES = 0  # groups, not the slices of input channels a map this small would take
     try:
         got = winograd.winograd_conv(x, winograd.FilterSource(W.hwio(w), 4), 4, 1, b, 200)
     finally:
-        winograd.STREAM_FILTER_BYTES, winograd.SLICE_TILES_BYTES = before
+        winograd.STREAM_FILTER_BYTES = before
     assert np.abs(got - want).max() < 1e-5
 
 

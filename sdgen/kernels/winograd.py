@@ -531,28 +531,22 @@ class FilterSource:
         else:
             self.cin, self.cout = weight_hwio.shape[2], weight_hwio.shape[3]
 
-    def fill(self, u: np.ndarray, c_lo: int, c_hi: int, parallel: bool = True, k_lo: int = 0) -> None:
-        """u (alpha^2, rows, c_hi - c_lo) <- the filters of input channels k_lo .. k_lo + rows - 1 (zero from Cin
-        on) and output channels [c_lo, c_hi) (zero from Cout on)."""
+    def fill(self, u: np.ndarray, c_lo: int, c_hi: int, parallel: bool = True) -> None:
         from .weights import fill_filters
 
-        k_hi = min(self.cin, k_lo + u.shape[1])
         if self.blocks is not None:
-            self._fill_from_blocks(u, c_lo, c_hi, parallel, k_lo)
+            self._fill_from_blocks(u, c_lo, c_hi, parallel)
             return
-        w = self.weight if (k_lo, k_hi) == (0, self.cin) else self.weight[:, :, k_lo:max(k_lo, k_hi)]
-        fill_filters(w, self.m, u, c_lo, min(c_hi, self.cout), c_off=c_lo, parallel=parallel)
+        fill_filters(self.weight, self.m, u, c_lo, min(c_hi, self.cout), c_off=c_lo, parallel=parallel)
         if c_hi > self.cout:  # channel padding of the last block
             u[:, :, self.cout - c_lo:] = 0.0
 
-    def _fill_from_blocks(self, u, c_lo, c_hi, parallel, k_lo) -> None:
+    def _fill_from_blocks(self, u, c_lo, c_hi, parallel) -> None:
         """fill() from blocked weights: each block's filters made whole (one flat transform, in cache), then its
         columns copied into u; the blocks shared out to the workers."""
         from . import _pool
         from .weights import fill_block_filters
 
-        if k_lo != 0 or u.shape[1] != padded_channels(self.cin):
-            raise ValueError("filters from blocked weights are made for all input channels")
         ob = self.ob
         js = list(range(c_lo // ob, -(-c_hi // ob)))
         nw = min(len(js), _pool.workers()) if parallel else 1
@@ -575,21 +569,17 @@ STREAM_FILTER_BYTES = 48 << 20
 
 
 # Where the filters outweigh the transformed tiles (small maps, many channels: the UNet's 16x16 and 32x32 layers)
-# and all the tiles' transformed data stay within this, the filters are made a slice of input channels at a time
-# and used at once while in cache (winograd_conv_slices).
-SLICE_TILES_BYTES = 64 << 20
-SLICE_BYTES = 48 << 20  # a slice of filters over all the output channels at most (but 64 input channels at least),
-# each worker making its share: 24 MB each of two, measured best against 4-24 MB on SD's layers
+# and all the tiles' transformed data stay within this, weights stored in blocks of output channels make their
+# filters a block at a time, used at once while in cache (winograd_conv_blocks).
+BLOCKS_TILES_BYTES = 64 << 20
 
 
 def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=None, budget_bytes=6 << 20,
                            block_tiles=None, nworkers=None) -> np.ndarray:
-    """winograd_conv with the filters made from the stored weights during the call: where they outweigh the data,
-    a block of output channels at a time from weights stored in blocks (winograd_conv_blocks), or else a slice of
-    input channels at a time (winograd_conv_slices); else whole (by all workers, into the shared
-    "winograd" scratch buffer), in groups of output channels whose filters take at most STREAM_FILTER_BYTES.
-    The numbers are those of winograd_conv with filter_transform's filters (up to the order of the sums over
-    input channels, in slices)."""
+    """winograd_conv with the filters made from the stored weights during the call: from weights stored in blocks
+    of output channels, a block at a time where the filters outweigh the data (winograd_conv_blocks); else whole
+    (by all workers, into the shared "winograd" scratch buffer), in groups of output channels whose filters take
+    at most STREAM_FILTER_BYTES. The numbers are those of winograd_conv with filter_transform's filters."""
     from .weights import scratch
 
     n, h, w, cin = x.shape
@@ -598,10 +588,9 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
     th, tw = _tiles(h, w, m, pad)
     ntiles = n * th * tw
     tiles_bytes = a2 * _rows_padded(ntiles, max(cinp, coutp)) * (cinp + coutp) * 4
-    if tiles_bytes < a2 * cinp * coutp * 4 and tiles_bytes <= SLICE_TILES_BYTES and block_tiles is None:
-        if src.blocks is not None:
-            return winograd_conv_blocks(x, src, m, pad, bias, cout, residual, nworkers)
-        return winograd_conv_slices(x, src, m, pad, bias, cout, residual, nworkers)
+    if (src.blocks is not None and tiles_bytes < a2 * cinp * coutp * 4 and tiles_bytes <= BLOCKS_TILES_BYTES
+            and block_tiles is None):
+        return winograd_conv_blocks(x, src, m, pad, bias, cout, residual, nworkers)
     if a2 * cinp * coutp * 4 <= STREAM_FILTER_BYTES:
         u = scratch("winograd", a2 * cinp * coutp).reshape(a2, cinp, coutp)
         src.fill(u, 0, coutp)
@@ -619,44 +608,6 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
         out[..., c0:c1] = winograd_conv(x, u, m, pad, np.ascontiguousarray(bias[c0:c1]), c1 - c0, res,
                                         budget_bytes, block_tiles, nworkers)
     return out
-
-
-def winograd_conv_slices(x, src: FilterSource, m, pad, bias, cout, residual=None, nworkers=None,
-                         rows: int | None = None) -> np.ndarray:
-    """winograd_conv for maps whose filters outweigh their tiles, the filters made from the stored weights a slice
-    of input channels at a time (`rows` of them; default: as many as SLICE_BYTES allows) and multiplied at once, while in cache: all workers
-    transform the tiles (one block holding them all); then each worker, for its share of the output channels,
-    makes each slice's filters (alpha^2 x rows x its channels) and adds V[:, :, slice] @ U_slice into M (the
-    first slice writes it), then inverse-transforms its channels. The filters are never whole: each worker holds
-    its share of one slice (SLICE_BYTES over all the output channels) and one product."""
-    from . import _pool
-
-    n, h, w, cin = x.shape
-    a2 = (m + 2) ** 2
-    cinp, coutp = padded_channels(cin), padded_channels(cout)
-    th, tw = _tiles(h, w, m, pad)
-    ntiles = n * th * tw
-    kc = max(64, SLICE_BYTES // (4 * a2 * coutp) // 8 * 8) if rows is None else max(1, rows)
-    kc = min(cinp, kc)
-
-    def product(buf: _Buffers, c_lo: int, c_hi: int) -> None:
-        nc = c_hi - c_lo
-        ubuf = np.empty(a2 * kc * nc, dtype=np.float32)
-        part = np.empty((a2, ntiles, nc), dtype=np.float32)
-        mm = buf.mmat[:, :ntiles, c_lo:c_hi]
-        for k0 in range(0, cinp, kc):
-            k1 = min(cinp, k0 + kc)
-            u = ubuf[: a2 * (k1 - k0) * nc].reshape(a2, k1 - k0, nc)
-            src.fill(u, c_lo, c_hi, parallel=False, k_lo=k0)
-            vk = buf.vmat[:, :ntiles, k0:k1]
-            if k0 == 0:
-                np.matmul(vk, u, out=mm)
-            else:
-                np.matmul(vk, u, out=part)
-                np.add(mm, part, out=mm)
-
-    return _one_block(x, m, pad, bias, cout, residual, _pool.workers() if nworkers is None else max(1, nworkers),
-                      product)
 
 
 def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None, nworkers=None) -> np.ndarray:
