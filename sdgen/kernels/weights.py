@@ -76,9 +76,10 @@ def _widen_bf16(src, dst, lo, hi):
         dst[i] = np.uint32(src[i]) << np.uint32(16)
 
 
-def widen(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def widen(w: np.ndarray, out: np.ndarray | None = None, parallel: bool = True) -> np.ndarray:
     """float32 copy of a stored weight (float32, float16 or bfloat16 bits), into ``out`` (C-contiguous float32 of
-    w's size) when given. Large weights are widened on the kernel workers."""
+    w's size) when given. Large weights are widened on the kernel workers, unless parallel is False (a caller that
+    is itself one of the workers)."""
     w = np.ascontiguousarray(w)
     if out is None:
         out = np.empty(w.shape, dtype=np.float32)
@@ -92,7 +93,7 @@ def widen(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     src = w.reshape(-1).view(np.uint16)
     flat = out.reshape(-1)
     n = src.size
-    nw = _pool.workers() if n >= _PARALLEL_MIN else 1
+    nw = _pool.workers() if parallel and n >= _PARALLEL_MIN else 1
 
     def part(i: int) -> None:
         lo, hi = n * i // nw, n * (i + 1) // nw
@@ -351,14 +352,8 @@ def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarra
     if m not in (2, 4):
         raise ValueError(f"no Winograd F({m},3)")
     kh, kw, cin, ob = block.shape
-    if block.dtype != np.float32:  # widened here, serially (widen() would share it out to the busy workers)
-        src = np.ascontiguousarray(block).reshape(-1).view(np.uint16)
-        out = taps[: block.size]
-        if block.dtype == np.float16:
-            _widen_f16(src, out, F16_TABLE, 0, src.size)
-        else:
-            _widen_bf16(src, out.view(np.uint32), 0, src.size)
-        block = out
+    if block.dtype != np.float32:
+        block = widen(block, taps[: block.size], parallel=False)
     _filters_flat(block.reshape(9, cin * ob), m, u.reshape(u.shape[0], -1))
 
 
