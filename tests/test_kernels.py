@@ -376,6 +376,23 @@ def test_attention_bit_identical_across_worker_counts(rng, lk):
     assert all(np.array_equal(ys[0], y) for y in ys[1:])
 
 
+@pytest.mark.parametrize("lk, heads", [(2048, 3), (2048, 1), (64, 3)])
+def test_attention_keys_in_place_or_copied(rng, monkeypatch, lk, heads):
+    """Keys and values copied contiguous per head (long keys, several heads) or read in place through strided views
+    (short keys, or one head): against the float64 reference, and, with several heads, the same numbers the other
+    way."""
+    from sdgen.kernels import mha
+
+    c = 24
+    q = rng.standard_normal((2, 40, c), dtype=np.float32)
+    k, v = (rng.standard_normal((2, lk, c), dtype=np.float32) for _ in range(2))
+    y = K.attention(q, k, v, heads)
+    assert rel_err(y, R.attention(*f64(q, k, v), heads)) < TOL
+    if heads > 1:
+        monkeypatch.setattr(mha, "_COPY_MIN_KEYS", 1 << 30 if lk >= mha._COPY_MIN_KEYS else 1)
+        assert np.array_equal(y, K.attention(q, k, v, heads))
+
+
 def test_attention_large_scores_do_not_overflow(rng):
     q = rng.standard_normal((1, 16, 32), dtype=np.float32) * 30
     k = rng.standard_normal((1, 40, 32), dtype=np.float32) * 30

@@ -8,8 +8,9 @@ time from a shared counter, so a thread slowed down by a busy machine takes fewe
 heads) GEMM S = Q K^T (Q read in place through a strided view), a fused Numba pass over S (scale, mask, row max,
 exp, row sum in float64), a GEMM O = P V written straight into the output through a strided view, and a Numba pass
 that divides each output row by its softmax sum (cheaper on O, d columns wide, than on P, Lk wide). K^T and V are
-first copied contiguous per head, the keys padded with zeros to a multiple of 8 when there is no mask (the exp
-loop then has no scalar tail). Results are bit-identical whatever the number of workers.
+read in place too, except where the keys are padded with zeros to a multiple of 8 (no mask: the exp loop then has
+no scalar tail) or are long and narrow (self-attention over 4096 tokens, 40 per head): those are first copied
+contiguous per head. Results are bit-identical whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def _scale_out_rows(o, q0, nq, h0, hg, d, inv):
                 o[q0 + i, c0 + j] *= f
 
 
+_COPY_MIN_KEYS = 2048  # from this many keys on, K^T and V are copied contiguous per head when there are several
 _MAX_QROWS = 256  # query rows per job at most
 _GROUP_BYTES = 1 << 20  # heads share a job while their score blocks together stay within this
 
@@ -186,16 +188,26 @@ def attention(
     jobs = [(bi, h0, q0) for bi in range(b) for h0 in range(0, heads, hg) for q0 in range(0, lq, qb)]
     out = np.empty((b, lq, c), dtype=np.float32)
     nw = min(_pool.workers() if nworkers is None else max(1, nworkers), len(jobs))
-    # Q (B, H, Lq, d) and O (B, H, Lq, d) as strided views; K^T (B, H, d, Lkp) and V (B, H, Lkp, d) copied
-    # contiguous per head (cheap next to the GEMMs; BLAS packs contiguous operands faster, ~10%)
+    # Q (B, H, Lq, d) and O (B, H, Lq, d) as strided views. K^T (B, H, d, Lk) and V (B, H, Lk, d) too, except
+    # where the keys are padded, or long and split into heads: on 4096 keys, 8 heads of 40 or 5 of 64, BLAS packs
+    # contiguous operands 5-7% faster than rows of d floats C apart, which pays for the copies; on shorter keys the
+    # copies (serial, before the jobs) cost more than they save (256 keys, 1280 channels, 8 heads, batch 2: 10.3 ->
+    # 6.5 ms), and a single head (the VAE's) is contiguous already. Same results either way: BLAS reads the same
+    # numbers.
     qv = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     ov = out.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
-    kt = np.empty((b, heads, d, lkp), dtype=np.float32)
-    for bi in range(b):
-        _transpose_keys(k[bi], kt[bi])
-    if lkp == lk:
+    if lkp == lk and (lk < _COPY_MIN_KEYS or heads == 1):
+        kt = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
+        vv = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
+    elif lkp == lk:
+        kt = np.empty((b, heads, d, lkp), dtype=np.float32)
+        for bi in range(b):
+            _transpose_keys(k[bi], kt[bi])
         vv = np.ascontiguousarray(v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3))
     else:
+        kt = np.empty((b, heads, d, lkp), dtype=np.float32)
+        for bi in range(b):
+            _transpose_keys(k[bi], kt[bi])
         vv = np.zeros((b, heads, lkp, d), dtype=np.float32)
         vv[:, :, :lk] = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
     nxt = itertools.count()  # jobs handed out one at a time (next() is atomic): a thread slowed down by a busy
