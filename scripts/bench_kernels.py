@@ -42,14 +42,20 @@ ATTN_SHAPES = [  # (batch, Lq, Lk, C, heads)
 ]
 
 
+_PAUSE_S = 0.02
+
+
 def timed_min(fns: dict, repeat: int) -> dict:
-    """Run each callable once to warm up, then `repeat` rounds interleaved; minimum seconds per name."""
-    best = {}
-    for name, fn in fns.items():
-        fn()
-        best[name] = float("inf")
+    """`repeat` rounds interleaved; minimum seconds per name. Each timed call comes after a pause and an untimed
+    call of the same callable: after a parallel region PyTorch's OpenMP threads (and Numba's) keep spinning for a
+    while, and a call of the other side timed right away shared the two cores with them (sdgen's attention on
+    256 tokens read 1.3-1.7x slower right after SDPA than right after itself); the untimed call wakes the side's
+    own threads, as its previous layer would in a model."""
+    best = {name: float("inf") for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            time.sleep(_PAUSE_S)
+            fn()
             t = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
