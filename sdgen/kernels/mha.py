@@ -25,6 +25,7 @@ from . import _pool
 from ._math import _C2, _C3, _C4, _C5, _C6, _EXP_LO, _LN2_HI, _LN2_LO, _LOG2E, _P2, max32, sum64
 
 _NO_MASK = np.zeros((1, 1), dtype=np.float32)
+_NO_ROWMAX = np.zeros(1, dtype=np.float32)  # stands in for "no row maxima given" (keeps one compiled signature)
 
 
 @njit(inline="always")
@@ -249,6 +250,6 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     n = xm.shape[-1]
     s = np.array(xm.reshape(-1, n), dtype=np.float32, copy=True)  # never write into the caller's array
     inv = np.empty(s.shape[0], dtype=np.float32)
-    _softmax_block(s, n, np.float32(1.0), _NO_MASK, False, inv, False, inv)
+    _softmax_block(s, n, np.float32(1.0), _NO_MASK, False, _NO_ROWMAX, False, inv)
     s *= inv[:, None]
     return np.moveaxis(s.reshape(xm.shape), -1, axis)
