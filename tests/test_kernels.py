@@ -284,7 +284,7 @@ def test_linear(rng, with_bias, with_residual):
 
 
 # cut along the longer side: rows (203 x 97), columns (37 x 161); more blocks than workers, handed out one at a
-# time: columns (40 x 600, 4 blocks of 150), rows (1100 x 50, 2 blocks)
+# time: columns (40 x 600: 4 blocks with 2 workers), rows (1100 x 50: 8 blocks with 2 workers, 6 with 3)
 @pytest.mark.parametrize("m, n", [(203, 97), (37, 161), (40, 600), (1100, 50)])
 @pytest.mark.parametrize("nworkers", [1, 2, 3])
 def test_gemm_bias_on_the_workers(rng, m, n, nworkers):

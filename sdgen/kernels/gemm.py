@@ -47,8 +47,16 @@ def _split(total: int, parts: int, i: int, align: int = 1) -> tuple[int, int]:
 
 _PARALLEL_FLOPS = 1 << 22  # multiply-adds below which a GEMM runs on one thread (the hand-off would dominate)
 _CHUNKS_PER_WORKER = 4  # a GEMM's share-out: this many chunks per worker, taken one at a time
-_MIN_CHUNK_COLS = 128
-_MIN_CHUNK_ROWS = 512
+_MIN_CHUNK = 128
+
+
+def _chunks(long: int, short: int, nw: int) -> int:
+    """Blocks to cut the long side of a GEMM's result into: a multiple of the workers (equal shares when the cores
+    run alike), up to _CHUNKS_PER_WORKER each, but each block at least as long as the short side (each block packs
+    the whole other operand again: at 256 x 1280 x 1280, 8 blocks ran ~8% slower than PyTorch, 4 as fast)."""
+    if nw <= 1:
+        return 1
+    return nw * max(1, min(_CHUNKS_PER_WORKER, long // (nw * max(_MIN_CHUNK, short))))
 
 
 def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None,
@@ -71,12 +79,7 @@ def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: n
     if m * n * k < _PARALLEL_FLOPS:
         nw = 1
     by_rows = m > n
-    if nw == 1:
-        chunks = 1
-    elif by_rows:
-        chunks = max(nw, min(_CHUNKS_PER_WORKER * nw, m // _MIN_CHUNK_ROWS))
-    else:
-        chunks = max(nw, min(_CHUNKS_PER_WORKER * nw, n // _MIN_CHUNK_COLS))
+    chunks = _chunks(m, n, nw) if by_rows else _chunks(n, m, nw)
     nxt = itertools.count()
 
     def part(_: int) -> None:
