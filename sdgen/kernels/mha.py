@@ -5,12 +5,13 @@ the score block stays within block_bytes whatever the sequence length (one head 
 long sequences, all heads of a block of rows for cross-attention's 77 keys), and runs the jobs on the kernel
 workers (_pool.py), each with single-threaded BLAS and its own score buffer; the workers take the jobs one at a
 time from a shared counter, so a thread slowed down by a busy machine takes fewer. A job: one (batched over its
-heads) GEMM S = Q K^T (Q read in place through a strided view), a fused Numba pass over S (scale, mask, row max,
-exp, row sum in float64), a GEMM O = P V written straight into the output through a strided view, and a Numba pass
-that divides each output row by its softmax sum (cheaper on O, d columns wide, than on P, Lk wide). K^T and V are
-read in place too, except where the keys are padded with zeros to a multiple of 8 (no mask: the exp loop then has
-no scalar tail) or are long and narrow (self-attention over 4096 tokens, 40 per head): those are first copied
-contiguous per head. Results are bit-identical whatever the number of workers.
+heads) GEMM S = Q K^T, a fused Numba pass over S (scale, mask, row max, exp, row sum in float64), and a GEMM
+O = P V written straight into the output; Q, K, V and O are read and written in place through strided views
+(except long keys split into heads, whose K^T and V are first copied contiguous per head). Score rows are padded
+to a multiple of 8 columns, which the GEMMs skip: the exp loop then has no scalar tail. The probabilities are
+divided by their sums in the softmax pass when keys are fewer than a head is wide (cross-attention's 77 keys on
+160-wide heads), else the output rows after P V (d columns instead of Lk). Results are bit-identical whatever
+the number of workers.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ def _exp2_nonpos(y):
 
 
 @njit(nogil=True, cache=True, fastmath={"contract"})
-def _softmax_block(s, n, scale, mask, has_mask, rowmax, has_rowmax, inv):
-    """In place over the rows of s (rows, w): s <- exp(scale * s + mask - rowmax), inv[r] <- 1 / rowsum; not
-    normalised (the caller multiplies by inv where it is cheapest). A row that is entirely -inf gives inv = inf (and
-    NaN downstream), as in PyTorch. Serial; releases the GIL.
+def _softmax_block(s, n, scale, mask, has_mask, rowmax, has_rowmax, inv, normalise):
+    """In place over the rows of s (rows, w): s <- exp(scale * s + mask - rowmax), inv[r] <- 1 / rowsum; the
+    probabilities multiplied by inv if normalise, else left for the caller to scale where it is cheapest. A row that
+    is entirely -inf gives inv = inf (and NaN downstream), as in PyTorch. Serial; releases the GIL.
 
     Rows may be padded (attention's score blocks): w >= n, scores in columns < n. Without a mask the exp loop runs
     over all w columns (w a multiple of 8 keeps it free of a scalar tail, which costs ~20% on 77 keys) and columns
@@ -91,7 +92,11 @@ def _softmax_block(s, n, scale, mask, has_mask, rowmax, has_rowmax, inv):
                 row[j] = _exp2_nonpos(row[j] * c - mx)
             for j in range(n, w):
                 row[j] = np.float32(0.0)
-        inv[r] = np.float32(1.0 / sum64(row, n))
+        f = np.float32(1.0 / sum64(row, n))
+        inv[r] = f
+        if normalise:
+            for j in range(n):
+                row[j] *= f
 
 
 _NUMPY_MAX_KEYS = 512  # from this many keys on, attention takes the row maxima with numpy
@@ -99,10 +104,10 @@ _NUMPY_MAX_KEYS = 512  # from this many keys on, attention takes the row maxima 
 
 @njit(nogil=True, cache=True)
 def _transpose_keys(k, kt):
-    """k (Lk, C), one image's keys -> kt (heads, d, Lkp): kt[h, e, j] = k[j, h d + e] for j < Lk, 0 for Lk <= j <
-    Lkp. In blocks of 16 keys (a few times faster than numpy's strided copy: 2.5 vs 10 ms for the VAE's 4096 x 512)."""
+    """k (Lk, C), one image's keys -> kt (heads, d, Lk): kt[h, e, j] = k[j, h d + e]. In blocks of 16 keys (a few
+    times faster than numpy's strided copy: 2.5 vs 10 ms for the VAE's 4096 x 512)."""
     lk, c = k.shape
-    heads, d, lkp = kt.shape
+    heads, d, _ = kt.shape
     for j0 in range(0, lk, 16):
         j1 = min(lk, j0 + 16)
         for h in range(heads):
@@ -110,10 +115,6 @@ def _transpose_keys(k, kt):
                 col = h * d + e
                 for j in range(j0, j1):
                     kt[h, e, j] = k[j, col]
-    for h in range(heads):
-        for e in range(d):
-            for j in range(lk, lkp):
-                kt[h, e, j] = np.float32(0.0)
 
 
 @njit(nogil=True, cache=True)
@@ -129,6 +130,7 @@ def _scale_out_rows(o, q0, nq, h0, hg, d, inv):
 
 _COPY_MIN_KEYS = 2048  # from this many keys on, K^T and V are copied contiguous per head when there are several
 _MAX_QROWS = 256  # query rows per job at most
+_MIN_JOBS = 8
 _GROUP_BYTES = 1 << 20  # heads share a job while their score blocks together stay within this
 
 
@@ -145,7 +147,7 @@ def _partition(b: int, lq: int, lkp: int, heads: int, block_bytes: int) -> tuple
     def njobs(g: int) -> int:
         return b * -(-heads // g) * -(-lq // qb)
 
-    while hg > 1 and njobs(hg) < 8:
+    while hg > 1 and njobs(hg) < _MIN_JOBS:
         hg = (hg + 1) // 2
     return qb, hg
 
@@ -180,7 +182,7 @@ def attention(
     m4 = None
     if mask is not None:
         m4 = np.broadcast_to(np.asarray(mask, dtype=np.float32), (b, heads, lq, lk))
-    # keys padded to a multiple of 8 (zero columns of K^T, zero rows of V; their probabilities are set to 0)
+    # score rows padded to a multiple of 8 columns (the exp loop then has no scalar tail), which GEMMs skip
     lkp = lk if m4 is not None else -(-lk // 8) * 8
     if max_slices is not None:
         nw_max = _pool.workers() if nworkers is None else max(1, nworkers)
@@ -189,33 +191,29 @@ def attention(
     jobs = [(bi, h0, q0) for bi in range(b) for h0 in range(0, heads, hg) for q0 in range(0, lq, qb)]
     out = np.empty((b, lq, c), dtype=np.float32)
     nw = min(_pool.workers() if nworkers is None else max(1, nworkers), len(jobs))
-    # Q (B, H, Lq, d) and O (B, H, Lq, d) as strided views. K^T (B, H, d, Lk) and V (B, H, Lk, d) too, except
-    # where the keys are padded, or long and split into heads: on 4096 keys, 8 heads of 40 or 5 of 64, BLAS packs
-    # contiguous operands 5-7% faster than rows of d floats C apart, which pays for the copies; on shorter keys the
-    # copies (serial, before the jobs) cost more than they save (256 keys, 1280 channels, 8 heads, batch 2: 10.3 ->
-    # 6.5 ms), and a single head (the VAE's) is contiguous already. Same results either way: BLAS reads the same
-    # numbers.
+    # Q (B, H, Lq, d), O, K^T (B, H, d, Lk) and V (B, H, Lk, d) as strided views, except where the keys are long
+    # and split into heads: on 4096 keys, 8 heads of 40 or 5 of 64, BLAS packs contiguous operands 5-7% faster than
+    # rows of d floats C apart, which pays for copying K^T and V per head; on shorter keys the copies (serial,
+    # before the jobs) cost more than they save (256 keys, 1280 channels, 8 heads, batch 2: 10.3 -> 6.5 ms), and a
+    # single head (the VAE's) is contiguous already. Same results either way: BLAS reads the same numbers.
     qv = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     ov = out.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
-    if lkp == lk and (lk < _COPY_MIN_KEYS or heads == 1):
+    if lk < _COPY_MIN_KEYS or heads == 1:
         kt = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
         vv = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
-    elif lkp == lk:
-        kt = np.empty((b, heads, d, lkp), dtype=np.float32)
+    else:
+        kt = np.empty((b, heads, d, lk), dtype=np.float32)
         for bi in range(b):
             _transpose_keys(k[bi], kt[bi])
         vv = np.ascontiguousarray(v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3))
-    else:
-        kt = np.empty((b, heads, d, lkp), dtype=np.float32)
-        for bi in range(b):
-            _transpose_keys(k[bi], kt[bi])
-        vv = np.zeros((b, heads, lkp, d), dtype=np.float32)
-        vv[:, :, :lk] = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
+    # the probabilities are normalised before P V when that is the narrower of the two (keys fewer than d: the
+    # 77 keys of cross-attention on 160-wide heads), else the output rows after it
+    norm_p = lk < d
     nxt = itertools.count()  # jobs handed out one at a time (next() is atomic): a thread slowed down by a busy
     # machine takes fewer; which thread runs a job never changes its result
 
     def work(_: int) -> None:
-        sbuf = np.empty(hg * qb * lkp, dtype=np.float32)
+        sbuf = np.zeros(hg * qb * lkp, dtype=np.float32)  # padding columns: 0 here, 0 from the softmax after
         inv = np.empty(hg * qb, dtype=np.float32)
         rowmax = np.empty(hg * qb, dtype=np.float32)
         while True:
@@ -227,17 +225,18 @@ def attention(
             q1 = min(lq, q0 + qb)
             g, nq = h1 - h0, q1 - q0
             s = sbuf[: g * nq * lkp].reshape(g, nq, lkp)
-            np.matmul(qv[bi, h0:h1, q0:q1], kt[bi, h0:h1], out=s)
+            np.matmul(qv[bi, h0:h1, q0:q1], kt[bi, h0:h1], out=s[:, :, :lk])
             s2 = s.reshape(g * nq, lkp)
             if m4 is None:
                 if lk >= _NUMPY_MAX_KEYS:
                     np.max(s2[:, :lk], axis=1, out=rowmax[: g * nq])
-                _softmax_block(s2, lk, scale, _NO_MASK, False, rowmax, lk >= _NUMPY_MAX_KEYS, inv)
+                _softmax_block(s2, lk, scale, _NO_MASK, False, rowmax, lk >= _NUMPY_MAX_KEYS, inv, norm_p)
             else:
                 mb = np.ascontiguousarray(m4[bi, h0:h1, q0:q1]).reshape(g * nq, lk)
-                _softmax_block(s2, lk, scale, mb, True, rowmax, False, inv)
-            np.matmul(s, vv[bi, h0:h1], out=ov[bi, h0:h1, q0:q1])
-            _scale_out_rows(out[bi], q0, nq, h0, g, d, inv)
+                _softmax_block(s2, lk, scale, mb, True, rowmax, False, inv, norm_p)
+            np.matmul(s[:, :, :lk], vv[bi, h0:h1], out=ov[bi, h0:h1, q0:q1])
+            if not norm_p:
+                _scale_out_rows(out[bi], q0, nq, h0, g, d, inv)
 
     _pool.run(work, nw)
     return out
@@ -250,6 +249,5 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     n = xm.shape[-1]
     s = np.array(xm.reshape(-1, n), dtype=np.float32, copy=True)  # never write into the caller's array
     inv = np.empty(s.shape[0], dtype=np.float32)
-    _softmax_block(s, n, np.float32(1.0), _NO_MASK, False, _NO_ROWMAX, False, inv)
-    s *= inv[:, None]
+    _softmax_block(s, n, np.float32(1.0), _NO_MASK, False, _NO_ROWMAX, False, inv, True)
     return np.moveaxis(s.reshape(xm.shape), -1, axis)
