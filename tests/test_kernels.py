@@ -283,9 +283,9 @@ def test_linear(rng, with_bias, with_residual):
     assert rel_err(y, ref) < TOL
 
 
-# cut along the longer side: rows (203 x 97), columns (37 x 161); more blocks than workers, handed out one at a
-# time: columns (40 x 600: 4 blocks with 2 workers), rows (1100 x 50: 8 blocks with 2 workers, 6 with 3)
-@pytest.mark.parametrize("m, n", [(203, 97), (37, 161), (40, 600), (1100, 50)])
+# cut along the longer side: rows (203 x 97), columns (37 x 161); more blocks of columns than workers, handed out
+# one at a time (40 x 600: 4 blocks of columns with 2 workers)
+@pytest.mark.parametrize("m, n", [(203, 97), (37, 161), (40, 600)])
 @pytest.mark.parametrize("nworkers", [1, 2, 3])
 def test_gemm_bias_on_the_workers(rng, m, n, nworkers):
     from sdgen.kernels.gemm import gemm_bias
