@@ -97,7 +97,7 @@ def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: n
             else:
                 _multiply_columns(a, b, y, *_split(n, chunks, i, align=16), bb, has_bias, res2)
 
-    _pool.run(part, min(nw, chunks))
+    _pool.run(part, nw)  # chunks is a multiple of nw
     return y
 
 

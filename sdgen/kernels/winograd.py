@@ -90,7 +90,8 @@ def tile_block(m: int, cin: int, cout: int, ntiles: int, budget_bytes: int = 6 <
     nb = -(-ntiles // tb)
     if nb > nworkers > 1:
         nb = nb // nworkers * nworkers
-        tb = min(ntiles, -(-(-(-ntiles // nb)) // 8) * 8)
+        per_block = -(-ntiles // nb)
+        tb = min(ntiles, -(-per_block // 8) * 8)
     return int(tb)
 
 
