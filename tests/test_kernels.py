@@ -283,6 +283,22 @@ def test_linear(rng, with_bias, with_residual):
     assert rel_err(y, ref) < TOL
 
 
+def test_linear_into_out_with_residual_after_the_bias(rng):
+    """out= receives the result (and is returned); the residual is added after the bias, (x W^T + b) + r, as a
+    residual connection after a linear layer rounds: bit-identical to adding it in float32 afterwards."""
+    x = rng.standard_normal((2, 9, 40), dtype=np.float32)
+    w = rng.standard_normal((24, 40), dtype=np.float32)
+    b = rng.standard_normal(24, dtype=np.float32) * 100  # large: adding the bias rounds
+    res = rng.standard_normal((2, 9, 24), dtype=np.float32)
+    out = np.full((2, 9, 24), np.nan, np.float32)
+    y = K.linear(x, w, b, residual=res, out=out)
+    assert y is out
+    assert np.array_equal(y, K.linear(x, w, b) + res)
+    assert rel_err(y, R.linear(*f64(x, w, b)) + res) < TOL
+    with pytest.raises(ValueError):
+        K.linear(x, w, b, out=np.empty((2, 9, 48), np.float32)[..., ::2])
+
+
 # cut along the longer side: rows (203 x 97), columns (37 x 161); more blocks of columns than workers, handed out
 # one at a time (40 x 600: 4 blocks of columns with 2 workers)
 @pytest.mark.parametrize("m, n", [(203, 97), (37, 161), (40, 600)])
@@ -391,6 +407,19 @@ def test_attention_keys_in_place_or_copied(rng, monkeypatch, lk, heads):
     if heads > 1:
         monkeypatch.setattr(mha, "_COPY_MIN_KEYS", 1 << 30 if lk >= mha._COPY_MIN_KEYS else 1)
         assert np.array_equal(y, K.attention(q, k, v, heads))
+
+
+@pytest.mark.parametrize("lk, heads", [(2048, 3), (2048, 1), (64, 3)])
+def test_attention_on_views_of_a_fused_projection(rng, lk, heads):
+    """q, k and v as np.split's thirds of one (B, L, 3C) projection (tokens 3C apart) are read in place: the same
+    numbers as from contiguous copies, on both key paths (copied per head, or read in place)."""
+    c = 24
+    qkv = rng.standard_normal((2, lk, 3 * c), dtype=np.float32)
+    q, k, v = np.split(qkv, 3, axis=-1)
+    assert not q.flags.c_contiguous
+    y = K.attention(q, k, v, heads)
+    assert np.array_equal(y, K.attention(*(np.ascontiguousarray(t) for t in (q, k, v)), heads))
+    assert rel_err(y, R.attention(*f64(q, k, v), heads)) < TOL
 
 
 def test_attention_large_scores_do_not_overflow(rng):
@@ -503,3 +532,72 @@ def test_set_threads():
     assert n == min(available_cores(), numba.config.NUMBA_NUM_THREADS) == numba.get_num_threads()
     with pytest.raises(ValueError):
         set_threads(0)
+
+
+# ------------------------------------------------------------------------------------------------ upsample + conv
+
+
+def test_upconv_f42_matrices_and_phases(rng):
+    """F(4,2)'s matrices compute a 4-output correlation with 2 taps exactly (float64), and the four phases' 2x2
+    taps give conv3x3(up2(x)) exactly."""
+    from sdgen.kernels import upconv
+
+    bt, g, at = upconv.matrices()
+    d, k = rng.standard_normal(5), rng.standard_normal(2)
+    assert np.allclose(at @ ((g @ k) * (bt @ d)), [k[0] * d[i] + k[1] * d[i + 1] for i in range(4)], atol=1e-13)
+    x = rng.standard_normal((1, 5, 6, 3))
+    w = rng.standard_normal((4, 3, 3, 3))
+    ref = R.conv2d(R.upsample2x(x), w, None, padding=1)
+    taps = upconv.phase_taps(w)  # (a, c, o, i, r, s)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    for a in range(2):
+        for c in range(2):
+            y = sum(xp[:, a + r: a + r + 5, c + s: c + s + 6] @ taps[a, c, :, :, r, s].T for r in range(2) for s in range(2))
+            assert np.allclose(ref[:, a::2, c::2], y, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, h, w, cin, cout", [(1, 23, 21, 16, 24), (3, 9, 22, 40, 72), (1, 24, 20, 130, 70)])
+@pytest.mark.parametrize("storage", ["cache", "fp32", "fp16", "fp16-blocks"])
+def test_upsample_conv2d(rng, monkeypatch, n, h, w, cin, cout, storage):
+    """Upsampling by 2 then a 3x3 convolution, computed as four F(4,2) phases on the small map: against float64
+    upsample + conv, whatever holds the weights (float32 kept, or stored float32 / float16, in blocks or not)."""
+    from sdgen.kernels import upconv
+
+    monkeypatch.setattr(upconv, "MIN_TILES", 1)  # these maps are smaller than the models'
+    if storage.endswith("blocks"):
+        monkeypatch.setattr(winograd, "STREAM_FILTER_BYTES", 1)  # weights stored in blocks of output channels
+    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
+    wt = rng.standard_normal((cout, cin, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(cout, dtype=np.float32)
+    if storage.startswith("fp16"):
+        wt = wt.astype(np.float16)
+    plan = Conv2dPlan(wt, b, 1, 1, cache=storage == "cache")
+    assert (plan.blocks is not None) == storage.endswith("blocks")
+    y = K.upsample_conv2d(x, plan)
+    ref = R.conv2d(R.upsample2x(x.astype(np.float64)), wt.astype(np.float64), b, padding=1)
+    assert y.shape == ref.shape and rel_err(y, ref) < TOL
+
+
+@pytest.mark.parametrize("nworkers", [1, 2, 3])
+def test_upsample_conv3x3_groups_and_workers(rng, nworkers):
+    """Output channels in several filter groups (a last, partial one), blocks of tiles shared out to 1-3 workers."""
+    from sdgen.kernels import upconv
+
+    x = rng.standard_normal((2, 11, 13, 24), dtype=np.float32)
+    wt = rng.standard_normal((150, 24, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(150, dtype=np.float32)
+    plan = Conv2dPlan(wt, b, 1, 1, cache=False)
+    ref = R.conv2d(R.upsample2x(x.astype(np.float64)), wt.astype(np.float64), b, padding=1)
+    per_channel = upconv.A2 * winograd.padded_channels(24) * 4
+    y = upconv.upsample_conv3x3(x, plan.taps, 150, b, nworkers=nworkers, filter_bytes=64 * per_channel)
+    assert rel_err(y, ref) < TOL
+
+
+def test_upsample_conv2d_falls_back_on_small_maps(rng):
+    """Too few tiles for the phases (the UNet's 8x8 and 16x16 maps): upsampled, then convolved as before."""
+    from sdgen.kernels import upconv
+
+    x = rng.standard_normal((1, 8, 8, 32), dtype=np.float32)
+    assert not upconv.worth_it(1, 8, 8)
+    plan = Conv2dPlan(rng.standard_normal((32, 32, 3, 3), dtype=np.float32), None, 1, 1, cache=False)
+    assert np.array_equal(K.upsample_conv2d(x, plan), conv2d(K.upsample2x(x), plan))

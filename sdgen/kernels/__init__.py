@@ -6,12 +6,12 @@ Fast versions (Numba + BLAS) here; plain numpy twins of each in reference.py, wh
 
 from .activations import geglu, gelu, quick_gelu, silu
 from .mha import attention, softmax
-from .conv import Conv2dPlan, conv2d
+from .conv import Conv2dPlan, conv2d, upsample_conv2d
 from .gemm import linear
 from .norm import group_norm, layer_norm
 from .resize import upsample2x
 
 __all__ = [
     "Conv2dPlan", "conv2d", "attention", "gelu", "geglu", "group_norm", "layer_norm", "linear", "quick_gelu", "silu",
-    "softmax", "upsample2x",
+    "softmax", "upsample2x", "upsample_conv2d",
 ]

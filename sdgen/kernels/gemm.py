@@ -61,8 +61,9 @@ def _chunks(long: int, short: int, nw: int) -> int:
 
 
 def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None,
-              nworkers: int | None = None) -> np.ndarray:
-    """a @ b + bias (+ residual), a: (M, K) float32, b: (K, N) (C- or Fortran-contiguous; BLAS takes either).
+              nworkers: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """a @ b + bias (+ residual), a: (M, K) float32, b: (K, N) (C- or Fortran-contiguous; BLAS takes either);
+    into out (C-contiguous float32 (M, N)) if given, else a new array.
 
     On the kernel workers, each with single-threaded BLAS (never BLAS's own threads, whose idle spinning slows the
     workers' next phase). The result is cut along its longer side: into blocks of columns when N >= M (each worker
@@ -73,7 +74,12 @@ def gemm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, residual: n
     to its block while it is in cache."""
     m, k = a.shape
     n = b.shape[1]
-    y = np.empty((m, n), dtype=np.float32)
+    if out is None:
+        y = np.empty((m, n), dtype=np.float32)
+    elif out.shape != (m, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"gemm_bias: out must be C-contiguous float32 {(m, n)}, got {out.dtype} {out.shape}")
+    else:
+        y = out
     res2 = None if residual is None else _as2d(residual, n)
     has_bias = bias is not None
     bb = bias if has_bias else _NO_BIAS
@@ -109,17 +115,24 @@ def _multiply_columns(a, b, out, lo: int, hi: int, bias, has_bias: bool, res2) -
             add_bias_residual(out, bias, has_bias, _NO_RES2 if res2 is None else res2, res2 is not None, lo, hi)
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
     """x @ weight.T + bias (+ residual) over the last axis of x; weight (out, in) as PyTorch stores it.
 
-    residual, if given, has the output's shape and is added in the same pass as the bias.
+    residual, if given, has the output's shape and is added in the same pass as the bias, after it: (x W^T + b) + r,
+    as a residual connection after a linear layer rounds. out: a C-contiguous float32 array of the output's shape
+    to write into (returned), instead of a new one.
     """
     x = np.asarray(x, dtype=np.float32)
     weight = np.asarray(weight, dtype=np.float32)
     out_f, in_f = weight.shape
     lead = x.shape[:-1]
-    y = gemm_bias(_as2d(x, in_f), weight.T, None if bias is None else np.asarray(bias, dtype=np.float32), residual)
-    return y.reshape(*lead, out_f)
+    if out is not None and not (out.flags.c_contiguous and out.shape == (*lead, out_f)):
+        raise ValueError(f"linear: out must be C-contiguous of shape {(*lead, out_f)}")
+    y2 = None if out is None else out.reshape(-1, out_f)
+    y = gemm_bias(_as2d(x, in_f), weight.T, None if bias is None else np.asarray(bias, dtype=np.float32), residual,
+                  out=y2)
+    return y.reshape(*lead, out_f) if out is None else out
 
 
 @njit(nogil=True, cache=True)

@@ -152,6 +152,15 @@ def _partition(b: int, lq: int, lkp: int, heads: int, block_bytes: int) -> tuple
     return qb, hg
 
 
+def _channels_contiguous(a: np.ndarray) -> np.ndarray:
+    """a as float32 with unit stride along its channels (the last axis) and whole tokens: views such as the q, k
+    and v thirds of a fused projection's output are used as they are (no copy), anything else is copied."""
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim == 3 and a.strides[2] == 4 and min(a.strides) > 0:
+        return a
+    return np.ascontiguousarray(a)
+
+
 def attention(
     q: np.ndarray,
     k: np.ndarray,
@@ -162,7 +171,8 @@ def attention(
     nworkers: int | None = None,
     max_slices: int | None = None,
 ) -> np.ndarray:
-    """Multi-head scaled dot-product attention. q: (B, Lq, C), k and v: (B, Lk, C) -> (B, Lq, C).
+    """Multi-head scaled dot-product attention. q: (B, Lq, C), k and v: (B, Lk, C) -> (B, Lq, C); q, k and v may
+    be views whose tokens are further apart than C (e.g. np.split of a fused q/k/v projection): read in place.
 
     Scale 1/sqrt(C/heads). mask, if given, is added to the scores and broadcasts to (B, heads, Lq, Lk) (e.g. a
     causal mask of -inf). Each job's score block (heads in its group x query rows x Lk floats) stays under
@@ -170,9 +180,7 @@ def attention(
     max_slices: diffusers' attention slicing -- the score blocks of all the jobs running at once hold at most
     max_slices (image x head) slices of Lq x Lk scores (block_bytes is lowered to fit; same results).
     """
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    k = np.ascontiguousarray(k, dtype=np.float32)
-    v = np.ascontiguousarray(v, dtype=np.float32)
+    q, k, v = _channels_contiguous(q), _channels_contiguous(k), _channels_contiguous(v)
     b, lq, c = q.shape
     lk = k.shape[1]
     if c % heads or k.shape != (b, lk, c) or v.shape != (b, lk, c):
@@ -193,9 +201,9 @@ def attention(
     nw = min(_pool.workers() if nworkers is None else max(1, nworkers), len(jobs))
     # Q (B, H, Lq, d), O, K^T (B, H, d, Lk) and V (B, H, Lk, d) as strided views, except where the keys are long
     # and split into heads: on 4096 keys, 8 heads of 40 or 5 of 64, BLAS packs contiguous operands 5-7% faster than
-    # rows of d floats C apart, which pays for copying K^T and V per head; on shorter keys the copies (serial,
-    # before the jobs) cost more than they save (256 keys, 1280 channels, 8 heads, batch 2: 10.3 -> 6.5 ms), and a
-    # single head (the VAE's) is contiguous already. Same results either way: BLAS reads the same numbers.
+    # rows of d floats C apart, which pays for copying K^T and V per head (an image per worker, before the jobs);
+    # on shorter keys the copies cost more than they save (256 keys, 1280 channels, 8 heads, batch 2: 10.3 -> 6.5
+    # ms), and a single head (the VAE's) is contiguous already. Same results either way: BLAS reads the same numbers.
     qv = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     ov = out.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     if lk < _COPY_MIN_KEYS or heads == 1:
@@ -203,9 +211,15 @@ def attention(
         vv = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
     else:
         kt = np.empty((b, heads, d, lk), dtype=np.float32)
-        for bi in range(b):
-            _transpose_keys(k[bi], kt[bi])
-        vv = np.ascontiguousarray(v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3))
+        vv = np.empty((b, heads, lk, d), dtype=np.float32)
+        nwc = min(b, _pool.workers() if nworkers is None else max(1, nworkers))
+
+        def copy(i: int) -> None:  # an image per worker
+            for bi in range(i, b, nwc):
+                _transpose_keys(k[bi], kt[bi])
+                vv[bi] = v[bi].reshape(lk, heads, d).transpose(1, 0, 2)
+
+        _pool.run(copy, nwc)
     # the probabilities are normalised before P V when that is the narrower of the two (keys fewer than d: the
     # 77 keys of cross-attention on 160-wide heads), else the output rows after it
     norm_p = lk < d

@@ -53,10 +53,9 @@ class CLIPAttention:
         self.qkv = Linear.fused([Linear(p.sub(n), dim, dim) for n in ("q_proj", "k_proj", "v_proj")])
         self.out_proj = Linear(p.sub("out_proj"), dim, dim)
 
-    def __call__(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        q, k, v = np.split(self.qkv(x), 3, axis=-1)
-        return self.out_proj(kernels.attention(np.ascontiguousarray(q), np.ascontiguousarray(k),
-                                               np.ascontiguousarray(v), self.heads, mask=mask))
+    def __call__(self, x: np.ndarray, mask: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        q, k, v = np.split(self.qkv(x), 3, axis=-1)  # views, read in place
+        return self.out_proj(kernels.attention(q, k, v, self.heads, mask=mask), residual=residual)
 
 
 class CLIPEncoderLayer:
@@ -70,8 +69,8 @@ class CLIPEncoderLayer:
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.fc2(self.act(self.fc1(self.layer_norm2(x))))
+        x = self.self_attn(self.layer_norm1(x), mask, residual=x)
+        return self.fc2(self.act(self.fc1(self.layer_norm2(x))), residual=x)
 
 
 class CLIPTextModel:

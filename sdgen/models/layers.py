@@ -254,8 +254,10 @@ class Linear:
         fused._release = []
         return fused
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return kernels.linear(x, _weights.as_float32(self.weight, "linear"), self.bias)
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """x W^T + b, + residual (after the bias, as a residual connection rounds) in the same pass if given;
+        into out if given (kernels.linear)."""
+        return kernels.linear(x, _weights.as_float32(self.weight, "linear"), self.bias, residual, out)
 
 
 class Conv2d:
@@ -278,6 +280,14 @@ class Conv2d:
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         return kernels.conv2d(x, self.plan, residual=residual)
+
+    def upsampled(self, x: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """This convolution of x upsampled (nearest) by 2, or to size: an upsampler. By 2, without making the
+        upsampled map where that pays (kernels.upsample_conv2d)."""
+        n, h, w, c = x.shape
+        if size is None or tuple(size) == (2 * h, 2 * w):
+            return kernels.upsample_conv2d(x, self.plan)
+        return self(upsample_nearest(x, size))
 
 
 class GroupNorm:

@@ -19,7 +19,7 @@ import numpy as np
 from .. import kernels
 from ..errors import BadModelFileError
 from .layers import (Conv2d, GroupNorm, LayerNorm, Linear, Params, attention, nchw_to_nhwc, nhwc_to_nchw,
-                     timestep_embedding, upsample_nearest)
+                     timestep_embedding)
 
 
 def _per_block(value, n: int) -> list:
@@ -106,14 +106,15 @@ class Attention:
             self.q, self.kv = q, Linear.fused([k, v])
         self.to_out = Linear(p.sub("to_out.0"), dim, dim)
 
-    def __call__(self, x: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, x: np.ndarray, context: np.ndarray | None = None, residual: np.ndarray | None = None
+                 ) -> np.ndarray:
+        """Attention over x (and context), projected out, + residual if given (in the projection's pass)."""
         if self.self_attention:
-            q, k, v = np.split(self.qkv(x), 3, axis=-1)
+            q, k, v = np.split(self.qkv(x), 3, axis=-1)  # views, which the attention kernel reads in place
         else:
             q = self.q(x)
             k, v = np.split(self.kv(context), 2, axis=-1)
-        out = attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), self.heads)
-        return self.to_out(out)
+        return self.to_out(attention(q, k, v, self.heads), residual=residual)
 
 
 FF_CHUNK_BYTES = 32 << 20  # the transformer MLP's intermediate (tokens x 8 channels) per block of tokens, at most
@@ -132,8 +133,8 @@ class TransformerBlock:
         self.ff_out = Linear(p.sub("ff.net.2"), dim * 4, dim)
 
     def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
         return self.feed_forward(x)
 
     def feed_forward(self, x: np.ndarray) -> np.ndarray:
@@ -142,12 +143,12 @@ class TransformerBlock:
         b, n, c = x.shape
         rows = max(64, FF_CHUNK_BYTES // (4 * self.ff_in.weight.shape[0]))
         if b * n <= rows:
-            return x + self.ff_out(kernels.geglu(self.ff_in(self.norm3(x))))
-        flat = x.reshape(b * n, c)
+            return self.ff_out(kernels.geglu(self.ff_in(self.norm3(x))), residual=x)
+        flat = np.ascontiguousarray(x).reshape(b * n, c)
         out = np.empty_like(flat)
         for r0 in range(0, b * n, rows):
             xs = flat[r0 : r0 + rows]
-            out[r0 : r0 + rows] = xs + self.ff_out(kernels.geglu(self.ff_in(self.norm3(xs))))
+            self.ff_out(kernels.geglu(self.ff_in(self.norm3(xs))), residual=xs, out=out[r0 : r0 + rows])
         return out.reshape(b, n, c)
 
 
@@ -167,7 +168,7 @@ class Transformer2D:
         tokens = self.proj_in(self.norm(x).reshape(n, h * w, c))
         for block in self.blocks:
             tokens = block(tokens, context)
-        return self.proj_out(tokens).reshape(n, h, w, c) + x
+        return self.proj_out(tokens, residual=x.reshape(n, h * w, c)).reshape(n, h, w, c)
 
 
 
@@ -210,7 +211,7 @@ class UpBlock:
             if self.attentions:
                 x = self.attentions[i](x, context)
         if self.upsampler is not None:
-            x = self.upsampler(upsample_nearest(x, upsample_size))
+            x = self.upsampler.upsampled(x, upsample_size)
         return x
 
 

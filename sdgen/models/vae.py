@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import kernels
-from .layers import Conv2d, GroupNorm, Linear, Params, attention, nchw_to_nhwc, nhwc_to_nchw, upsample_nearest
+from .layers import Conv2d, GroupNorm, Linear, Params, attention, nchw_to_nhwc, nhwc_to_nchw
 from .unet import ResnetBlock
 
 _EPS = 1e-6
@@ -56,8 +56,7 @@ class SpatialAttention:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         n, h, w, c = x.shape
         q, k, v = np.split(self.qkv(self.norm(x).reshape(n, h * w, c)), 3, axis=-1)
-        out = attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), 1)
-        return self.to_out(out).reshape(n, h, w, c) + x
+        return self.to_out(attention(q, k, v, 1), residual=x.reshape(n, h * w, c)).reshape(n, h, w, c)
 
 
 class VAEMidBlock:
@@ -95,7 +94,7 @@ class Decoder:
             for resnet in resnets:
                 x = resnet(x, None)
             if upsampler is not None:
-                x = upsampler(upsample_nearest(x))
+                x = upsampler.upsampled(x)
         return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
