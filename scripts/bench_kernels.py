@@ -1,6 +1,6 @@
 """Benchmark sdgen's kernels against PyTorch (fp32, CPU) on Stable Diffusion's layer shapes, in one process.
 
-    python scripts/bench_kernels.py [--threads 2] [--repeat 3] [--only conv|attention|norm] [--quick]
+    python scripts/bench_kernels.py [--threads 2] [--repeat 3] [--only conv|upsample|attention|norm] [--quick]
 
 Each case runs every implementation `repeat` times, interleaved (ours, torch, ours, torch, ...), and keeps the
 minimum, so that a busy machine disturbs both sides alike. Ratios are ours / torch (below 1: we are faster).
@@ -160,11 +160,38 @@ def bench_norm(torch, repeat: int) -> None:
         print(f"{name:<30} {best['torch'] * 1e3:>8.1f} {best['ours'] * 1e3:>8.1f} {best['ours'] / best['torch']:>6.2f}", flush=True)
 
 
+def bench_upsample(torch, repeat: int, quick: bool) -> None:
+    """The upsamplers: nearest x2 then a 3x3 conv, as the UNet and VAE run them (weights stored, filters made at
+    each call), against torch's interpolate + conv2d; "up+conv" is sdgen upsampling, then its own conv2d."""
+    from sdgen.kernels import Conv2dPlan, conv2d, upsample2x, upsample_conv2d
+
+    print("\nnearest x2 upsampling + 3x3 conv (ms; ratios to torch's interpolate + conv2d)")
+    print(f"{'C':>5} {'HxW in':>9} {'N':>2} {'torch':>8} {'up+conv':>15} {'ours':>15}")
+    rng = np.random.default_rng(0)
+    F = torch.nn.functional
+    shapes = [(640, 32, 2), (512, 64, 1), (512, 128, 1), (256, 256, 1)]
+    for c, hw, n in shapes[:3] if quick else shapes:
+        x = rng.standard_normal((n, hw, hw, c), dtype=np.float32)
+        w = rng.standard_normal((c, c, 3, 3), dtype=np.float32) * 0.02
+        b = rng.standard_normal(c, dtype=np.float32)
+        plan = Conv2dPlan(w, b, 1, 1, cache=False)
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        wt, bt = torch.from_numpy(w), torch.from_numpy(b)
+        with torch.no_grad():
+            best = timed_min({"torch": lambda: F.conv2d(F.interpolate(xt, scale_factor=2.0, mode="nearest"), wt, bt,
+                                                         padding=1),
+                              "up+conv": lambda: conv2d(upsample2x(x), plan),
+                              "ours": lambda: upsample_conv2d(x, plan)}, repeat)
+        t = best["torch"]
+        print(f"{c:>5} {hw:>4}x{hw:<4} {n:>2} {t * 1e3:>8.1f} {best['up+conv'] * 1e3:>8.1f} ({best['up+conv'] / t:.2f})"
+              f" {best['ours'] * 1e3:>8.1f} ({best['ours'] / t:.2f})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["conv", "attention", "norm"], action="append")
+    ap.add_argument("--only", choices=["conv", "upsample", "attention", "norm"], action="append")
     ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
     ap.add_argument("--variants", default="im2col,f23,f43,model",
                     help="conv paths to time, comma separated: im2col, f23, f43 (transformed weights kept), model, "
@@ -179,9 +206,11 @@ def main() -> None:
     set_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, torch {torch.__version__}, numpy {np.__version__}; minimum of {args.repeat} runs")
-    only = args.only or ["conv", "attention", "norm"]
+    only = args.only or ["conv", "upsample", "attention", "norm"]
     if "conv" in only:
         bench_conv(torch, args.repeat, args.quick, args.variants.split(","))
+    if "upsample" in only:
+        bench_upsample(torch, args.repeat, args.quick)
     if "attention" in only:
         bench_attention(torch, args.repeat, args.quick)
     if "norm" in only:
