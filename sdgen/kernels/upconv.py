@@ -26,7 +26,8 @@ import numpy as np
 from numba import njit
 
 from . import _pool
-from .winograd import STREAM_FILTER_BYTES, _rows_padded, channel_block, padded_channels, tile_block
+from .winograd import (STREAM_FILTER_BYTES, _rows_padded, channel_block, padded_channels, tile_block,
+                       tile_position)
 
 # F(4,2): B^T (5 x 5), G (5 x 2), A^T (4 x 5), float64, for tests; the Numba transforms below write them out.
 _BT = np.array([[2, -1, -2, 1, 0], [0, -2, -1, 1, 0], [0, 2, -3, 1, 0], [0, -1, 0, 1, 0], [0, 2, -1, -2, 1]],
@@ -176,16 +177,12 @@ def input_transform(x, v, t0, k_lo, k_hi, tiles_h, tiles_w, dy, dx):
     5x5 window of NHWC x starts at (4 ty + dy, 4 tx + dx), zero outside x. Serial; releases the GIL."""
     n_, h, w, cin = x.shape
     cb = v.shape[3]
-    per_img = tiles_h * tiles_w
     tmp = np.empty((A, A, cb), dtype=np.float32)
     row = np.empty((1, A, cb), dtype=np.float32)
     for k in range(k_lo, k_hi):
-        t = t0 + k
-        n = t // per_img
-        r = t - n * per_img
-        ty = r // tiles_w
+        n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
         y0 = ty * M + dy
-        x0 = (r - ty * tiles_w) * M + dx
+        x0 = tx * M + dx
         inside_x = x0 >= 0 and x0 + A <= w
         for b in range(-(-cin // cb)):
             c0 = b * cb
@@ -263,16 +260,12 @@ def output_transform(mm, y, t0, k_lo, k_hi, tiles_h, tiles_w, pa, pc, c_lo, bias
     wo = w2 // 2
     cb = mm.shape[3]
     nch = min(mm.shape[2] * cb, cout - c_lo)
-    per_img = tiles_h * tiles_w
     tmp = np.empty((A, M, cb), dtype=np.float32)
     col = np.empty((M, cb), dtype=np.float32)
     for k in range(k_lo, k_hi):
-        t = t0 + k
-        n = t // per_img
-        r = t - n * per_img
-        ty = r // tiles_w
+        n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
         oy = ty * M
-        ox = (r - ty * tiles_w) * M
+        ox = tx * M
         nh = min(M, ho - oy)
         nw = min(M, wo - ox)
         for b in range(-(-nch // cb)):

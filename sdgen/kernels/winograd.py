@@ -330,21 +330,26 @@ def _tile_out(m, mm, k, y, n, oy, ox, bias, res, has_res, b_lo, b_hi, tmp, col):
                         y[n, oy + i, ox + j, c0 + c] = col[i, c] + bias[c0 + c]
 
 
+@njit(inline="always")
+def tile_position(t, tiles_h, tiles_w):
+    """(image, tile row, tile column) of tile t, tiles numbered by image, then tile row, then tile column."""
+    per_img = tiles_h * tiles_w
+    n = t // per_img
+    r = t - n * per_img
+    ty = r // tiles_w
+    return n, ty, r - ty * tiles_w
+
+
 @njit(nogil=True, cache=True)
 def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad):
     """F(m,3) input transform B^T d B of tiles t0+k, k in [k_lo, k_hi), of NHWC x (zero padding `pad`) into
     v[:, k] (layout above). Tiles are numbered by image, then tile row, then tile column. Serial; releases the GIL."""
     a = m + 2
     cb = v.shape[3]
-    per_img = tiles_h * tiles_w
     tmp = np.empty((a, a, cb), dtype=np.float32)
     row = np.empty((1, a, cb), dtype=np.float32)
     for k in range(k_lo, k_hi):
-        t = t0 + k
-        n = t // per_img
-        r = t - n * per_img
-        ty = r // tiles_w
-        tx = r - ty * tiles_w
+        n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
         _tile_in(m, x, n, ty * m - pad, tx * m - pad, v, k, tmp, row)
 
 
@@ -354,15 +359,10 @@ def output_transform(m, mm, y, t0, k_lo, k_hi, tiles_h, tiles_w, bias, res, has_
     [b_lo, b_hi), into NHWC y, adding bias and, if has_res, res (NHWC like y). Serial; releases the GIL."""
     a = m + 2
     cb = mm.shape[3]
-    per_img = tiles_h * tiles_w
     tmp = np.empty((a, m, cb), dtype=np.float32)
     col = np.empty((m, cb), dtype=np.float32)
     for k in range(k_lo, k_hi):
-        t = t0 + k
-        n = t // per_img
-        r = t - n * per_img
-        ty = r // tiles_w
-        tx = r - ty * tiles_w
+        n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
         _tile_out(m, mm, k, y, n, ty * m, tx * m, bias, res, has_res, b_lo, b_hi, tmp, col)
 
 
