@@ -589,7 +589,7 @@ def test_upsample_conv3x3_groups_and_workers(rng, nworkers):
     plan = Conv2dPlan(wt, b, 1, 1, cache=False)
     ref = R.conv2d(R.upsample2x(x.astype(np.float64)), wt.astype(np.float64), b, padding=1)
     per_channel = upconv.A2 * winograd.padded_channels(24) * 4
-    y = upconv.upsample_conv3x3(x, plan.taps, 150, b, nworkers=nworkers, filter_bytes=64 * per_channel)
+    y = upconv.upsample_conv3x3(x, plan.output_blocks, 150, b, nworkers=nworkers, filter_bytes=64 * per_channel)
     assert rel_err(y, ref) < TOL
 
 

@@ -34,6 +34,8 @@ F43_MAX_FILTER_BYTES = 64 << 20
 # channels: 8x8 maps, batch 2 (8 tiles): F(2,3) 16 ms, F(4,3) 22; 16x16, batch 1 (16 tiles): 27 and 25).
 STREAM_IM2COL_TILES = 32
 STREAM_F43_TILES = 16
+# With fewer input or output channels than this the Winograd transforms cost more than the products they save.
+MIN_WINOGRAD_CHANNELS = 16
 
 
 def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = True) -> str:
@@ -44,7 +46,7 @@ def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = Tr
     cache: whether the plan keeps its filters (F43_MAX_FILTER_BYTES then bounds them); filters made at each call
     never take more than a bounded buffer, so F(4,3) is chosen whatever their size (1.3-2x faster than F(2,3) on
     the UNet's 1280-channel layers, measured) where there are enough tiles (STREAM_F43_TILES)."""
-    if min(cin, cout) < 16:
+    if min(cin, cout) < MIN_WINOGRAD_CHANNELS:
         return "im2col"
     tiles2 = n * (-(-h // 2)) * (-(-w // 2))
     if tiles2 < 8:
@@ -158,21 +160,21 @@ class Conv2dPlan:
         hwio = self.hwio if self.blocks is None else _weights.unblock_outputs(self.blocks, self.out_channels)
         return _weights.as_float32(hwio.reshape(-1, self.out_channels), "conv")
 
-    def taps(self, o_lo: int, o_hi: int) -> np.ndarray:
-        """The weights of output channels [o_lo, o_hi) as float32 taps (kh, kw, Cin, o_hi - o_lo), from what the
-        plan holds (widened exactly if half precision)."""
-        if self.cache:
-            w = self.weight[o_lo:o_hi].transpose(2, 3, 1, 0)
-        elif self.blocks is not None:
-            ob = self.blocks.shape[-1]
-            j = o_lo // ob
-            if o_lo % ob == 0 and o_hi <= (j + 1) * ob:
-                w = self.blocks[j][..., : o_hi - o_lo]
-            else:
-                w = _weights.unblock_outputs(self.blocks, self.out_channels)[..., o_lo:o_hi]
+    def output_blocks(self, o_lo: int, o_hi: int, ob: int) -> np.ndarray:
+        """The weights of output channels [o_lo, o_hi) (o_lo a multiple of ob) as float32 blocks of ob output
+        channels, (ceil((o_hi - o_lo) / ob), kh, kw, Cin, ob), zeros past o_hi; widened exactly if half precision.
+        Weights stored in such blocks are sliced, not re-laid out."""
+        b = self.blocks
+        if b is not None and b.shape[-1] == ob and o_lo % ob == 0 and (o_hi % ob == 0 or o_hi == self.out_channels):
+            w = b[o_lo // ob: -(-o_hi // ob)]
         else:
-            w = self.hwio[..., o_lo:o_hi]
-        w = np.ascontiguousarray(w)
+            if self.cache:
+                hwio = self.weight[o_lo:o_hi].transpose(2, 3, 1, 0)
+            elif b is not None:
+                hwio = _weights.unblock_outputs(b, self.out_channels)[..., o_lo:o_hi]
+            else:
+                hwio = self.hwio[..., o_lo:o_hi]
+            w = _weights.block_outputs(hwio, ob)
         return w if w.dtype == np.float32 else _weights.widen(w, parallel=False)
 
     def stored_bytes(self) -> int:
@@ -225,7 +227,7 @@ def upsample_conv2d(x: np.ndarray, plan: Conv2dPlan) -> np.ndarray:
     if cin != plan.in_channels:
         raise ValueError(f"conv2d: input has {cin} channels, the weights expect {plan.in_channels}")
     if not (plan.winograd_ok and plan.padding == 1 and plan.variant is None and upconv.worth_it(n, h, w)
-            and min(cin, plan.out_channels) >= 16):
+            and min(cin, plan.out_channels) >= MIN_WINOGRAD_CHANNELS):
         return conv2d(upsample2x(x), plan)
     bias = plan.bias if plan.bias is not None else plan.zero_bias()
-    return upconv.upsample_conv3x3(x, plan.taps, plan.out_channels, bias)
+    return upconv.upsample_conv3x3(x, plan.output_blocks, plan.out_channels, bias)

@@ -10,9 +10,11 @@ are x's rows i + a - 1 + r, r in {0, 1}, one of them twice; the same for columns
 its top-left tap at (i + a - 1, j + c - 1). Each phase runs as Winograd F(4x4, 2x2) (interpolation points
 {0, 1, -1, 2}, +infinity; `matrices()`): 25 products per 4x4 tile of a phase, where F(4,3) on the upsampled map
 takes 36 per 4x4 tile: 31% fewer multiplications, an input transform over a quarter of the pixels, and no 4x larger
-input map in memory. The filters (4 phases x 25 x Cin x Cout) are made at each call from the stored 3x3 weights, a
-group of output channels at a time (into the shared "winograd" scratch buffer). The products are as in winograd.py:
-25 GEMMs (tiles, Cin) @ (Cin, Cout) per phase and block of tiles, through BLAS on the kernel workers.
+input map in memory. The filters (25 x Cin x Cout per phase) are made at each call from the stored 3x3 weights, a
+phase and a group of output channels at a time (into the shared "winograd" scratch buffer). The tiles go through
+winograd.py's transforms (F(4,2) on 25 slabs, each phase's window offset by its padding, outputs written into
+every other pixel) and 25 GEMMs (tiles, Cin) @ (Cin, Cout) per phase and block of tiles, through BLAS on the kernel
+workers.
 
 The numbers differ from upsample-then-convolve by float32 roundings only (the taps' sums, the transforms): tested
 against a float64 reference.
@@ -26,10 +28,11 @@ import numpy as np
 from numba import njit
 
 from . import _pool
-from .winograd import (STREAM_FILTER_BYTES, _rows_padded, channel_block, padded_channels, tile_block,
-                       tile_position)
+from .winograd import (_NO_RES, STREAM_FILTER_BYTES, _rows_padded, channel_block, input_transform, output_transform,
+                       padded_channels, tile_block)
 
-# F(4,2): B^T (5 x 5), G (5 x 2), A^T (4 x 5), float64, for tests; the Numba transforms below write them out.
+# F(4,2): B^T (5 x 5), G (5 x 2), A^T (4 x 5), float64, for tests; winograd.py's tile transforms write B^T and A^T
+# out (its input_transform and output_transform run F(4,2) on 25 slabs), _g52 below writes G out.
 _BT = np.array([[2, -1, -2, 1, 0], [0, -2, -1, 1, 0], [0, 2, -3, 1, 0], [0, -1, 0, 1, 0], [0, 2, -1, -2, 1]],
                dtype=np.float64)
 _G = np.array([[1 / 2, 0], [-1 / 2, -1 / 2], [-1 / 6, 1 / 6], [1 / 6, 1 / 3], [0, 1]], dtype=np.float64)
@@ -132,156 +135,6 @@ def make_filters(block_hwio: np.ndarray, a: int, c: int, u: np.ndarray) -> None:
     _filters(g, a, c, u.reshape(A2, -1))
 
 
-# ---------------------------------------------------------------- transforms (layouts as in winograd.py)
-
-
-@njit(inline="always")
-def _bt5(src, r, k0, c0, dst, i, nc):
-    """dst[i, a, c] = (B^T d)[a], d = src[r, k0 .. k0+4, c0 + c] (5 pixels of one input row)."""
-    f2 = np.float32(2.0)
-    f3 = np.float32(3.0)
-    for c in range(nc):
-        d0 = src[r, k0, c0 + c]
-        d1 = src[r, k0 + 1, c0 + c]
-        d2 = src[r, k0 + 2, c0 + c]
-        d3 = src[r, k0 + 3, c0 + c]
-        d4 = src[r, k0 + 4, c0 + c]
-        dst[i, 0, c] = f2 * (d0 - d2) - d1 + d3
-        dst[i, 1, c] = d3 - f2 * d1 - d2
-        dst[i, 2, c] = f2 * d1 - f3 * d2 + d3
-        dst[i, 3, c] = d3 - d1
-        dst[i, 4, c] = f2 * (d1 - d3) - d2 + d4
-
-
-@njit(inline="always")
-def _bt5_col(tmp, j, v, k, b, nc):
-    """Column pass: v[a*5 + j, k, b, c] = (B^T tmp[:, j, c])[a]."""
-    f2 = np.float32(2.0)
-    f3 = np.float32(3.0)
-    for c in range(nc):
-        d0 = tmp[0, j, c]
-        d1 = tmp[1, j, c]
-        d2 = tmp[2, j, c]
-        d3 = tmp[3, j, c]
-        d4 = tmp[4, j, c]
-        v[j, k, b, c] = f2 * (d0 - d2) - d1 + d3
-        v[5 + j, k, b, c] = d3 - f2 * d1 - d2
-        v[10 + j, k, b, c] = f2 * d1 - f3 * d2 + d3
-        v[15 + j, k, b, c] = d3 - d1
-        v[20 + j, k, b, c] = f2 * (d1 - d3) - d2 + d4
-
-
-@njit(nogil=True, cache=True)
-def input_transform(x, v, t0, k_lo, k_hi, tiles_h, tiles_w, dy, dx):
-    """B^T d B of tiles t0 + k, k in [k_lo, k_hi), into v[:, k] (25, tiles, channel blocks, cb): tile (n, ty, tx)'s
-    5x5 window of NHWC x starts at (4 ty + dy, 4 tx + dx), zero outside x. Serial; releases the GIL."""
-    n_, h, w, cin = x.shape
-    cb = v.shape[3]
-    tmp = np.empty((A, A, cb), dtype=np.float32)
-    row = np.empty((1, A, cb), dtype=np.float32)
-    for k in range(k_lo, k_hi):
-        n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
-        y0 = ty * M + dy
-        x0 = tx * M + dx
-        inside_x = x0 >= 0 and x0 + A <= w
-        for b in range(-(-cin // cb)):
-            c0 = b * cb
-            nc = min(cb, cin - c0)
-            for i in range(A):
-                yy = y0 + i
-                if yy < 0 or yy >= h:
-                    for j in range(A):
-                        for c in range(nc):
-                            tmp[i, j, c] = np.float32(0.0)
-                elif inside_x:
-                    _bt5(x[n], yy, x0, c0, tmp, i, nc)
-                else:
-                    for kk in range(A):
-                        xx = x0 + kk
-                        if xx < 0 or xx >= w:
-                            for c in range(nc):
-                                row[0, kk, c] = np.float32(0.0)
-                        else:
-                            for c in range(nc):
-                                row[0, kk, c] = x[n, yy, xx, c0 + c]
-                    _bt5(row, 0, 0, 0, tmp, i, nc)
-            for j in range(A):
-                _bt5_col(tmp, j, v, k, b, nc)
-
-
-@njit(inline="always")
-def _at5_row(mm, i, k, b, tmp, nc):
-    """tmp[i, j, c] = (A^T mm[i*5 .. i*5+4, k, b, c])[j]."""
-    f2 = np.float32(2.0)
-    f4 = np.float32(4.0)
-    f8 = np.float32(8.0)
-    p = i * 5
-    for c in range(nc):
-        m0 = mm[p, k, b, c]
-        m1 = mm[p + 1, k, b, c]
-        m2 = mm[p + 2, k, b, c]
-        m3 = mm[p + 3, k, b, c]
-        m4 = mm[p + 4, k, b, c]
-        s = m1 + m2
-        d = m1 - m2
-        tmp[i, 0, c] = m0 + s + m3
-        tmp[i, 1, c] = d + f2 * m3
-        tmp[i, 2, c] = s + f4 * m3
-        tmp[i, 3, c] = d + f8 * m3 + m4
-
-
-@njit(inline="always")
-def _at5_col(tmp, j, col, nc):
-    """col[i, c] = (A^T tmp[:, j, c])[i]."""
-    f2 = np.float32(2.0)
-    f4 = np.float32(4.0)
-    f8 = np.float32(8.0)
-    for c in range(nc):
-        m0 = tmp[0, j, c]
-        m1 = tmp[1, j, c]
-        m2 = tmp[2, j, c]
-        m3 = tmp[3, j, c]
-        m4 = tmp[4, j, c]
-        s = m1 + m2
-        d = m1 - m2
-        col[0, c] = m0 + s + m3
-        col[1, c] = d + f2 * m3
-        col[2, c] = s + f4 * m3
-        col[3, c] = d + f8 * m3 + m4
-
-
-@njit(nogil=True, cache=True)
-def output_transform(mm, y, t0, k_lo, k_hi, tiles_h, tiles_w, pa, pc, c_lo, bias):
-    """A^T M A of tiles t0 + k, k in [k_lo, k_hi) (mm[:, k]: (25, tiles, channel blocks, cb)) + bias, into phase
-    (pa, pc) of NHWC y (N, 2H, 2W, C): tile (n, ty, tx)'s output (i, j) goes to y[n, 2 (4 ty + i) + pa,
-    2 (4 tx + j) + pc, c_lo + channel], clipped at the edge; bias indexed from c_lo too. Serial; releases the GIL."""
-    n_, h2, w2, cout = y.shape
-    ho = h2 // 2
-    wo = w2 // 2
-    cb = mm.shape[3]
-    nch = min(mm.shape[2] * cb, cout - c_lo)
-    tmp = np.empty((A, M, cb), dtype=np.float32)
-    col = np.empty((M, cb), dtype=np.float32)
-    for k in range(k_lo, k_hi):
-        n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
-        oy = ty * M
-        ox = tx * M
-        nh = min(M, ho - oy)
-        nw = min(M, wo - ox)
-        for b in range(-(-nch // cb)):
-            c0 = b * cb
-            nc = min(cb, nch - c0)
-            for i in range(A):
-                _at5_row(mm, i, k, b, tmp, nc)
-            for j in range(nw):
-                _at5_col(tmp, j, col, nc)
-                xx = 2 * (ox + j) + pc
-                for i in range(nh):
-                    yy = 2 * (oy + i) + pa
-                    for c in range(nc):
-                        y[n, yy, xx, c_lo + c0 + c] = col[i, c] + bias[c_lo + c0 + c]
-
-
 # ---------------------------------------------------------------- driver
 
 # the phase filters made at once (a group of output channels) take at most this: the buffer Winograd's filters made
@@ -296,16 +149,17 @@ def worth_it(n: int, h: int, w: int) -> bool:
     return n * -(-h // M) * -(-w // M) >= MIN_TILES
 
 
-def upsample_conv3x3(x: np.ndarray, taps, cout: int, bias: np.ndarray, nworkers: int | None = None,
+def upsample_conv3x3(x: np.ndarray, weight_blocks, cout: int, bias: np.ndarray, nworkers: int | None = None,
                      filter_bytes: int = UPCONV_FILTER_BYTES) -> np.ndarray:
     """conv3x3(nearest_up2(x)) + bias, padding 1, for C-contiguous float32 NHWC x (N, H, W, Cin) -> (N, 2H, 2W,
-    cout). taps(o_lo, o_hi) returns the float32 HWIO weights (3, 3, Cin, o_hi - o_lo) of output channels
-    [o_lo, o_hi) (Conv2dPlan.taps). bias: float32 (cout,).
+    cout). weight_blocks(o_lo, o_hi, ob) returns the float32 weights of output channels [o_lo, o_hi) in blocks of
+    ob, (blocks, 3, 3, Cin, ob), zeros past o_hi (Conv2dPlan.output_blocks). bias: float32 (cout,).
 
-    Phase by phase, in groups of output channels whose filters take at most filter_bytes (the VAE's and SD's
-    640-channel upsamplers: all of them): all workers make the group's filters (a channel block each at a time),
-    then take blocks of tiles one at a time: input transform, 25 GEMMs, output transform into the phase's pixels.
-    On small maps the blocks are made small enough that every worker gets one."""
+    In groups of output channels whose filters for one phase take at most filter_bytes (the VAE's and SD's
+    640-channel upsamplers: all of them), their weights taken once per group; then phase by phase, all workers make
+    the phase's filters (a channel block each at a time), then take blocks of tiles one at a time: input transform,
+    25 GEMMs, output transform into the phase's pixels. On small maps the blocks are made small enough that every
+    worker gets one."""
     from .weights import scratch
 
     n, h, w, cin = x.shape
@@ -317,38 +171,36 @@ def upsample_conv3x3(x: np.ndarray, taps, cout: int, bias: np.ndarray, nworkers:
     th, tw = -(-h // M), -(-w // M)
     ntiles = n * th * tw
     out = np.empty((n, 2 * h, 2 * w, cout), dtype=np.float32)
-    for ph in range(4):
-        for g0 in range(0, coutp, group):
-            gp = min(group, coutp - g0)  # a whole number of channel blocks
-            u = scratch("winograd", A2 * cinp * gp).reshape(A2, cinp, gp)
-            nblk = gp // cbo
+    for g0 in range(0, coutp, group):
+        gp = min(group, coutp - g0)  # a whole number of channel blocks
+        blocks = weight_blocks(g0, min(cout, g0 + gp), cbo)  # (gp / cbo, 3, 3, Cin, cbo)
+        u = scratch("winograd", A2 * cinp * gp).reshape(A2, cinp, gp)
+        for ph in range(4):
 
             def fill(i: int) -> None:
                 tmp = np.empty((A2, cinp, cbo), dtype=np.float32)
-                for j in range(i, nblk, nw):
-                    lo, hi = g0 + j * cbo, min(cout, g0 + (j + 1) * cbo)
-                    block = np.zeros((3, 3, cin, cbo), dtype=np.float32)
-                    block[..., : hi - lo] = taps(lo, hi)
-                    make_filters(block, ph // 2, ph % 2, tmp)
+                for j in range(i, len(blocks), nw):
+                    make_filters(blocks[j], ph // 2, ph % 2, tmp)
                     u[..., j * cbo:(j + 1) * cbo] = tmp
 
-            _pool.run(fill, min(nw, nblk))
-            _products(x, u, out, ph // 2, ph % 2, g0, min(cout, g0 + gp), bias, th, tw, ntiles, nw)
+            _pool.run(fill, min(nw, len(blocks)))
+            _products(x, u, out, ph // 2, ph % 2, g0, cbo, bias, th, tw, ntiles, nw)
     return out
 
 
-def _products(x, u, out, pa, pc, g0, g1, bias, th, tw, ntiles, nw) -> None:
-    """Phase (pa, pc) of output channels [g0, g1) (filters u: (25, Cin', gp)), over blocks of tiles."""
+def _products(x, u, out, pa, pc, g0, cbo, bias, th, tw, ntiles, nw) -> None:
+    """Phase (pa, pc) of the output channels from g0 on (filters u: (25, Cin', gp), gp a multiple of the channel
+    block cbo), over blocks of tiles."""
     cin = x.shape[3]
     gp = u.shape[2]
     cbi, cinp = channel_block(cin), padded_channels(cin)
-    cbo = min(gp, 64)
     tb = max(8, tile_block(M, cinp, gp, ntiles, nworkers=nw) * 36 // A2)  # tile_block sizes F(4,3)'s 36 slabs
-    tb = min(tb, -(-(-(-ntiles // nw)) // 8) * 8)  # at least one block per worker
+    per_worker = -(-ntiles // nw)
+    tb = min(tb, -(-per_worker // 8) * 8)  # at least one block per worker
     nblocks = -(-ntiles // tb)
     nxt = itertools.count()
 
-    def blocks(_: int) -> None:
+    def work(_: int) -> None:
         v = np.zeros((A2, _rows_padded(tb, cinp), cinp // cbi, cbi), dtype=np.float32)
         m = np.empty((A2, _rows_padded(tb, gp), gp // cbo, cbo), dtype=np.float32)
         vmat = v.reshape(A2, v.shape[1], cinp)
@@ -356,8 +208,8 @@ def _products(x, u, out, pa, pc, g0, g1, bias, th, tw, ntiles, nw) -> None:
         while (blk := next(nxt)) < nblocks:
             t0 = blk * tb
             nt = min(tb, ntiles - t0)
-            input_transform(x, v, t0, 0, nt, th, tw, pa - 1, pc - 1)
+            input_transform(M, x, v, t0, 0, nt, th, tw, 1 - pa, 1 - pc)
             np.matmul(vmat[:, :nt], u, out=mmat[:, :nt])
-            output_transform(m, out, t0, 0, nt, th, tw, pa, pc, g0, bias)
+            output_transform(M, m, out, t0, 0, nt, th, tw, bias, _NO_RES, False, 0, gp // cbo, g0, 2, pa, pc)
 
-    _pool.run(blocks, min(nw, nblocks))
+    _pool.run(work, min(nw, nblocks))

@@ -12,7 +12,9 @@ buffers stay bounded (and mostly in cache) whatever the image size.
 
 The matrices are the classic ones from the interpolation points {0, 1, -1} (+infinity) for F(2,3) and
 {0, 1, -1, 2, -2} (+infinity) for F(4,3); `matrices(m)` returns them (float64) for tests and the filter transform,
-and the Numba transforms below are those same matrices written out by hand.
+and the Numba transforms below are those same matrices written out by hand. The tile transforms also run
+F(4x4,2x2) (5x5 tiles, 25 slabs) for the upsamplers of upconv.py, whose matrices and filters live there: windows
+offset by a padding per axis, outputs written into every other pixel.
 """
 
 from __future__ import annotations
@@ -186,6 +188,42 @@ def _bt4_col(tmp, j, v, k, b, nc):
 
 
 @njit(inline="always")
+def _bt5(src, r, k0, c0, dst, i, nc):
+    """dst[i, a, c] = (B^T d)[a] of F(4,2), d = src[r, k0 .. k0+4, c0 + c] (5 pixels of one input row)."""
+    f2 = np.float32(2.0)
+    f3 = np.float32(3.0)
+    for c in range(nc):
+        d0 = src[r, k0, c0 + c]
+        d1 = src[r, k0 + 1, c0 + c]
+        d2 = src[r, k0 + 2, c0 + c]
+        d3 = src[r, k0 + 3, c0 + c]
+        d4 = src[r, k0 + 4, c0 + c]
+        dst[i, 0, c] = f2 * (d0 - d2) - d1 + d3
+        dst[i, 1, c] = d3 - f2 * d1 - d2
+        dst[i, 2, c] = f2 * d1 - f3 * d2 + d3
+        dst[i, 3, c] = d3 - d1
+        dst[i, 4, c] = f2 * (d1 - d3) - d2 + d4
+
+
+@njit(inline="always")
+def _bt5_col(tmp, j, v, k, b, nc):
+    """Column pass of F(4,2): v[a*5 + j, k, b, c] = (B^T tmp[:, j, c])[a]."""
+    f2 = np.float32(2.0)
+    f3 = np.float32(3.0)
+    for c in range(nc):
+        d0 = tmp[0, j, c]
+        d1 = tmp[1, j, c]
+        d2 = tmp[2, j, c]
+        d3 = tmp[3, j, c]
+        d4 = tmp[4, j, c]
+        v[j, k, b, c] = f2 * (d0 - d2) - d1 + d3
+        v[5 + j, k, b, c] = d3 - f2 * d1 - d2
+        v[10 + j, k, b, c] = f2 * d1 - f3 * d2 + d3
+        v[15 + j, k, b, c] = d3 - d1
+        v[20 + j, k, b, c] = f2 * (d1 - d3) - d2 + d4
+
+
+@njit(inline="always")
 def _at6_row(mm, i, k, b, tmp, nc):
     """Row pass of the F(4,3) output transform: tmp[i, j, c] = (A^T mm[i*6 .. i*6+5, k, b, c])[j]."""
     f2 = np.float32(2.0)
@@ -258,12 +296,98 @@ def _at4_col(tmp, j, col, nc):
 
 
 @njit(inline="always")
-def _tile_in(m, x, n, y0, x0, v, k, tmp, row):
-    """Input transform of one tile of image n whose top-left input pixel is (y0, x0) (may lie in the padding)
-    into v[:, k]. tmp: (alpha, alpha, cb) scratch, row: (1, alpha, cb) scratch, cb = v.shape[3]."""
+def _at5_row(mm, i, k, b, tmp, nc):
+    """Row pass of the F(4,2) output transform: tmp[i, j, c] = (A^T mm[i*5 .. i*5+4, k, b, c])[j]."""
+    f2 = np.float32(2.0)
+    f4 = np.float32(4.0)
+    f8 = np.float32(8.0)
+    p = i * 5
+    for c in range(nc):
+        m0 = mm[p, k, b, c]
+        m1 = mm[p + 1, k, b, c]
+        m2 = mm[p + 2, k, b, c]
+        m3 = mm[p + 3, k, b, c]
+        m4 = mm[p + 4, k, b, c]
+        s = m1 + m2
+        d = m1 - m2
+        tmp[i, 0, c] = m0 + s + m3
+        tmp[i, 1, c] = d + f2 * m3
+        tmp[i, 2, c] = s + f4 * m3
+        tmp[i, 3, c] = d + f8 * m3 + m4
+
+
+@njit(inline="always")
+def _at5_col(tmp, j, col, nc):
+    """Column pass of the F(4,2) output transform: col[i, c] = (A^T tmp[:, j, c])[i]."""
+    f2 = np.float32(2.0)
+    f4 = np.float32(4.0)
+    f8 = np.float32(8.0)
+    for c in range(nc):
+        m0 = tmp[0, j, c]
+        m1 = tmp[1, j, c]
+        m2 = tmp[2, j, c]
+        m3 = tmp[3, j, c]
+        m4 = tmp[4, j, c]
+        s = m1 + m2
+        d = m1 - m2
+        col[0, c] = m0 + s + m3
+        col[1, c] = d + f2 * m3
+        col[2, c] = s + f4 * m3
+        col[3, c] = d + f8 * m3 + m4
+
+
+@njit(inline="always")
+def _alpha(slabs):
+    """The input tile's side from the number of transformed slabs: 6 (F(4,3)), 5 (F(4,2)) or 4 (F(2,3))."""
+    return 6 if slabs == 36 else (5 if slabs == 25 else 4)
+
+
+@njit(inline="always")
+def _bt_row(a, src, r, k0, c0, dst, i, nc):
+    if a == 6:
+        _bt6(src, r, k0, c0, dst, i, nc)
+    elif a == 5:
+        _bt5(src, r, k0, c0, dst, i, nc)
+    else:
+        _bt4(src, r, k0, c0, dst, i, nc)
+
+
+@njit(inline="always")
+def _bt_col(a, tmp, j, v, k, b, nc):
+    if a == 6:
+        _bt6_col(tmp, j, v, k, b, nc)
+    elif a == 5:
+        _bt5_col(tmp, j, v, k, b, nc)
+    else:
+        _bt4_col(tmp, j, v, k, b, nc)
+
+
+@njit(inline="always")
+def _at_row(a, mm, i, k, b, tmp, nc):
+    if a == 6:
+        _at6_row(mm, i, k, b, tmp, nc)
+    elif a == 5:
+        _at5_row(mm, i, k, b, tmp, nc)
+    else:
+        _at4_row(mm, i, k, b, tmp, nc)
+
+
+@njit(inline="always")
+def _at_col(a, tmp, j, col, nc):
+    if a == 6:
+        _at6_col(tmp, j, col, nc)
+    elif a == 5:
+        _at5_col(tmp, j, col, nc)
+    else:
+        _at4_col(tmp, j, col, nc)
+
+
+@njit(inline="always")
+def _tile_in(a, x, n, y0, x0, v, k, tmp, row):
+    """Input transform of one a x a tile of image n whose top-left input pixel is (y0, x0) (may lie in the
+    padding) into v[:, k]. tmp: (a, a, cb) scratch, row: (1, a, cb) scratch, cb = v.shape[3]."""
     n_, h, w, cin = x.shape
     cb = v.shape[3]
-    a = m + 2
     inside_x = x0 >= 0 and x0 + a <= w
     for b in range(-(-cin // cb)):
         c0 = b * cb
@@ -275,10 +399,7 @@ def _tile_in(m, x, n, y0, x0, v, k, tmp, row):
                     for c in range(nc):
                         tmp[i, j, c] = np.float32(0.0)
             elif inside_x:
-                if m == 4:
-                    _bt6(x[n], yy, x0, c0, tmp, i, nc)
-                else:
-                    _bt4(x[n], yy, x0, c0, tmp, i, nc)
+                _bt_row(a, x[n], yy, x0, c0, tmp, i, nc)
             else:
                 for kk in range(a):
                     xx = x0 + kk
@@ -288,46 +409,36 @@ def _tile_in(m, x, n, y0, x0, v, k, tmp, row):
                     else:
                         for c in range(nc):
                             row[0, kk, c] = x[n, yy, xx, c0 + c]
-                if m == 4:
-                    _bt6(row, 0, 0, 0, tmp, i, nc)
-                else:
-                    _bt4(row, 0, 0, 0, tmp, i, nc)
+                _bt_row(a, row, 0, 0, 0, tmp, i, nc)
         for j in range(a):
-            if m == 4:
-                _bt6_col(tmp, j, v, k, b, nc)
-            else:
-                _bt4_col(tmp, j, v, k, b, nc)
+            _bt_col(a, tmp, j, v, k, b, nc)
 
 
 @njit(inline="always")
-def _tile_out(m, mm, k, y, n, oy, ox, bias, res, has_res, b_lo, b_hi, tmp, col):
-    """Output transform of tile k of the block (mm[:, k]), channel blocks b_lo .. b_hi-1, into y[n, oy.., ox.., :]
-    + bias (+ res[n, oy.., ox..] if has_res), clipped at the image edge. tmp: (alpha, m, cb), col: (m, cb)."""
-    n_, ho, wo, cout = y.shape
+def _tile_out(a, m, mm, k, y, n, oy, ox, bias, res, has_res, b_lo, b_hi, c_lo, step, py, px, tmp, col):
+    """Output transform of tile k of the block (mm[:, k]), channel blocks b_lo .. b_hi-1, + bias (+ res if has_res,
+    NHWC like y), into the m x m outputs at (oy.., ox..) of the grid of y's pixels (step r + py, step q + px) (all of
+    them for step 1), channels from c_lo on (bias too), clipped at the edge. tmp: (a, m, cb), col: (m, cb)."""
+    n_, h, w, cout = y.shape
     cb = mm.shape[3]
-    a = m + 2
-    nh = min(m, ho - oy)
-    nw = min(m, wo - ox)
+    nh = min(m, (h - py + step - 1) // step - oy)
+    nw = min(m, (w - px + step - 1) // step - ox)
     for b in range(b_lo, b_hi):
-        c0 = b * cb
+        c0 = c_lo + b * cb
         nc = min(cb, cout - c0)
         for i in range(a):
-            if m == 4:
-                _at6_row(mm, i, k, b, tmp, nc)
-            else:
-                _at4_row(mm, i, k, b, tmp, nc)
+            _at_row(a, mm, i, k, b, tmp, nc)
         for j in range(nw):
-            if m == 4:
-                _at6_col(tmp, j, col, nc)
-            else:
-                _at4_col(tmp, j, col, nc)
+            _at_col(a, tmp, j, col, nc)
+            xx = step * (ox + j) + px
             for i in range(nh):
+                yy = step * (oy + i) + py
                 if has_res:
                     for c in range(nc):
-                        y[n, oy + i, ox + j, c0 + c] = col[i, c] + bias[c0 + c] + res[n, oy + i, ox + j, c0 + c]
+                        y[n, yy, xx, c0 + c] = col[i, c] + bias[c0 + c] + res[n, yy, xx, c0 + c]
                 else:
                     for c in range(nc):
-                        y[n, oy + i, ox + j, c0 + c] = col[i, c] + bias[c0 + c]
+                        y[n, yy, xx, c0 + c] = col[i, c] + bias[c0 + c]
 
 
 @njit(inline="always")
@@ -341,29 +452,33 @@ def tile_position(t, tiles_h, tiles_w):
 
 
 @njit(nogil=True, cache=True)
-def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad):
-    """F(m,3) input transform B^T d B of tiles t0+k, k in [k_lo, k_hi), of NHWC x (zero padding `pad`) into
-    v[:, k] (layout above). Tiles are numbered by image, then tile row, then tile column. Serial; releases the GIL."""
-    a = m + 2
+def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad_y, pad_x):
+    """Input transform B^T d B of tiles t0+k, k in [k_lo, k_hi), of NHWC x into v[:, k] (layout above): F(m,3),
+    or F(4,2) (upconv.py) when v has 25 slabs; tile (n, ty, tx)'s window starts at (ty m - pad_y, tx m - pad_x),
+    zero outside x. Serial; releases the GIL."""
+    a = _alpha(v.shape[0])
     cb = v.shape[3]
     tmp = np.empty((a, a, cb), dtype=np.float32)
     row = np.empty((1, a, cb), dtype=np.float32)
     for k in range(k_lo, k_hi):
         n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
-        _tile_in(m, x, n, ty * m - pad, tx * m - pad, v, k, tmp, row)
+        _tile_in(a, x, n, ty * m - pad_y, tx * m - pad_x, v, k, tmp, row)
 
 
 @njit(nogil=True, cache=True)
-def output_transform(m, mm, y, t0, k_lo, k_hi, tiles_h, tiles_w, bias, res, has_res, b_lo, b_hi):
-    """F(m,3) output transform A^T M A of tiles t0+k, k in [k_lo, k_hi) (mm[:, k], layout above), channel blocks
-    [b_lo, b_hi), into NHWC y, adding bias and, if has_res, res (NHWC like y). Serial; releases the GIL."""
-    a = m + 2
+def output_transform(m, mm, y, t0, k_lo, k_hi, tiles_h, tiles_w, bias, res, has_res, b_lo, b_hi, c_lo, step, py,
+                     px):
+    """Output transform A^T M A of tiles t0+k, k in [k_lo, k_hi) (mm[:, k], layout above; F(4,2) when mm has 25
+    slabs), channel blocks [b_lo, b_hi), into NHWC y, adding bias and, if has_res, res (NHWC like y). Outputs land
+    on y's pixels (step r + py, step q + px) and channels from c_lo on: step 1 and zeros for a convolution, step 2
+    and a phase for upconv.py's. Serial; releases the GIL."""
+    a = _alpha(mm.shape[0])
     cb = mm.shape[3]
     tmp = np.empty((a, m, cb), dtype=np.float32)
     col = np.empty((m, cb), dtype=np.float32)
     for k in range(k_lo, k_hi):
         n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
-        _tile_out(m, mm, k, y, n, ty * m, tx * m, bias, res, has_res, b_lo, b_hi, tmp, col)
+        _tile_out(a, m, mm, k, y, n, ty * m, tx * m, bias, res, has_res, b_lo, b_hi, c_lo, step, py, px, tmp, col)
 
 
 # ---------------------------------------------------------------- driver
@@ -469,9 +584,9 @@ def winograd_conv(
         while (blk := next(nxt)) < nblocks:
             t0 = blk * tb
             nt = min(tb, ntiles - t0)
-            input_transform(m, x, buf.v, t0, 0, nt, th, tw, pad)
+            input_transform(m, x, buf.v, t0, 0, nt, th, tw, pad, pad)
             np.matmul(buf.vmat[:, :nt], u, out=buf.mmat[:, :nt])
-            output_transform(m, buf.m, out, t0, 0, nt, th, tw, bias, res, has_res, 0, nbo)
+            output_transform(m, buf.m, out, t0, 0, nt, th, tw, bias, res, has_res, 0, nbo, 0, 1, 0, 0)
 
     _pool.run(blocks, nw)
     return out
@@ -500,14 +615,14 @@ def _one_block(x, m, pad, bias, cout, residual, nw, product) -> np.ndarray:
 
     def transform(i: int) -> None:
         lo, hi = _split(ntiles, nw, i)
-        input_transform(m, x, buf.v, 0, lo, hi, th, tw, pad)
+        input_transform(m, x, buf.v, 0, lo, hi, th, tw, pad, pad)
 
     def multiply(i: int) -> None:
         b_lo, b_hi = _split(nbo, nw, i)
         if b_lo == b_hi:
             return
         product(buf, b_lo * cbo, b_hi * cbo)
-        output_transform(m, buf.m, out, 0, 0, ntiles, th, tw, bias, res, has_res, b_lo, b_hi)
+        output_transform(m, buf.m, out, 0, 0, ntiles, th, tw, bias, res, has_res, b_lo, b_hi, 0, 1, 0, 0)
 
     _pool.run(transform, nw)
     _pool.run(multiply, nw)
