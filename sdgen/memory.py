@@ -297,6 +297,14 @@ def unet_activation_bytes(config: dict, latent_h: int, latent_w: int, rows: int)
     return int(4 * rows * (skips + worst))
 
 
+def context_kv_bytes(config: dict, rows: int, context_tokens: int = 77) -> int:
+    """The cross-attention keys and values the UNet keeps for the run's text context (Attention.context_kv): two
+    rows of each attn2's width per context token and latent row (SDXL, guided: ~100 MB; SD 1.5: ~15 MB)."""
+    widths = [shape[0] for name, shape in _shapes("unet", config, whole=True).items()
+              if name.endswith("attn2.to_k.weight")]
+    return 4 * 2 * rows * context_tokens * sum(widths)
+
+
 def vae_decode_bytes(config: dict, height: int, width: int) -> int:
     """VAE decoder activations at peak for one height x width image: the last two up blocks, where the
     channels are widest at full resolution (about 3 KB per pixel for SD's VAE)."""
@@ -335,7 +343,8 @@ def estimate(components: dict, family: str, width: int, height: int, batch: int,
     vae_cfg = components["vae"]
     scale = 2 ** (len(vae_cfg.get("block_out_channels", [128, 256, 512, 512])) - 1)
     rows = batch * (2 if guided else 1)
-    unet_act = unet_activation_bytes(components["unet"], height // scale, width // scale, rows)
+    unet_act = (unet_activation_bytes(components["unet"], height // scale, width // scale, rows)
+                + context_kv_bytes(components["unet"], rows))
     tiled = auto_vae_tiling(vae_cfg, height, width) if vae_tiling is None else vae_tiling
     if tiled:
         t = tile_size(vae_cfg)

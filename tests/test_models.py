@@ -40,6 +40,47 @@ def test_unet_forward_matches_diffusers(name, config, hw):
         assert rel_err(ours(x, t, ctx, **kwargs), ref) < TOL
 
 
+def _cross_attentions(unet):
+    blocks = list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks)
+    for block in blocks:
+        for t2d in getattr(block, "attentions", None) or [getattr(block, "attention", None)]:
+            if t2d is not None:
+                yield from (b.attn2 for b in t2d.blocks)
+
+
+def test_unet_computes_cross_attention_keys_once_per_context():
+    """The keys and values of the text context are computed at the first step and reused while the context's values
+    stay the same; new values (here: the caller's array changed in place) are seen at once. Each result against
+    diffusers on the context it was given."""
+    ref_model = make_unet(SD1_UNET, seed=1)
+    ours = UNet(UNetConfig.from_dict(dict(ref_model.config)), state_dict_numpy(ref_model))
+    calls = []
+    for attn in _cross_attentions(ours):
+        kv = attn.kv
+        attn.kv = lambda c, _kv=kv: (calls.append(1), _kv(c))[1]
+    n_layers = len(list(_cross_attentions(ours)))
+    assert n_layers > 0
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
+    ctx = rng.standard_normal((2, 7, SD1_UNET["cross_attention_dim"]), dtype=np.float32)
+
+    def reference(t):
+        with torch.no_grad():
+            return ref_model(torch.from_numpy(x), torch.tensor(t), encoder_hidden_states=torch.from_numpy(ctx)
+                             ).sample.numpy()
+
+    for t in (999, 500, 1):  # three steps, one prompt: each layer's keys made once
+        assert rel_err(ours(x, t, ctx.copy()), reference(t)) < TOL
+    assert len(calls) == n_layers
+    ctx[1] *= np.float32(-0.5)  # another prompt, in the same array
+    assert rel_err(ours(x, 500, ctx), reference(500)) < TOL
+    assert len(calls) == 2 * n_layers
+    again = ours(x, 500, ctx)
+    ours.forget_context()
+    assert np.array_equal(ours(x, 500, ctx), again)  # kept keys give exactly the numbers of fresh ones
+    assert len(calls) == 3 * n_layers
+
+
 def test_vae_decode_and_encode_match_diffusers():
     ref_model = make_vae(SD1_VAE, seed=2)
     ours = AutoencoderKL(VAEConfig.from_dict(dict(ref_model.config)), state_dict_numpy(ref_model))

@@ -105,6 +105,7 @@ class Attention:
         else:
             self.q, self.kv = q, Linear.fused([k, v])
         self.to_out = Linear(p.sub("to_out.0"), dim, dim)
+        self._context_kv = None  # (context, its keys and values): see context_kv
 
     def __call__(self, x: np.ndarray, context: np.ndarray | None = None, residual: np.ndarray | None = None
                  ) -> np.ndarray:
@@ -113,8 +114,17 @@ class Attention:
             q, k, v = np.split(self.qkv(x), 3, axis=-1)  # views, which the attention kernel reads in place
         else:
             q = self.q(x)
-            k, v = np.split(self.kv(context), 2, axis=-1)
+            k, v = np.split(self.context_kv(context), 2, axis=-1)
         return self.to_out(attention(q, k, v, self.heads), residual=residual)
+
+    def context_kv(self, context: np.ndarray) -> np.ndarray:
+        """The cross-attention's keys and values (B, L, 2 dim) of the context. They do not depend on the latents,
+        so they are kept and reused while the same context array comes back: the UNet passes its own read-only
+        copy of the text context, the same object at every step of a run (UNet.text_context)."""
+        kept = self._context_kv
+        if kept is None or kept[0] is not context:
+            kept = self._context_kv = (context, self.kv(context))
+        return kept[1]
 
 
 FF_CHUNK_BYTES = 32 << 20  # the transformer MLP's intermediate (tokens x 8 channels) per block of tokens, at most
@@ -278,6 +288,25 @@ class UNet:
 
         self.conv_norm_out = GroupNorm(p.sub("conv_norm_out"), groups, ch[0], eps)
         self.conv_out = Conv2d(p.sub("conv_out"), ch[0], cfg.out_channels)
+        self._context = None
+
+    def text_context(self, context: np.ndarray) -> np.ndarray:
+        """context as the UNet's own read-only float32 copy: the same array object for as long as the values stay
+        the same (the steps of a run), so that each cross-attention computes its keys and values once per prompt
+        instead of once per step (Attention.context_kv): about 3% of an SDXL step at 512x512, under 1% for SD 1.x.
+        A new context (another prompt, batch or shape) replaces the copy and so every layer's kept keys."""
+        context = np.asarray(context, dtype=np.float32)
+        held = self._context
+        if held is None or held.shape != context.shape or not np.array_equal(held, context):
+            held = np.array(context, dtype=np.float32, order="C")
+            held.flags.writeable = False
+            self._context = held
+        return held
+
+    def forget_context(self) -> None:
+        """Drop the kept text context, so that the next forward computes every cross-attention's keys and values
+        again (benchmarks timing one whole forward)."""
+        self._context = None
 
     def time_embedding(self, timestep, batch: int, text_embeds=None, time_ids=None) -> np.ndarray:
         t = np.broadcast_to(np.asarray(timestep, dtype=np.float64).reshape(-1), (batch,))
@@ -297,7 +326,7 @@ class UNet:
         """sample: (B, C, H, W) NCHW; timestep: scalar or (B,); context: (B, L, D). Returns NCHW."""
         batch = sample.shape[0]
         temb = self.time_embedding(timestep, batch, text_embeds, time_ids)
-        context = np.ascontiguousarray(context, dtype=np.float32)
+        context = self.text_context(context)
         x = self.conv_in(nchw_to_nhwc(sample))
         skips = [x]
         for block in self.down_blocks:
