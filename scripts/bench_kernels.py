@@ -1,6 +1,6 @@
 """Benchmark sdgen's kernels against PyTorch (fp32, CPU) on Stable Diffusion's layer shapes, in one process.
 
-    python scripts/bench_kernels.py [--threads 2] [--repeat 3] [--only conv|upsample|attention|norm] [--quick]
+    python scripts/bench_kernels.py [--threads 2] [--repeat 3] [--only conv|upsample|last|attention|norm] [--quick]
 
 Each case runs every implementation `repeat` times, interleaved (ours, torch, ours, torch, ...), and keeps the
 minimum, so that a busy machine disturbs both sides alike. Ratios are ours / torch (below 1: we are faster).
@@ -187,11 +187,35 @@ def bench_upsample(torch, repeat: int, quick: bool) -> None:
               f" {best['ours'] * 1e3:>8.1f} ({best['ours'] / t:.2f})", flush=True)
 
 
+def bench_last(torch, repeat: int, quick: bool) -> None:
+    """The models' last convolutions (few output channels, stride 1: kn2row), against torch's conv2d and im2col."""
+    from sdgen.kernels import Conv2dPlan, conv2d
+
+    print("\nlast convolutions, 3x3 pad 1, few outputs (ms; ratios to torch.nn.functional.conv2d)")
+    print(f"{'Cin->Cout':>10} {'HxW':>9} {'N':>2} {'torch':>8} {'im2col':>15} {'kn2row':>15}")
+    rng = np.random.default_rng(0)
+    shapes = [(128, 3, 512, 1), (320, 4, 64, 2), (320, 4, 128, 2), (128, 3, 1024, 1)]
+    for cin, cout, hw, n in shapes[:2] if quick else shapes:
+        x = rng.standard_normal((n, hw, hw, cin), dtype=np.float32)
+        w = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
+        b = rng.standard_normal(cout, dtype=np.float32)
+        plans = {v: Conv2dPlan(w, b, 1, 1, cache=False, variant=v) for v in ("im2col", "kn2row")}
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        wt, bt = torch.from_numpy(w), torch.from_numpy(b)
+        fns = {"torch": lambda: torch.nn.functional.conv2d(xt, wt, bt, padding=1)}
+        fns.update({v: (lambda p: lambda: conv2d(x, p))(p) for v, p in plans.items()})
+        with torch.no_grad():
+            best = timed_min(fns, repeat)
+        t = best["torch"]
+        print(f"{cin:>5}->{cout:<4} {hw:>4}x{hw:<4} {n:>2} {t * 1e3:>8.1f}"
+              + "".join(f" {best[v] * 1e3:>8.1f} ({best[v] / t:.2f})" for v in plans), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["conv", "upsample", "attention", "norm"], action="append")
+    ap.add_argument("--only", choices=["conv", "upsample", "last", "attention", "norm"], action="append")
     ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
     ap.add_argument("--variants", default="im2col,f23,f43,model",
                     help="conv paths to time, comma separated: im2col, f23, f43 (transformed weights kept), model, "
@@ -206,11 +230,13 @@ def main() -> None:
     set_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, torch {torch.__version__}, numpy {np.__version__}; minimum of {args.repeat} runs")
-    only = args.only or ["conv", "upsample", "attention", "norm"]
+    only = args.only or ["conv", "upsample", "last", "attention", "norm"]
     if "conv" in only:
         bench_conv(torch, args.repeat, args.quick, args.variants.split(","))
     if "upsample" in only:
         bench_upsample(torch, args.repeat, args.quick)
+    if "last" in only:
+        bench_last(torch, args.repeat, args.quick)
     if "attention" in only:
         bench_attention(torch, args.repeat, args.quick)
     if "norm" in only:

@@ -20,7 +20,7 @@ from sdgen import kernels as K
 from sdgen.kernels import reference as R
 from sdgen.kernels import winograd
 from sdgen.kernels.conv import Conv2dPlan, choose_variant, conv2d
-from sdgen.kernels.gemm import conv_im2col
+from sdgen.kernels.gemm import conv_im2col, conv_kn2row
 
 TOL = 1e-5
 
@@ -66,7 +66,7 @@ CONV_CASES = [  # n, h, w, cin, cout
 ]
 
 
-@pytest.mark.parametrize("variant", ["f43", "f23", "im2col"])
+@pytest.mark.parametrize("variant", ["f43", "f23", "im2col", "kn2row"])
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -234,6 +234,44 @@ def test_im2col_worker_splits(rng, nworkers, min_rows):
     wmat = np.ascontiguousarray(wt.transpose(2, 3, 1, 0).reshape(-1, 40))
     y = conv_im2col(x, wmat, 3, 3, 2, 1, b, res, budget_bytes=1, min_rows=min_rows, nworkers=nworkers)
     assert rel_err(y, R.conv2d(*f64(x, wt, b), stride=2, padding=1) + res) < TOL
+
+
+@pytest.mark.parametrize("kk,pad", [(3, 1), (3, 0), (5, 2), (3, 3), (2, 1)])
+@pytest.mark.parametrize("nworkers", [1, 2, 3])
+@pytest.mark.parametrize("budget", [1, 8 << 20])
+def test_kn2row_bands_and_workers(rng, kk, pad, nworkers, budget):
+    """kn2row (one GEMM by all the taps, then shifted sums) against float64: kernel sizes and paddings up to
+    bands that lie wholly in the padding (pad 3), bands of one output row (budget 1) or whole images, 1-3 workers."""
+    x = rng.standard_normal((2, 5, 7, 20), dtype=np.float32)
+    wt = rng.standard_normal((3, 20, kk, kk), dtype=np.float32)
+    b = rng.standard_normal(3, dtype=np.float32)
+    ref = R.conv2d(*f64(x, wt, b), stride=1, padding=pad)
+    res = rng.standard_normal(ref.shape, dtype=np.float32)
+    wk = np.ascontiguousarray(wt.transpose(1, 2, 3, 0).reshape(20, -1))
+    y = conv_kn2row(x, wk, kk, kk, pad, b, res, budget_bytes=budget, nworkers=nworkers)
+    assert rel_err(y, ref + res) < TOL
+    y = conv_kn2row(x, wk, kk, kk, pad, None, None, budget_bytes=budget, nworkers=nworkers)
+    assert rel_err(y, R.conv2d(*f64(x, wt), None, stride=1, padding=pad)) < TOL
+
+
+@pytest.mark.parametrize("dtype,cache", [(np.float32, True), (np.float32, False), (np.float16, False),
+                                         (np.uint16, False)])
+def test_few_output_channels_take_kn2row(rng, dtype, cache):
+    """The models' last convolutions (few outputs, many inputs, stride 1) take kn2row, from weights kept or
+    stored in float32, float16 or bfloat16 bits; with few inputs, or stride 2, im2col as before."""
+    from sdgen.kernels.weights import to_storage, widen
+
+    wt = (rng.standard_normal((3, 32, 3, 3)) / math.sqrt(9 * 32)).astype(np.float32)
+    stored = to_storage(wt, dtype)
+    b = rng.standard_normal(3, dtype=np.float32)
+    plan = Conv2dPlan(stored, b, 1, 1, cache=cache)
+    assert plan.variant_for(9, 11, 2) == "kn2row"
+    x = rng.standard_normal((2, 9, 11, 32), dtype=np.float32)
+    assert rel_err(conv2d(x, plan), R.conv2d(*f64(x, widen(stored), b), stride=1, padding=1)) < TOL
+    assert Conv2dPlan(np.zeros((3, 8, 3, 3), np.float32), None, 1, 1).variant_for(9, 11, 2) == "im2col"
+    assert Conv2dPlan(np.zeros((3, 32, 3, 3), np.float32), None, 2, 1).variant_for(9, 11, 2) == "im2col"
+    with pytest.raises(ValueError):
+        Conv2dPlan(np.zeros((3, 32, 3, 3), np.float32), None, 2, 1, variant="kn2row").variant_for(9, 11, 2)
 
 
 def test_conv_rejects_bad_shapes(rng):

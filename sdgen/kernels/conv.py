@@ -3,6 +3,8 @@
 Paths, chosen per call from the plan and the input size (`choose_variant`):
   "f43", "f23"  Winograd F(4x4,3x3) / F(2x2,3x3) for 3x3 stride 1 (winograd.py),
   "gemm1x1"     1x1 stride 1 without padding: one GEMM on (N*H*W, Cin),
+  "kn2row"      stride 1 with few output channels (the models' last convolutions): one GEMM by all the taps'
+                weights, then shifted sums (gemm.conv_kn2row),
   "im2col"      anything else (3x3 stride 2, odd kernels, and 3x3 stride 1 where Winograd does not pay).
 Filter transforms and weight re-layouts are made once per plan and path, the first time that path is used (or by
 `Conv2dPlan.prepare`), and kept in the plan -- or, for a plan made with ``cache=False`` (the models' convolutions),
@@ -17,10 +19,10 @@ import numpy as np
 
 from . import upconv, winograd
 from . import weights as _weights
-from .gemm import conv_im2col, gemm_bias
+from .gemm import conv_im2col, conv_kn2row, gemm_bias
 from .resize import upsample2x
 
-VARIANTS = ("f43", "f23", "im2col", "gemm1x1")
+VARIANTS = ("f43", "f23", "im2col", "gemm1x1", "kn2row")
 
 
 # F(4,3) stores its filters 4x larger than the 3x3 weights (36 / 9 values), F(2,3) 1.8x (16 / 9). Above this size
@@ -56,6 +58,19 @@ def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = Tr
     if 36 * cin * cout * 4 <= F43_MAX_FILTER_BYTES and h * w >= 64:
         return "f43"
     return "f23"
+
+
+def few_outputs(cin: int, cout: int, stride: int) -> bool:
+    """Whether a (non-1x1) convolution takes the kn2row path: stride 1, fewer output channels than
+    MIN_WINOGRAD_CHANNELS and at least that many inputs. The VAE's last convolution (128 -> 3, 512x512, 2 threads):
+    im2col 121 ms, kn2row 41; the UNet's (320 -> 4, 64x64, batch 2): 8.0 and 3.1 ms; 128 -> 8: 27 and 21."""
+    return stride == 1 and cout < MIN_WINOGRAD_CHANNELS <= cin
+
+
+def _taps_matrix(hwio: np.ndarray) -> np.ndarray:
+    """(kh, kw, Cin, Cout) weights as kn2row's (Cin, kh*kw*Cout) float32 matrix, columns ordered (r, s, o)."""
+    kh, kw, cin, cout = hwio.shape
+    return np.ascontiguousarray(np.asarray(hwio, dtype=np.float32).transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout))
 
 
 def blocked_weights(cin: int, cout: int) -> bool:
@@ -113,6 +128,9 @@ class Conv2dPlan:
         """The path conv2d takes for an (n, h, w, Cin) input."""
         if self.is_1x1:
             v = "gemm1x1"
+        elif self.variant == "kn2row" or (self.variant is None
+                                          and few_outputs(self.in_channels, self.out_channels, self.stride)):
+            v = "kn2row"
         elif not self.winograd_ok:
             v = "im2col"
         else:
@@ -126,6 +144,8 @@ class Conv2dPlan:
             raise ValueError("Winograd needs a 3x3 stride-1 convolution")
         if v == "gemm1x1" and not self.is_1x1:
             v = "im2col"
+        if v == "kn2row" and self.stride != 1:
+            raise ValueError("kn2row needs a stride-1 convolution")
         return v
 
     def prepare(self, h: int | None = None, w: int | None = None, n: int = 1) -> str:
@@ -140,6 +160,8 @@ class Conv2dPlan:
                 self._prepared[v] = winograd.filter_transform(wt, 2)
             elif v == "gemm1x1":
                 self._prepared[v] = np.ascontiguousarray(wt.reshape(self.out_channels, self.in_channels).T)
+            elif v == "kn2row":
+                self._prepared[v] = _taps_matrix(wt.transpose(2, 3, 1, 0))
             else:
                 self._prepared[v] = np.ascontiguousarray(wt.transpose(2, 3, 1, 0).reshape(-1, self.out_channels))
         return v
@@ -155,9 +177,11 @@ class Conv2dPlan:
             return self._prepared[v]
         if v in ("f43", "f23"):
             return winograd.FilterSource(self.hwio, 4 if v == "f43" else 2, self.blocks, self.out_channels)
+        hwio = self.hwio if self.blocks is None else _weights.unblock_outputs(self.blocks, self.out_channels)
+        if v == "kn2row":  # (Cin, kh*kw*Cout): small, as this path is for few output channels
+            return _taps_matrix(hwio if hwio.dtype == np.float32 else _weights.widen(hwio, parallel=False))
         # the 1x1 and im2col matrices are the HWIO weights seen as (kh*kw*Cin, Cout): float32 ones as they are
         # (blocked weights, on a forced im2col, are re-laid out into scratch first)
-        hwio = self.hwio if self.blocks is None else _weights.unblock_outputs(self.blocks, self.out_channels)
         return _weights.as_float32(hwio.reshape(-1, self.out_channels), "conv")
 
     def output_blocks(self, o_lo: int, o_hi: int, ob: int) -> np.ndarray:
@@ -212,6 +236,8 @@ def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None) 
         y = winograd.winograd_conv(x, prep, 4 if v == "f43" else 2, plan.padding, bias, plan.out_channels, residual)
     elif v == "gemm1x1":
         y = gemm_bias(x.reshape(-1, cin), prep, plan.bias, residual).reshape(n, h, w, plan.out_channels)
+    elif v == "kn2row":
+        y = conv_kn2row(x, prep, plan.kh, plan.kw, plan.padding, plan.bias, residual)
     else:
         y = conv_im2col(x, prep, plan.kh, plan.kw, plan.stride, plan.padding, plan.bias, residual)
     return y

@@ -222,3 +222,82 @@ def conv_im2col(
         _pool.run(gather, nw)
         _pool.run(multiply, nw)
     return out.reshape(n, ho, wo, cout)
+
+
+# ---------------------------------------------------------------- few output channels: GEMM, then shifted sums
+#
+# A stride-1 convolution with few output channels (the VAE's and UNet's last one: 128 -> 3, 320 -> 4) is a poor
+# GEMM as im2col, whose product has only Cout columns and whose (pixels, kh kw Cin) matrix must be gathered first.
+# Instead every pixel is multiplied once by all the taps' weights at once, Z = X W_all with W_all (Cin, kh kw Cout),
+# and each output is the sum of the kh kw products of its neighbourhood: y[i, j] = sum_{r,s} Z[i+r-pad, j+s-pad,
+# (r kw + s) Cout + o] (the "kn2row" method). The same multiply-adds, no gather, one pass over the input.
+
+
+@njit(nogil=True, cache=True)
+def shift_add(z, z_row0, kh, kw, pad, bias, has_bias, res, has_res, y, n, r0, r1):
+    """Output rows [r0, r1) of image n of y (NHWC): y[n, i, j, o] = bias[o] + sum over the taps (r, s), in order,
+    of z[i + r - pad - z_row0, j + s - pad, (r kw + s) cout + o], taps outside the input skipped (zero padding);
+    then + res[n, i, j, o] if has_res. z (rows, W, kh kw cout) holds the products of input rows z_row0 ..
+    Serial; releases the GIL."""
+    zr, w, kc = z.shape
+    wo, cout = y.shape[2], y.shape[3]
+    acc = np.empty((wo, cout), dtype=np.float32)
+    for i in range(r0, r1):
+        for j in range(wo):
+            for o in range(cout):
+                acc[j, o] = bias[o] if has_bias else np.float32(0.0)
+        for r in range(kh):
+            zy = i + r - pad - z_row0
+            if zy < 0 or zy >= zr:
+                continue
+            for s in range(kw):
+                base = (r * kw + s) * cout
+                j_lo = max(0, pad - s)
+                j_hi = min(wo, w + pad - s)
+                for j in range(j_lo, j_hi):
+                    for o in range(cout):
+                        acc[j, o] += z[zy, j + s - pad, base + o]
+        for j in range(wo):
+            for o in range(cout):
+                y[n, i, j, o] = acc[j, o] + res[n, i, j, o] if has_res else acc[j, o]
+
+
+_NO_RES4 = np.zeros((1, 1, 1, 1), dtype=np.float32)
+
+
+def conv_kn2row(x: np.ndarray, wk: np.ndarray, kh: int, kw: int, pad: int, bias: np.ndarray | None,
+                residual: np.ndarray | None, budget_bytes: int = 8 << 20, nworkers: int | None = None) -> np.ndarray:
+    """Stride-1 convolution of C-contiguous float32 NHWC x with zero padding pad, as one GEMM by all the taps'
+    weights wk (Cin, kh*kw*Cout), columns ordered (r, s, o), then shifted sums (shift_add). In bands of output
+    rows whose products take about budget_bytes (each band multiplies its kh - 1 extra input rows again), handed
+    out to the workers one at a time, each with single-threaded BLAS; at least one band per worker."""
+    n, h, w, cin = x.shape
+    kc = wk.shape[1]
+    cout = kc // (kh * kw)
+    ho, wo = h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
+    out = np.empty((n, ho, wo, cout), dtype=np.float32)
+    nw = _pool.workers() if nworkers is None else max(1, nworkers)
+    band = max(1, min(ho, budget_bytes // (4 * w * kc) - (kh - 1)))
+    if n * -(-ho // band) < nw:
+        band = max(1, -(-ho // -(-nw // n)))
+    jobs = [(img, r0) for img in range(n) for r0 in range(0, ho, band)]
+    has_bias, has_res = bias is not None, residual is not None
+    b = bias if has_bias else _NO_BIAS
+    res = residual if has_res else _NO_RES4
+    nxt = itertools.count()
+
+    def work(_: int) -> None:
+        z = np.empty((min(h, band + kh - 1) * w, kc), dtype=np.float32)
+        while (i := next(nxt)) < len(jobs):
+            img, r0 = jobs[i]
+            r1 = min(ho, r0 + band)
+            lo, hi = max(0, r0 - pad), min(h, r1 - 1 + kh - pad)  # input rows the band reads
+            if hi <= lo:  # only padding under these rows: bias (+ residual)
+                shift_add(z[:0].reshape(0, w, kc), lo, kh, kw, pad, b, has_bias, res, has_res, out, img, r0, r1)
+                continue
+            zb = z[: (hi - lo) * w]
+            np.matmul(x[img, lo:hi].reshape(-1, cin), wk, out=zb)
+            shift_add(zb.reshape(hi - lo, w, kc), lo, kh, kw, pad, b, has_bias, res, has_res, out, img, r0, r1)
+
+    _pool.run(work, min(nw, len(jobs)))
+    return out
