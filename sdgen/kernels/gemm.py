@@ -291,13 +291,11 @@ def conv_kn2row(x: np.ndarray, wk: np.ndarray, kh: int, kw: int, pad: int, bias:
         while (i := next(nxt)) < len(jobs):
             img, r0 = jobs[i]
             r1 = min(ho, r0 + band)
-            lo, hi = max(0, r0 - pad), min(h, r1 - 1 + kh - pad)  # input rows the band reads
-            if hi <= lo:  # only padding under these rows: bias (+ residual)
-                shift_add(z[:0].reshape(0, w, kc), lo, kh, kw, pad, b, has_bias, res, has_res, out, img, r0, r1)
-                continue
-            zb = z[: (hi - lo) * w]
-            np.matmul(x[img, lo:hi].reshape(-1, cin), wk, out=zb)
-            shift_add(zb.reshape(hi - lo, w, kc), lo, kh, kw, pad, b, has_bias, res, has_res, out, img, r0, r1)
+            lo = max(0, r0 - pad)
+            rows = max(0, min(h, r1 - 1 + kh - pad) - lo)  # input rows the band reads (none: padding only)
+            zb = z[: rows * w]
+            np.matmul(x[img, lo:lo + rows].reshape(-1, cin), wk, out=zb)
+            shift_add(zb.reshape(rows, w, kc), lo, kh, kw, pad, b, has_bias, res, has_res, out, img, r0, r1)
 
     _pool.run(work, min(nw, len(jobs)))
     return out
