@@ -372,8 +372,6 @@ class Pipeline:
         else:
             start = init.start(self, sched, generator, steps)
             latents, timesteps, unet_extra, blend = start.latents, start.timesteps, start.unet_extra, start.blend
-            if unet_extra is not None and cond.guided:
-                unet_extra = np.concatenate([unet_extra, unet_extra])
         extra = {}
         if cond.pooled is not None:
             # SDXL's micro-conditioning: original size, crop top-left, target size (diffusers' defaults)
@@ -381,10 +379,11 @@ class Pipeline:
             extra = {"text_embeds": cond.pooled, "time_ids": np.tile(time_ids, (cond.pooled.shape[0], 1))}
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
-            x = np.concatenate([latents, latents]) if cond.guided else latents
-            x = sched.scale_model_input(x, t)
+            x = sched.scale_model_input(latents, t)
             if unet_extra is not None:  # inpainting UNet: + mask and masked-image latents
                 x = np.concatenate([x, unet_extra], axis=1)
+            # with guidance the latents once, the contexts twice (negative rows first): the UNet gives diffusers'
+            # result on the latents doubled, running the layers before the first cross-attention once
             noise = self.unet(x, t, cond.context, **extra)
             if cond.guided:
                 uncond, text = np.split(noise, 2)

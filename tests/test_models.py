@@ -81,6 +81,41 @@ def test_unet_computes_cross_attention_keys_once_per_context():
     assert len(calls) == 3 * n_layers
 
 
+@pytest.mark.parametrize("name,config,batch", [("sd1", SD1_UNET, 1), ("sd2", SD2_UNET, 3), ("sdxl", SDXL_UNET, 2)])
+def test_unet_runs_guided_latents_once_until_the_contexts_enter(name, config, batch):
+    """Guidance: B latents under 2B context rows give diffusers' result on the latents doubled. Until the first
+    cross-attention the layers run on the B latents only (SD 1.x/2.x: conv_in, a ResNet, a self-attention); SDXL's
+    time embedding depends on each context's pooled embedding, so there everything after conv_in runs on 2B rows."""
+    ref_model = make_unet(config, seed=4)
+    ours = UNet(UNetConfig.from_dict(dict(ref_model.config)), state_dict_numpy(ref_model))
+    seen = {}  # rows of the batch a ResNet computes on: the first one, and one in the deepest level
+
+    def record(resnet, key):
+        conv = resnet.conv2
+        resnet.conv2 = lambda x, **k: (seen.setdefault(key, x.shape[0]), conv(x, **k))[1]
+
+    record(ours.down_blocks[0].resnets[0], "first")
+    record(ours.down_blocks[-1].resnets[-1], "deep")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((batch, 4, 6, 10), dtype=np.float32)
+    ctx = rng.standard_normal((2 * batch, 7, config["cross_attention_dim"]), dtype=np.float32)
+    kwargs, torch_kwargs = {}, {}
+    if name == "sdxl":
+        te = rng.standard_normal((2 * batch, 32), dtype=np.float32)
+        ids = np.tile(np.array([48, 80, 0, 0, 48, 80], np.float32), (2 * batch, 1))
+        kwargs = dict(text_embeds=te, time_ids=ids)
+        torch_kwargs = dict(added_cond_kwargs={"text_embeds": torch.from_numpy(te), "time_ids": torch.from_numpy(ids)})
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(np.concatenate([x, x])), torch.tensor(321),
+                        encoder_hidden_states=torch.from_numpy(ctx), **torch_kwargs).sample.numpy()
+    got = ours(x, 321, ctx, **kwargs)
+    assert got.shape == ref.shape and rel_err(got, ref) < TOL
+    assert seen["first"] == (2 * batch if name == "sdxl" else batch)
+    assert seen["deep"] == 2 * batch
+    with pytest.raises(ValueError, match="context rows"):
+        ours(np.concatenate([x, x, x]), 321, ctx, **kwargs)  # 3B samples, 2B contexts
+
+
 def test_vae_decode_and_encode_match_diffusers():
     ref_model = make_vae(SD1_VAE, seed=2)
     ours = AutoencoderKL(VAEConfig.from_dict(dict(ref_model.config)), state_dict_numpy(ref_model))

@@ -8,6 +8,12 @@
 A down block is [ResNet, (Transformer)] x layers, then a stride-2 conv; an up block concatenates a skip before each
 ResNet and ends with nearest x2 + conv. A transformer block is self-attention, cross-attention and a GEGLU MLP, each
 pre-normed and residual. Internally feature maps are NHWC; the model takes and returns NCHW like diffusers.
+
+Guidance runs the same latents under two text contexts (negative and positive prompt). Given B latents and k B
+context rows, the UNet computes what it would on the latents repeated k times, but runs the layers the contexts do
+not reach yet once per latent: up to the first cross-attention (conv_in, the first ResNet, the first self-attention
+of SD 1.x/2.x) the k copies would be the same numbers. The hidden states are repeated where a context first enters
+(for_rows), skips and the time embedding where they meet repeated states.
 """
 
 from __future__ import annotations
@@ -71,6 +77,14 @@ class UNetConfig:
         return cfg
 
 
+def for_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """a (B, ...) as the rows of the batch it joins: a itself if it has them, else a repeated k = rows / B times
+    along the batch (np.concatenate([a] * k)), as the shared layers' outputs meet those the contexts have reached."""
+    if a.shape[0] == rows:
+        return a
+    return np.concatenate([a] * (rows // a.shape[0]))
+
+
 class ResnetBlock:
     """GroupNorm, SiLU, conv; + time embedding; GroupNorm, SiLU, conv; + (1x1-projected) input."""
 
@@ -85,7 +99,7 @@ class ResnetBlock:
     def __call__(self, x: np.ndarray, temb: np.ndarray | None) -> np.ndarray:
         h = self.conv1(self.norm1(x, silu=True))
         if self.time_emb_proj is not None and temb is not None:
-            h += self.time_emb_proj(kernels.silu(temb))[:, None, None, :]
+            h += for_rows(self.time_emb_proj(kernels.silu(temb)), h.shape[0])[:, None, None, :]
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return self.conv2(self.norm2(h, silu=True), residual=shortcut)
 
@@ -144,6 +158,7 @@ class TransformerBlock:
 
     def __call__(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
         x = self.attn1(self.norm1(x), residual=x)
+        x = for_rows(x, context.shape[0])  # the first layer where the text contexts enter
         x = self.attn2(self.norm2(x), context, residual=x)
         return self.feed_forward(x)
 
@@ -178,7 +193,8 @@ class Transformer2D:
         tokens = self.proj_in(self.norm(x).reshape(n, h * w, c))
         for block in self.blocks:
             tokens = block(tokens, context)
-        return self.proj_out(tokens, residual=x.reshape(n, h * w, c)).reshape(n, h, w, c)
+        rows = tokens.shape[0]
+        return self.proj_out(tokens, residual=for_rows(x, rows).reshape(rows, h * w, c)).reshape(rows, h, w, c)
 
 
 
@@ -217,7 +233,7 @@ class UpBlock:
 
     def __call__(self, x, temb, context, skips: list, upsample_size=None):
         for i, resnet in enumerate(self.resnets):
-            x = resnet(np.concatenate([x, skips.pop()], axis=-1), temb)
+            x = resnet(np.concatenate([x, for_rows(skips.pop(), x.shape[0])], axis=-1), temb)
             if self.attentions:
                 x = self.attentions[i](x, context)
         if self.upsampler is not None:
@@ -323,11 +339,18 @@ class UNet:
 
     def __call__(self, sample: np.ndarray, timestep, context: np.ndarray, text_embeds: np.ndarray | None = None,
                  time_ids: np.ndarray | None = None) -> np.ndarray:
-        """sample: (B, C, H, W) NCHW; timestep: scalar or (B,); context: (B, L, D). Returns NCHW."""
-        batch = sample.shape[0]
-        temb = self.time_embedding(timestep, batch, text_embeds, time_ids)
+        """sample: (B, C, H, W) NCHW; timestep: scalar or (B,); context: (B, L, D), or (k B, L, D) for each sample
+        under k contexts (guidance: the result of np.concatenate([sample] * k) with the layers before the first
+        cross-attention run once per sample; see the module's docstring). text_embeds, time_ids (SDXL): one row
+        per context row. Returns NCHW, a row per context row."""
+        batch, rows = sample.shape[0], context.shape[0]
+        if rows % batch:
+            raise ValueError(f"unet: {rows} context rows for {batch} samples (must be a multiple)")
+        temb = self.time_embedding(timestep, batch if self.add_linear_1 is None else rows, text_embeds, time_ids)
         context = self.text_context(context)
         x = self.conv_in(nchw_to_nhwc(sample))
+        if temb.shape[0] != batch:  # SDXL: the pooled text embeddings make each context's time embedding its own
+            x = for_rows(x, rows)
         skips = [x]
         for block in self.down_blocks:
             x = block(x, temb, context, skips)
@@ -340,4 +363,4 @@ class UNet:
                 target = skips[-len(block.resnets) - 1].shape[1:3]
             x = block(x, temb, context, skips, upsample_size=target)
         x = self.conv_out(self.conv_norm_out(x, silu=True))
-        return nhwc_to_nchw(x)
+        return nhwc_to_nchw(for_rows(x, rows))  # (a UNet without cross-attention never met the contexts)
