@@ -7,6 +7,10 @@ sdgen / diffusers (below 1 means sdgen is faster), plus peak memory of each side
     python scripts/bench_vs_diffusers.py --model sd15 --what unet,vae,txt2img --threads 2
     python scripts/bench_vs_diffusers.py --model sdxl --what unet --threads 2
 
+--what unet: one UNet forward on a batch of 2 different latents (SDXL: 1); unet_guided: the forward each side's
+pipeline makes at a step with guidance (SD 1.x/2.x: batch 2 of the same latents with two contexts; sdgen passes the
+latents once and runs the layers before the first cross-attention once).
+
 Goals (issue #5): SD1.5 UNet forward (batch 2) <= 0.55, SDXL UNet forward (batch 1) <= 0.6, VAE decode <= 0.35,
 whole SD1.5 512x512 20-step DPM++ 2M txt2img <= 0.55. Run it on an otherwise idle machine.
 
@@ -136,6 +140,11 @@ def run_side(side: str, args) -> dict:
                 out["unet_s"] = best_of(lambda: pipe.unet(torch.from_numpy(unet_x), torch.tensor(500),
                                                           encoder_hidden_states=torch.from_numpy(ctx), **extra),
                                         args.repeat)
+            if "unet_guided" in args.what:
+                doubled = torch.from_numpy(np.concatenate([unet_x[:1]] * batch))
+                out["unet_guided_s"] = best_of(lambda: pipe.unet(doubled, torch.tensor(500),
+                                                                 encoder_hidden_states=torch.from_numpy(ctx), **extra),
+                                               args.repeat)
             if "vae" in args.what:
                 out["vae_s"] = best_of(lambda: pipe.vae.decode(torch.from_numpy(z)), args.repeat)
         if "txt2img" in args.what:
@@ -161,6 +170,12 @@ def run_side(side: str, args) -> dict:
                 return pipe.unet(unet_x, 500, ctx, **extra_np)
 
             out["unet_s"] = best_of(forward, args.repeat)
+        if "unet_guided" in args.what:
+            def guided():  # the latents once, both contexts (Pipeline.generate_latents)
+                pipe.unet.forget_context()
+                return pipe.unet(unet_x[:1], 500, ctx, **extra_np)
+
+            out["unet_guided_s"] = best_of(guided, args.repeat)
         if "vae" in args.what:
             out["vae_s"] = best_of(lambda: pipe.vae.decode(z), args.repeat)
         if "txt2img" in args.what:
@@ -203,6 +218,8 @@ def main() -> None:
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.what = args.what.split(",")
+    if "unet_guided" in args.what and args.model.startswith("sdxl"):
+        ap.error("--what unet_guided: SD 1.x/2.x only (SDXL's pooled text embeddings reach its first layer)")
     if args.size is None:
         args.size = 1024 if args.model.startswith("sdxl") and args.model != "sdxl-turbo" else 512
     if args.side:
@@ -249,7 +266,7 @@ def main() -> None:
           f"command: python scripts/bench_vs_diffusers.py --model {args.model} --what {','.join(args.what)} "
           f"--threads {args.threads} --conv-filters {args.conv_filters}")
     print(f"{'':14s} {'diffusers':>10s} {'sdgen':>10s} {'ratio':>7s}")
-    for key in ("load_s", "unet_s", "vae_s", "txt2img_s", "peak_rss_mb"):
+    for key in ("load_s", "unet_s", "unet_guided_s", "vae_s", "txt2img_s", "peak_rss_mb"):
         if key in results["diffusers"] and key in results["sdgen"]:
             d, s = results["diffusers"][key], results["sdgen"][key]
             print(f"{key:14s} {d:10.2f} {s:10.2f} {s / d:7.3f}")
