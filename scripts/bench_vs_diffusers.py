@@ -14,6 +14,12 @@ latents once and runs the layers before the first cross-attention once).
 Goals (issue #5): SD1.5 UNet forward (batch 2) <= 0.55, SDXL UNet forward (batch 1) <= 0.6, VAE decode <= 0.35,
 whole SD1.5 512x512 20-step DPM++ 2M txt2img <= 0.55. Run it on an otherwise idle machine.
 
+unet, unet_guided and vae are timed with both sides loaded at once, each in its own process, one right after the
+other job by job (the order alternating), so that a machine whose speed changes from minute to minute (a shared
+host: the same diffusers forward measured 12.3-18.0 s within an hour) favours neither side; not for SDXL, whose two
+fp32 copies would not fit in 24 GB (--interleave). txt2img runs one process per side (the load included).
+--rounds N repeats it all and reports each side's best and the range of the rounds' own ratios.
+
 --memory: peak RSS of one whole run per side, each in its own process (issue #6): diffusers' pipeline on the random
 folder (fp32, or --torch-dtype float16; --vae-tiling / --vae-slicing as its enable_* options) next to
 `sdgen bench --random-weights` of the same architecture and run (--weights-dtype; --decode-only: only a VAE
@@ -105,10 +111,9 @@ def memory_side(side: str, args) -> dict:
     return out
 
 
-def run_side(side: str, args) -> dict:
-    """One implementation's timings, in this process (called in a subprocess per side, so peak RSS is its own)."""
-    import resource
-
+def load_side(side: str, args) -> tuple[float, dict]:
+    """Load one implementation's pipeline in this process: (seconds, {timing name: a callable doing that work
+    once}) for the names in args.what (txt2img: the whole run, after the load)."""
     folder = Path(args.folder)
     lat = args.size // 8
     rng = np.random.default_rng(0)
@@ -124,7 +129,7 @@ def run_side(side: str, args) -> dict:
                     "time_ids": np.tile(np.array([args.size, args.size, 0, 0, args.size, args.size], np.float32),
                                         (batch, 1))}
     z = rng.standard_normal((1, 4, lat, lat), dtype=np.float32)
-    out = {}
+    jobs = {}
     t0 = time.perf_counter()
     if side == "diffusers":
         import torch
@@ -133,26 +138,26 @@ def run_side(side: str, args) -> dict:
         torch.set_num_threads(args.threads)
         pipe = diffusers.DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        out["load_s"] = time.perf_counter() - t0
+        load_s = time.perf_counter() - t0
         extra = {"added_cond_kwargs": {k: torch.from_numpy(v) for k, v in extra_np.items()}} if xl else {}
-        with torch.no_grad():
-            if "unet" in args.what:
-                out["unet_s"] = best_of(lambda: pipe.unet(torch.from_numpy(unet_x), torch.tensor(500),
-                                                          encoder_hidden_states=torch.from_numpy(ctx), **extra),
-                                        args.repeat)
-            if "unet_guided" in args.what:
-                doubled = torch.from_numpy(np.concatenate([unet_x[:1]] * batch))
-                out["unet_guided_s"] = best_of(lambda: pipe.unet(doubled, torch.tensor(500),
-                                                                 encoder_hidden_states=torch.from_numpy(ctx), **extra),
-                                               args.repeat)
-            if "vae" in args.what:
-                out["vae_s"] = best_of(lambda: pipe.vae.decode(torch.from_numpy(z)), args.repeat)
-        if "txt2img" in args.what:
+        doubled = torch.from_numpy(np.concatenate([unet_x[:1]] * batch))
+
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    return fn()
+            return run
+
+        jobs["unet_s"] = no_grad(lambda: pipe.unet(torch.from_numpy(unet_x), torch.tensor(500),
+                                                   encoder_hidden_states=torch.from_numpy(ctx), **extra))
+        jobs["unet_guided_s"] = no_grad(lambda: pipe.unet(doubled, torch.tensor(500),
+                                                          encoder_hidden_states=torch.from_numpy(ctx), **extra))
+        jobs["vae_s"] = no_grad(lambda: pipe.vae.decode(torch.from_numpy(z)))
+
+        def txt2img():
             pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-            t0 = time.perf_counter()
             pipe("portrait photo of a old warrior chief", num_inference_steps=args.steps, guidance_scale=7.5,
                  width=args.size, height=args.size, generator=torch.Generator().manual_seed(0), output_type="np")
-            out["txt2img_s"] = time.perf_counter() - t0 + out["load_s"]
     else:
         from sdgen.memory import keep_freed_memory
         from sdgen.models.layers import set_conv_filters
@@ -163,28 +168,92 @@ def run_side(side: str, args) -> dict:
         set_threads(args.threads)
         set_conv_filters(args.conv_filters)
         pipe = Pipeline.load(folder)
-        out["load_s"] = time.perf_counter() - t0
-        if "unet" in args.what:
-            def forward():  # a whole forward: the cross-attention keys of ctx made again, as diffusers does
-                pipe.unet.forget_context()
-                return pipe.unet(unet_x, 500, ctx, **extra_np)
+        load_s = time.perf_counter() - t0
 
-            out["unet_s"] = best_of(forward, args.repeat)
-        if "unet_guided" in args.what:
-            def guided():  # the latents once, both contexts (Pipeline.generate_latents)
-                pipe.unet.forget_context()
-                return pipe.unet(unet_x[:1], 500, ctx, **extra_np)
+        def forward():  # a whole forward: the cross-attention keys of ctx made again, as diffusers does
+            pipe.unet.forget_context()
+            return pipe.unet(unet_x, 500, ctx, **extra_np)
 
-            out["unet_guided_s"] = best_of(guided, args.repeat)
-        if "vae" in args.what:
-            out["vae_s"] = best_of(lambda: pipe.vae.decode(z), args.repeat)
-        if "txt2img" in args.what:
-            t0 = time.perf_counter()
+        def guided():  # the latents once, both contexts (Pipeline.generate_latents)
+            pipe.unet.forget_context()
+            return pipe.unet(unet_x[:1], 500, ctx, **extra_np)
+
+        jobs.update(unet_s=forward, unet_guided_s=guided, vae_s=lambda: pipe.vae.decode(z))
+
+        def txt2img():
             pipe.txt2img("portrait photo of a old warrior chief", seed=0, steps=args.steps, guidance=7.5,
                          width=args.size, height=args.size, scheduler="dpm++ 2m")
-            out["txt2img_s"] = time.perf_counter() - t0 + out["load_s"]
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    jobs["txt2img_s"] = txt2img
+    return load_s, {k: fn for k, fn in jobs.items() if k[:-2] in args.what}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_side(side: str, args) -> dict:
+    """One implementation's timings, in this process (called in a subprocess per side, so peak RSS is its own):
+    the best of args.repeat of each, txt2img once (load included)."""
+    load_s, jobs = load_side(side, args)
+    out = {"load_s": load_s}
+    for name, fn in jobs.items():
+        if name == "txt2img_s":
+            t0 = time.perf_counter()
+            fn()
+            out[name] = time.perf_counter() - t0 + load_s
+        else:
+            out[name] = best_of(fn, args.repeat)
+    out["peak_rss_mb"] = _peak_rss_mb()
     return out
+
+
+def serve_side(side: str, args) -> None:
+    """Load, then time one job per line read from stdin (its name; "quit" ends), a JSON line each on stdout: the
+    parent alternates the two sides job by job (interleaved mode)."""
+    load_s, jobs = load_side(side, args)
+    print(json.dumps({"load_s": load_s}), flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        if name == "quit":
+            break
+        t0 = time.perf_counter()
+        jobs[name]()
+        print(json.dumps({name: time.perf_counter() - t0}), flush=True)
+    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+
+
+class _Server:
+    """A side's serve_side process."""
+
+    def __init__(self, side: str, cmd: list[str], env: dict):
+        import tempfile
+
+        self.side = side
+        self.err = tempfile.TemporaryFile(mode="w+")  # not a pipe: a chatty side would fill it and stall
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
+                                     env=env)
+
+    def reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.err.seek(0)
+            sys.exit(f"{self.side} run failed:\n{self.err.read()[-3000:]}")
+        return json.loads(line)
+
+    def time(self, name: str) -> float:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        return self.reply()[name]
+
+    def close(self) -> dict:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        out = self.reply()
+        self.proc.wait()
+        return out
 
 
 def _side_env(side: str, threads: int) -> dict:
@@ -201,7 +270,10 @@ def main() -> None:
     ap.add_argument("--what", default="unet,vae,txt2img")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="timings per side process (its best is kept)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the measurement this many times, alternating which side goes first, and report "
+                         "each side's best and the range of the rounds' ratios")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
     ap.add_argument("--memory", action="store_true", help="peak RSS of one whole run per side (see above)")
     ap.add_argument("--batch", type=int, default=1, help="--memory: images per run")
@@ -214,7 +286,11 @@ def main() -> None:
                     help="--memory: guidance scale on both sides (default: each side's default for the model)")
     ap.add_argument("--sides", default="diffusers,sdgen", help="--memory: which sides to run")
     ap.add_argument("--conv-filters", default="make", choices=["make", "keep"], help="sdgen's --conv-filters")
+    ap.add_argument("--interleave", default="auto", choices=["auto", "on", "off"],
+                    help="time unet/unet_guided/vae with both sides loaded at once, alternating job by job (auto: "
+                         "not for SDXL, whose two fp32 copies would not fit in 24 GB); off: one process per side")
     ap.add_argument("--side", choices=["diffusers", "sdgen"], help=argparse.SUPPRESS)
+    ap.add_argument("--serve", choices=["diffusers", "sdgen"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.what = args.what.split(",")
@@ -224,6 +300,9 @@ def main() -> None:
         args.size = 1024 if args.model.startswith("sdxl") and args.model != "sdxl-turbo" else 512
     if args.side:
         print(json.dumps(memory_side(args.side, args) if args.memory else run_side(args.side, args)))
+        return
+    if args.serve:
+        serve_side(args.serve, args)
         return
     if args.memory:
         results = {}
@@ -252,25 +331,64 @@ def main() -> None:
     from compare_full_size import build_random_model
 
     folder = build_random_model(args.model, args.workdir / args.model)
-    results = {}
-    for side in ("diffusers", "sdgen"):
-        cmd = [sys.executable, __file__, "--side", side, "--folder", str(folder), "--model", args.model,
-               "--size", str(args.size), "--what", ",".join(args.what), "--steps", str(args.steps),
-               "--threads", str(args.threads), "--repeat", str(args.repeat), "--conv-filters", args.conv_filters]
-        env = _side_env(side, args.threads)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{args.model} (random weights), {args.size}x{args.size}, {args.threads} threads; "
-          f"command: python scripts/bench_vs_diffusers.py --model {args.model} --what {','.join(args.what)} "
-          f"--threads {args.threads} --conv-filters {args.conv_filters}")
-    print(f"{'':14s} {'diffusers':>10s} {'sdgen':>10s} {'ratio':>7s}")
-    for key in ("load_s", "unet_s", "unet_guided_s", "vae_s", "txt2img_s", "peak_rss_mb"):
-        if key in results["diffusers"] and key in results["sdgen"]:
-            d, s = results["diffusers"][key], results["sdgen"][key]
-            print(f"{key:14s} {d:10.2f} {s:10.2f} {s / d:7.3f}")
+    keys = ("load_s", "unet_s", "unet_guided_s", "vae_s", "txt2img_s", "peak_rss_mb")
 
+    def side_cmd(side: str, what: list[str], mode: str) -> list[str]:
+        return [sys.executable, __file__, mode, side, "--folder", str(folder), "--model", args.model,
+                "--size", str(args.size), "--what", ",".join(what), "--steps", str(args.steps),
+                "--threads", str(args.threads), "--repeat", str(args.repeat), "--conv-filters", args.conv_filters]
+
+    interleave = args.interleave == "on" or (args.interleave == "auto" and not args.model.startswith("sdxl"))
+    step_what = [w for w in args.what if w != "txt2img"] if interleave else []
+    rounds = [{"diffusers": {}, "sdgen": {}} for _ in range(args.rounds)]
+    if step_what:
+        # both sides loaded at once, each in its own process; each round times every job on both, one side
+        # right after the other (the order alternating), so a change in the machine's load favours neither
+        servers = {}
+        for side in ("diffusers", "sdgen"):
+            servers[side] = _Server(side, side_cmd(side, step_what, "--serve"), _side_env(side, args.threads))
+            rounds[0][side]["load_s"] = servers[side].reply()["load_s"]
+        for r in range(args.rounds):
+            for i, name in enumerate(f"{w}_s" for w in step_what):
+                order = ("diffusers", "sdgen") if (r + i) % 2 == 0 else ("sdgen", "diffusers")
+                for _ in range(args.repeat):
+                    for side in order:
+                        t = servers[side].time(name)
+                        rounds[r][side][name] = min(rounds[r][side].get(name, float("inf")), t)
+        for side, server in servers.items():
+            rounds[0][side]["peak_rss_mb"] = server.close()["peak_rss_mb"]
+    whole_what = [w for w in args.what if w not in step_what]
+    if whole_what:  # one process per side and round (txt2img includes the load), the order alternating
+        for r in range(args.rounds):
+            for side in ("diffusers", "sdgen") if r % 2 == 0 else ("sdgen", "diffusers"):
+                proc = subprocess.run(side_cmd(side, whole_what, "--side"), capture_output=True, text=True,
+                                      env=_side_env(side, args.threads))
+                if proc.returncode:
+                    sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                for k, v in res.items():
+                    rounds[r][side][k] = max(v, rounds[r][side].get(k, 0.0)) if k == "peak_rss_mb" else v
+    if args.rounds > 1:
+        for r, res in enumerate(rounds):
+            print(f"round {r + 1}: " + ", ".join(
+                f"{k} {res['diffusers'][k]:.2f}/{res['sdgen'][k]:.2f} = {res['sdgen'][k] / res['diffusers'][k]:.3f}"
+                for k in keys if k in res["diffusers"] and k in res["sdgen"]), flush=True)
+    print(f"{args.model} (random weights), {args.size}x{args.size}, {args.threads} threads, "
+          f"{'interleaved' if step_what else 'one process per side'}; command: python scripts/bench_vs_diffusers.py "
+          f"--model {args.model} --what {','.join(args.what)} --threads {args.threads} --repeat {args.repeat} "
+          f"--rounds {args.rounds} --conv-filters {args.conv_filters}")
+    if args.rounds > 1:
+        print(f"best of {args.rounds} rounds per side (peak RSS: the largest); range: the rounds' own ratios")
+    print(f"{'':14s} {'diffusers':>10s} {'sdgen':>10s} {'ratio':>7s}" + ("  range" if args.rounds > 1 else ""))
+    for key in keys:
+        have = [res for res in rounds if key in res["diffusers"] and key in res["sdgen"]]
+        if have:
+            pick = max if key == "peak_rss_mb" else min
+            d = pick(res["diffusers"][key] for res in have)
+            s = pick(res["sdgen"][key] for res in have)
+            per = [res["sdgen"][key] / res["diffusers"][key] for res in have]
+            print(f"{key:14s} {d:10.2f} {s:10.2f} {s / d:7.3f}"
+                  + (f"  {min(per):.3f}-{max(per):.3f}" if len(have) > 1 else ""))
 
 if __name__ == "__main__":
     main()
