@@ -23,20 +23,23 @@ What is mirrored (torch 2.13.0, files under ``aten/src/ATen``):
   16 fresh uniforms and transformed again (overwriting part of the last full block).
   The block transform ``NormalFill16<float>`` depends on the CPU capability ATen dispatched to:
 
-  - ``AVX2`` (this project's target): ``log256_ps`` and ``sincos256_ps`` of ``native/cpu/avx_mathfun.h``
+  - ``AVX2`` and ``AVX512``: ``log256_ps`` and ``sincos256_ps`` of ``native/cpu/avx_mathfun.h``
     (Cephes-derived float32 polynomials by J. Pommier / G. Garberoglio).  They are reproduced here lane by
     lane in float32, operation by operation.  The wheel is compiled by GCC with ``-mavx2 -mfma`` and GCC's
     default ``-ffp-contract=fast``: GCC contracts every ``mul`` whose result only feeds an ``add``/``sub`` into
     one fused multiply-add, and these helpers are written with plain ``(__v8sf)a * b`` intrinsics, so they
     are *fused*.  Which pairs are fused (see :func:`_log256` / :func:`_sincos256`) follows GCC's rule and was
     checked exhaustively against torch 2.13.0: all 2**24 possible ``u1`` (radius) and all 2**24 possible
-    ``u2`` (sin and cos, with a radius of exactly 1.0) give bit-identical results.  Without the contraction
+    ``u2`` (sin and cos, with a radius of exactly 1.0) give bit-identical results.  The AVX512 kernels are
+    the same source compiled with ``-mavx512f`` (which implies ``__AVX2__``), so they take this same 8-lane
+    transform with the same contractions: checked exhaustively the same way on an AVX-512 CPU (Zen 4), where
+    torch dispatched to AVX512 (``python scripts/check_randn_exhaustive.py``).  Without the contraction
     about 1% of the normals would be 1-2 ulp off.  Like ``_mm256_fmadd_ps(n, std=1, mean=0)``, the final
     ``+ 0`` turns the ``-0`` produced for ``u1 == 1`` into ``+0``.
-  - ``DEFAULT`` / ``AVX512`` / non-x86: the scalar template - float32 ``std::log``, ``std::cos``,
+  - ``DEFAULT`` / non-x86: the scalar template - float32 ``std::log``, ``std::cos``,
     ``std::sin`` from libm, ``theta`` computed in double then rounded, ``std::fma`` for ``* std + mean``.
     Reproduced with the process's libm ``logf``/``cosf``/``sinf`` through Numba (checked exhaustively against
-    torch run with ``ATEN_CPU_CAPABILITY=default``; the AVX512 build itself could not be run here).
+    torch run with ``ATEN_CPU_CAPABILITY=default``).
 
 * **torch.randn, < 16 elements** - the ``TensorIterator`` branch of ``normal_kernel``: one
   ``at::normal_distribution<double>`` sample per element (``core/DistributionsHelper.h``): two double uniforms
@@ -113,10 +116,10 @@ _MASK53 = (1 << 53) - 1
 _TWO_PI_D = 2.0 * math.pi  # static_cast<double>(2.0) * c10::pi<double>
 
 # Selectable Box-Muller block transforms.
-MATH_PATH_AVX2 = 0  # avx_mathfun.h log256_ps / sincos256_ps, FMA-contracted as GCC builds them
-MATH_PATH_LIBM = 1  # generic NormalFill16 with float libm logf/cosf/sinf (ATen DEFAULT and AVX512 capabilities)
+MATH_PATH_AVX2 = 0  # avx_mathfun.h log256_ps / sincos256_ps, FMA-contracted as GCC builds them (AVX2 and AVX512)
+MATH_PATH_LIBM = 1  # generic NormalFill16 with float libm logf/cosf/sinf (ATen DEFAULT capability, non-x86)
 MATH_PATH_AVX2_NOFMA = 2  # avx_mathfun.h without any contraction (what a non-contracting compiler would give)
-MATH_PATHS = {"avx2": MATH_PATH_AVX2, "default": MATH_PATH_LIBM, "avx512": MATH_PATH_LIBM,
+MATH_PATHS = {"avx2": MATH_PATH_AVX2, "default": MATH_PATH_LIBM, "avx512": MATH_PATH_AVX2,
               "libm": MATH_PATH_LIBM, "avx2-nofma": MATH_PATH_AVX2_NOFMA}
 
 
@@ -327,7 +330,7 @@ def _normal16_avx2(d, i, fused):
 
 @nb.njit(inline="always")
 def _normal16_libm(d, i):
-    """The generic ``NormalFill16<float>`` (DEFAULT / AVX512 capability) on ``d[i:i+16]`` (mean 0, std 1)."""
+    """The generic ``NormalFill16<float>`` (DEFAULT capability) on ``d[i:i+16]`` (mean 0, std 1)."""
     for j in range(8):
         u1 = _ONE - d[i + j]
         u2 = d[i + j + 8]
@@ -415,7 +418,7 @@ def detect_cpu_capability() -> str:
 
     Mirrors ``ATen/native/DispatchStub.cpp``: ``ATEN_CPU_CAPABILITY`` overrides; otherwise AVX-512
     (F, BW, VL, DQ) wins over AVX2 (+FMA).  Only x86-64 Linux flags are inspected; anything else is
-    ``"default"``, which (like ``"avx512"``) selects the generic libm Box-Muller.
+    ``"default"``, which selects the generic libm Box-Muller (``"avx512"`` selects the AVX2 one).
     """
     env = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if env in ("default", "avx2", "avx512"):
@@ -457,7 +460,7 @@ class TorchGenerator:
 
     ``capability`` picks the Box-Muller block transform of the ``>= 16`` elements path: ``"auto"`` (the capability
     torch would use on this CPU, see :func:`detect_cpu_capability`), ``"avx2"`` or ``"default"``
-    (``"avx512"`` is the same as ``"default"``: torch's AVX512 build has no vectorised normal fill).
+    (``"avx512"`` is the same as ``"avx2"``: torch's AVX512 build runs the same 8-lane normal fill).
     """
 
     def __init__(self, seed: int = 67280421310721, capability: str = "auto"):
