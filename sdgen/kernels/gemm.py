@@ -20,18 +20,25 @@ _NO_BIAS = np.zeros(1, dtype=np.float32)
 
 @njit(nogil=True, cache=True)
 def add_bias_residual(y, bias, has_bias, res, has_res, c_lo, c_hi):
-    """In place on the 2-D y, columns [c_lo, c_hi): y[i, j] += bias[j] (if has_bias) + res[i, j] (if has_res)."""
-    rows = y.shape[0]
-    for i in range(rows):
+    """In place on the 2-D y, columns [c_lo, c_hi): y[i, j] += bias[j] (if has_bias) + res[i, j] (if has_res).
+
+    Each row through slices indexed from 0: with the loop running over [c_lo, c_hi) directly LLVM left it scalar
+    (2 G elements/s against 13 on a (128, 2560) block, AVX-512)."""
+    n = c_hi - c_lo
+    br = bias[c_lo:c_hi] if has_bias else bias
+    for i in range(y.shape[0]):
+        yr = y[i, c_lo:c_hi]
         if has_bias and has_res:
-            for j in range(c_lo, c_hi):
-                y[i, j] = y[i, j] + bias[j] + res[i, j]
+            rr = res[i, c_lo:c_hi]
+            for j in range(n):
+                yr[j] = yr[j] + br[j] + rr[j]
         elif has_bias:
-            for j in range(c_lo, c_hi):
-                y[i, j] = y[i, j] + bias[j]
+            for j in range(n):
+                yr[j] = yr[j] + br[j]
         elif has_res:
-            for j in range(c_lo, c_hi):
-                y[i, j] = y[i, j] + res[i, j]
+            rr = res[i, c_lo:c_hi]
+            for j in range(n):
+                yr[j] = yr[j] + rr[j]
 
 
 def _as2d(a: np.ndarray, cols: int) -> np.ndarray:
