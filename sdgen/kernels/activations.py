@@ -19,15 +19,16 @@ def _unary(x, out, kind):
     for ch in prange(nchunks):
         lo = ch * _CHUNK
         hi = min(n, lo + _CHUNK)
+        xs, ys = x[lo:hi], out[lo:hi]  # indexed from 0 (an index lo + i gets Numba's wraparound: scalar code)
         if kind == 0:
-            for i in range(lo, hi):
-                out[i] = fgelu(x[i])
+            for i in range(hi - lo):
+                ys[i] = fgelu(xs[i])
         elif kind == 1:
-            for i in range(lo, hi):
-                out[i] = fquick_gelu(x[i])
+            for i in range(hi - lo):
+                ys[i] = fquick_gelu(xs[i])
         else:
-            for i in range(lo, hi):
-                out[i] = fsilu(x[i])
+            for i in range(hi - lo):
+                ys[i] = fsilu(xs[i])
 
 
 def _apply(x: np.ndarray, kind: int) -> np.ndarray:
@@ -57,8 +58,9 @@ def _geglu(x, out):
     """out[r, j] = x[r, j] * gelu(x[r, d + j]) for x (rows, 2d), out (rows, d)."""
     rows, d = out.shape
     for r in prange(rows):
+        a, gate, y = x[r, :d], x[r, d:], out[r]  # the gate through a slice: x[r, d + j] stayed scalar (wraparound)
         for j in range(d):
-            out[r, j] = x[r, j] * fgelu(x[r, d + j])
+            y[j] = a[j] * fgelu(gate[j])
 
 
 def geglu(x: np.ndarray) -> np.ndarray:

@@ -124,8 +124,9 @@ def _scale_out_rows(o, q0, nq, h0, hg, d, inv):
         for g in range(hg):
             f = inv[g * nq + i]
             c0 = (h0 + g) * d
+            row = o[q0 + i, c0:c0 + d]  # indexed from 0 (o[q0 + i, c0 + j] stayed scalar: Numba's wraparound)
             for j in range(d):
-                o[q0 + i, c0 + j] *= f
+                row[j] *= f
 
 
 _COPY_MIN_KEYS = 2048  # from this many keys on, K^T and V are copied contiguous per head when there are several

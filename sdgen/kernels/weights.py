@@ -232,10 +232,10 @@ def _filters_f32(w, m, u, o_lo, o_hi, c_off):
         for o0 in range(o_lo, o_hi, _OB):
             nb = min(_OB, o_hi - o0)
             for kl in range(9):
-                src = w[kl, i]
+                src = w[kl, i, o0:o0 + nb]  # indexed from 0: src[o0 + t] stayed scalar (Numba's wraparound)
                 dst = g[kl]
                 for t in range(nb):
-                    dst[t] = src[o0 + t]
+                    dst[t] = src[t]
             _filter_piece(g, m, t3, u, i, o0 - c_off, nb)
     _zero_rows(u, cin, o_lo - c_off, o_hi - c_off)
 
@@ -251,15 +251,15 @@ def _filters_u16(w, bf16, table, m, u, o_lo, o_hi, c_off):
         for o0 in range(o_lo, o_hi, _OB):
             nb = min(_OB, o_hi - o0)
             for kl in range(9):
-                src = w[kl, i]
+                src = w[kl, i, o0:o0 + nb]
                 if bf16:
                     dbits = gbits[kl]
                     for t in range(nb):
-                        dbits[t] = np.uint32(src[o0 + t]) << np.uint32(16)
+                        dbits[t] = np.uint32(src[t]) << np.uint32(16)
                 else:
                     dst = g[kl]
                     for t in range(nb):
-                        dst[t] = table[src[o0 + t]]
+                        dst[t] = table[src[t]]
             _filter_piece(g, m, t3, u, i, o0 - c_off, nb)
     _zero_rows(u, cin, o_lo - c_off, o_hi - c_off)
 

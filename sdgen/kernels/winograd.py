@@ -106,7 +106,9 @@ def tile_block(m: int, cin: int, cout: int, ntiles: int, budget_bytes: int = 6 <
 # Written so that LLVM vectorises the channel loops. Each loop runs over the contiguous channel axis, and a loop
 # either stores into a single place or into several rows of an array whose last index is the bare loop counter:
 # with offsets in the last index (x[..., c0 + c]) on several stores LLVM cannot prove that they do not overlap and
-# leaves the loop scalar (checked with -pass-remarks-missed=loop-vectorize).
+# leaves the loop scalar (checked with -pass-remarks-missed=loop-vectorize). Loads and stores at an offset go
+# through slices (x[..., c0:c0 + nc], indexed by the bare counter): an index c0 + c with c0 a run-time value gets
+# Numba's negative-index wraparound on every element, which LLVM turns into gathers or scalar code.
 
 
 @njit(inline="always")
@@ -115,13 +117,15 @@ def _bt6(src, r, k0, c0, dst, i, nc):
     f4 = np.float32(4.0)
     f5 = np.float32(5.0)
     f2 = np.float32(2.0)
+    s0, s1, s2 = src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc]
+    s3, s4, s5 = src[r, k0 + 3, c0:c0 + nc], src[r, k0 + 4, c0:c0 + nc], src[r, k0 + 5, c0:c0 + nc]
     for c in range(nc):
-        d0 = src[r, k0, c0 + c]
-        d1 = src[r, k0 + 1, c0 + c]
-        d2 = src[r, k0 + 2, c0 + c]
-        d3 = src[r, k0 + 3, c0 + c]
-        d4 = src[r, k0 + 4, c0 + c]
-        d5 = src[r, k0 + 5, c0 + c]
+        d0 = s0[c]
+        d1 = s1[c]
+        d2 = s2[c]
+        d3 = s3[c]
+        d4 = s4[c]
+        d5 = s5[c]
         t1 = d4 - f4 * d2
         t2 = d3 - f4 * d1
         t3 = d4 - d2
@@ -137,11 +141,13 @@ def _bt6(src, r, k0, c0, dst, i, nc):
 @njit(inline="always")
 def _bt4(src, r, k0, c0, dst, i, nc):
     """dst[i, a, c] = (B^T d)[a] of F(2,3), d = src[r, k0 .. k0+3, c0 + c]."""
+    s0, s1, s2, s3 = (src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc],
+                      src[r, k0 + 3, c0:c0 + nc])
     for c in range(nc):
-        d0 = src[r, k0, c0 + c]
-        d1 = src[r, k0 + 1, c0 + c]
-        d2 = src[r, k0 + 2, c0 + c]
-        d3 = src[r, k0 + 3, c0 + c]
+        d0 = s0[c]
+        d1 = s1[c]
+        d2 = s2[c]
+        d3 = s3[c]
         dst[i, 0, c] = d0 - d2
         dst[i, 1, c] = d1 + d2
         dst[i, 2, c] = d2 - d1
@@ -192,12 +198,14 @@ def _bt5(src, r, k0, c0, dst, i, nc):
     """dst[i, a, c] = (B^T d)[a] of F(4,2), d = src[r, k0 .. k0+4, c0 + c] (5 pixels of one input row)."""
     f2 = np.float32(2.0)
     f3 = np.float32(3.0)
+    s0, s1, s2 = src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc]
+    s3, s4 = src[r, k0 + 3, c0:c0 + nc], src[r, k0 + 4, c0:c0 + nc]
     for c in range(nc):
-        d0 = src[r, k0, c0 + c]
-        d1 = src[r, k0 + 1, c0 + c]
-        d2 = src[r, k0 + 2, c0 + c]
-        d3 = src[r, k0 + 3, c0 + c]
-        d4 = src[r, k0 + 4, c0 + c]
+        d0 = s0[c]
+        d1 = s1[c]
+        d2 = s2[c]
+        d3 = s3[c]
+        d4 = s4[c]
         dst[i, 0, c] = f2 * (d0 - d2) - d1 + d3
         dst[i, 1, c] = d3 - f2 * d1 - d2
         dst[i, 2, c] = f2 * d1 - f3 * d2 + d3
@@ -407,8 +415,9 @@ def _tile_in(a, x, n, y0, x0, v, k, tmp, row):
                         for c in range(nc):
                             row[0, kk, c] = np.float32(0.0)
                     else:
+                        xs = x[n, yy, xx, c0:c0 + nc]
                         for c in range(nc):
-                            row[0, kk, c] = x[n, yy, xx, c0 + c]
+                            row[0, kk, c] = xs[c]
                 _bt_row(a, row, 0, 0, 0, tmp, i, nc)
         for j in range(a):
             _bt_col(a, tmp, j, v, k, b, nc)
@@ -426,6 +435,7 @@ def _tile_out(a, m, mm, k, y, n, oy, ox, bias, res, has_res, b_lo, b_hi, c_lo, s
     for b in range(b_lo, b_hi):
         c0 = c_lo + b * cb
         nc = min(cb, cout - c0)
+        bs = bias[c0:c0 + nc]
         for i in range(a):
             _at_row(a, mm, i, k, b, tmp, nc)
         for j in range(nw):
@@ -433,12 +443,15 @@ def _tile_out(a, m, mm, k, y, n, oy, ox, bias, res, has_res, b_lo, b_hi, c_lo, s
             xx = step * (ox + j) + px
             for i in range(nh):
                 yy = step * (oy + i) + py
+                ys = y[n, yy, xx, c0:c0 + nc]
+                cs = col[i]
                 if has_res:
+                    rs = res[n, yy, xx, c0:c0 + nc]
                     for c in range(nc):
-                        y[n, yy, xx, c0 + c] = col[i, c] + bias[c0 + c] + res[n, yy, xx, c0 + c]
+                        ys[c] = cs[c] + bs[c] + rs[c]
                 else:
                     for c in range(nc):
-                        y[n, yy, xx, c0 + c] = col[i, c] + bias[c0 + c]
+                        ys[c] = cs[c] + bs[c]
 
 
 @njit(inline="always")
