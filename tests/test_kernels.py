@@ -639,3 +639,46 @@ def test_upsample_conv2d_falls_back_on_small_maps(rng):
     assert not upconv.worth_it(1, 8, 8)
     plan = Conv2dPlan(rng.standard_normal((32, 32, 3, 3), dtype=np.float32), None, 1, 1, cache=False)
     assert np.array_equal(K.upsample_conv2d(x, plan), conv2d(K.upsample2x(x), plan))
+
+
+# ------------------------------------------------------------------------------------------------ packed panels
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 40, 32), (5, 3, 64), (13, 64, 96), (256, 40, 128), (7, 80, 32)])
+def test_gemm_panels(rng, m, k, n):
+    """panels.gemm_panels (register tiles of 6, 4, 2 and 1 rows) on rows of A that lie apart (lda > k) and from an
+    offset, into a block of C at an offset, against float64; nothing outside the block is written."""
+    from sdgen.kernels import panels
+
+    a_full = rng.standard_normal((m + 2, k + 5), dtype=np.float32)
+    b = rng.standard_normal((k, n + 32), dtype=np.float32)
+    bp = np.empty((n // panels.PANEL, k, panels.PANEL), dtype=np.float32)
+    panels.pack_columns(b, 32, 32 + n, bp)
+    c = np.full((m + 1, n + 8), 7.0, dtype=np.float32)
+    a_off = (k + 5) + 2  # A = a_full[1:, 2:2 + k]
+    panels.gemm_panels(a_full.reshape(-1), a_off, k + 5, m, k, bp.reshape(-1), 0, n // panels.PANEL,
+                       c.reshape(-1), (n + 8) + 4, n + 8)  # into c[1:, 4:4 + n]
+    want = a_full[1:m + 1, 2:2 + k].astype(np.float64) @ b[:, 32:32 + n].astype(np.float64)
+    assert rel_err(c[1:, 4:4 + n], want) < TOL
+    assert (c[0] == 7).all() and (c[:, :4] == 7).all() and (c[:, 4 + n:] == 7).all()
+
+
+@pytest.mark.parametrize("d, lq", [(40, 300), (64, 7), (24, 256)])
+def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq):
+    """Long keys copied per head go into panels and Q K^T takes panels.gemm_panels (heads up to _PANEL_MAX_D wide,
+    keys a multiple of PANEL): against float64, the same whatever the workers, and as the BLAS path to 1e-6."""
+    from sdgen.kernels import mha
+
+    heads, lk = 3, 2080
+    q = rng.standard_normal((2, lq, heads * d), dtype=np.float32)
+    k, v = (rng.standard_normal((2, lk, heads * d), dtype=np.float32) for _ in range(2))
+    calls = []
+    real = mha._scores_panels
+    monkeypatch.setattr(mha, "_scores_panels", lambda *a: calls.append(1) or real(*a))
+    ys = [K.attention(q, k, v, heads, nworkers=n) for n in (1, 2, 3)]
+    assert calls and all(np.array_equal(ys[0], y) for y in ys[1:])
+    assert rel_err(ys[0], R.attention(*f64(q, k, v), heads)) < TOL
+    monkeypatch.setattr(mha, "_PANEL_MAX_D", 0)
+    n_calls = len(calls)
+    blas = K.attention(q, k, v, heads)
+    assert len(calls) == n_calls and rel_err(ys[0], blas) < 1e-6

@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit
 
 from . import _pool
+from .panels import PANEL, flat, gemm_panels
 from ._math import _C2, _C3, _C4, _C5, _C6, _EXP_LO, _LN2_HI, _LN2_LO, _LOG2E, _P2, max32, sum64
 
 _NO_MASK = np.zeros((1, 1), dtype=np.float32)
@@ -118,6 +119,30 @@ def _transpose_keys(k, kt):
 
 
 @njit(nogil=True, cache=True)
+def _pack_keys(k, kp):
+    """k (Lk, C), one image's keys -> kp (heads, Lk / PANEL, d, PANEL), each head's K^T in panels of PANEL keys
+    (panels.gemm_panels' B): kp[h, p, e, t] = k[p PANEL + t, h d + e]."""
+    heads, npan, d, _ = kp.shape
+    for p in range(npan):
+        for t in range(PANEL):
+            key = k[p * PANEL + t]
+            for h in range(heads):
+                src = key[h * d:(h + 1) * d]
+                dst = kp[h, p]
+                for e in range(d):
+                    dst[e, t] = src[e]
+
+
+@njit(nogil=True, cache=True)
+def _scores_panels(qf, q_off, ldq, d, nq, g, kpf, kp_off, npan, sf, lds):
+    """The score blocks of a job's g heads, sf[gi nq lds + i lds + j] = q_h[i] . k_h[j] (j < npan PANEL), from the
+    queries in qf (head gi's row i at q_off + gi d + i ldq) and the heads' packed keys (_pack_keys' panels, head gi's
+    from kp_off + gi npan d PANEL)."""
+    for gi in range(g):
+        gemm_panels(qf, q_off + gi * d, ldq, nq, d, kpf, kp_off + gi * npan * d * PANEL, npan, sf, gi * nq * lds, lds)
+
+
+@njit(nogil=True, cache=True)
 def _scale_out_rows(o, q0, nq, h0, hg, d, inv):
     """o (Lq, C), one image's output: o[q0 + i, (h0 + g) d + j] *= inv[g nq + i] for i < nq, g < hg, j < d."""
     for i in range(nq):
@@ -130,6 +155,7 @@ def _scale_out_rows(o, q0, nq, h0, hg, d, inv):
 
 
 _COPY_MIN_KEYS = 2048  # from this many keys on, K^T and V are copied contiguous per head when there are several
+_PANEL_MAX_D = 128  # heads up to this wide take Q K^T from keys packed in panels (panels.py) when they are copied
 _MAX_QROWS = 256  # query rows per job at most
 _MIN_JOBS = 8
 _GROUP_BYTES = 1 << 20  # heads share a job while their score blocks together stay within this
@@ -207,20 +233,32 @@ def attention(
     # ms), and a single head (the VAE's) is contiguous already. Same results either way: BLAS reads the same numbers.
     qv = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     ov = out.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
-    if lk < _COPY_MIN_KEYS or heads == 1:
+    # The copied keys go into panels of PANEL keys when the heads are narrow (up to _PANEL_MAX_D) and the keys
+    # fill whole panels: Q K^T is then panels.gemm_panels' register tiles, 1.4-1.5x OpenBLAS's speed on heads of
+    # 40-80 (its packing of both operands at each call weighs on an inner dimension that short), the same numbers.
+    copied = lk >= _COPY_MIN_KEYS and heads > 1
+    packed = copied and d <= _PANEL_MAX_D and lk % PANEL == 0 and lk == lkp
+    if not copied:
         kt = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
         vv = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
     else:
-        kt = np.empty((b, heads, d, lk), dtype=np.float32)
+        npan = lk // PANEL
+        kt = np.empty((b, heads, npan, d, PANEL) if packed else (b, heads, d, lk), dtype=np.float32)
         vv = np.empty((b, heads, lk, d), dtype=np.float32)
         nwc = min(b, _pool.workers() if nworkers is None else max(1, nworkers))
 
         def copy(i: int) -> None:  # an image per worker
             for bi in range(i, b, nwc):
-                _transpose_keys(k[bi], kt[bi])
+                if packed:
+                    _pack_keys(k[bi], kt[bi])
+                else:
+                    _transpose_keys(k[bi], kt[bi])
                 vv[bi] = v[bi].reshape(lk, heads, d).transpose(1, 0, 2)
 
         _pool.run(copy, nwc)
+    if packed:
+        qf, ktf = flat(q), kt.reshape(-1)
+        sq0, sq1 = q.strides[0] // 4, q.strides[1] // 4
     # the probabilities are normalised before P V when that is the narrower of the two (keys fewer than d: the
     # 77 keys of cross-attention on 160-wide heads), else the output rows after it
     norm_p = lk < d
@@ -240,7 +278,11 @@ def attention(
             q1 = min(lq, q0 + qb)
             g, nq = h1 - h0, q1 - q0
             s = sbuf[: g * nq * lkp].reshape(g, nq, lkp)
-            np.matmul(qv[bi, h0:h1, q0:q1], kt[bi, h0:h1], out=s[:, :, :lk])
+            if packed:
+                _scores_panels(qf, bi * sq0 + q0 * sq1 + h0 * d, sq1, d, nq, g, ktf, (bi * heads + h0) * npan * d * PANEL,
+                               npan, sbuf, lkp)
+            else:
+                np.matmul(qv[bi, h0:h1, q0:q1], kt[bi, h0:h1], out=s[:, :, :lk])
             s2 = s.reshape(g * nq, lkp)
             if m4 is None:
                 if lk >= _NUMPY_MAX_KEYS:

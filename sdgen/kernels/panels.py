@@ -1,0 +1,134 @@
+"""C = A B for a short inner dimension (attention's Q K^T on heads 40-128 wide), B packed in panels of 32 columns.
+
+OpenBLAS runs such products at 55-80 GFLOP/s a core (AVX-512 Zen 4): with an inner dimension of 40 or 64 its
+packing of both operands at every call weighs on few multiply-adds per element. Here B is packed once, (n / 32, k,
+32): panel p holds columns 32 p .. 32 p + 31 of every row of B, contiguous. A register tile of R rows x 32 columns
+(R x 4 vectors of 8 floats, R <= 6: 24 accumulators) runs down the inner dimension: at each step 4 vector loads of
+the panel row, R broadcasts of A's elements and 4 R fused multiply-adds. The panel (k x 128 bytes) stays in L1
+while the tiles of all the rows of A pass over it. 109-113 GFLOP/s a core for Q K^T of 256 x 4096 scores on heads
+of 40, 64 and 80 (BLAS: 74-81), and bit-identical to OpenBLAS's result: each sum runs in the same order, one fused
+multiply-add at a time from the first term.
+
+The tile is written in LLVM IR (a Numba intrinsic) since Numba has no vector type: the accumulators are vector
+registers for the whole run down the inner dimension, which no Numba loop over arrays becomes.
+
+Numba's on-disk cache only watches the file of each cached kernel: the kernels of other modules that call these
+(mha.py) keep their compiled copy after this file is edited; delete sdgen/kernels/__pycache__ (or touch them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 8  # floats per vector (256 bits: as fast as 512 on Zen 4, and 32 registers of it with AVX-512VL)
+VECTORS = 4  # vectors per tile row
+PANEL = LANES * VECTORS  # columns per panel of B
+_ROWS = 6  # tile rows at most (6 x 4 accumulators, 4 panel vectors and a broadcast: 29 of 32 registers)
+
+
+def _make_tile(rows: int):
+    """The intrinsic computing one tile of `rows` rows x PANEL columns (see tile's docstring)."""
+
+    @intrinsic
+    def tile(typingctx, c, c_off, ldc, a, a_off, lda, b, b_off, k):
+        """c[c_off + r ldc + j] = sum_e a[a_off + r lda + e] b[b_off + e PANEL + j] for r < rows, j < PANEL,
+        e < k (1-D C-contiguous float32 arrays; no bounds check)."""
+        arrays = (c, a, b)
+        if not all(isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 1 and t.layout == "C"
+                   for t in arrays):
+            return None
+        sig = types.void(c, types.intp, types.intp, a, types.intp, types.intp, b, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            cv, co, lc, av, ao, la, bv, bo, kk = args
+            f32 = ir.FloatType()
+            vec = ir.VectorType(f32, LANES)
+            vptr = vec.as_pointer()
+            i64 = co.type
+
+            def data(pos, value):
+                return context.make_array(signature.args[pos])(context, builder, value).data
+
+            cp, ap, bp = data(0, cv), data(3, av), data(6, bv)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                                 f"llvm.fma.v{LANES}f32")
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(VECTORS)]
+                   for _ in range(rows)]
+            undef = ir.Constant(vec, ir.Undefined)
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+            first = ir.Constant(ir.IntType(32), 0)
+            with cgutils.for_range(builder, kk) as loop:
+                e = loop.index
+                row_b = builder.add(bo, builder.mul(e, ir.Constant(i64, PANEL)))
+                bvec = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(row_b, ir.Constant(i64, v * LANES))]),
+                                                     vptr), align=4) for v in range(VECTORS)]
+                for r in range(rows):
+                    at = builder.add(builder.add(ao, builder.mul(ir.Constant(i64, r), la)), e)
+                    x = builder.shuffle_vector(builder.insert_element(undef, builder.load(builder.gep(ap, [at])), first),
+                                               undef, splat)
+                    for v in range(VECTORS):
+                        builder.store(builder.call(fma, [x, bvec[v], builder.load(acc[r][v])]), acc[r][v])
+            for r in range(rows):
+                row_c = builder.add(co, builder.mul(ir.Constant(i64, r), lc))
+                for v in range(VECTORS):
+                    dst = builder.gep(cp, [builder.add(row_c, ir.Constant(i64, v * LANES))])
+                    builder.store(builder.load(acc[r][v]), builder.bitcast(dst, vptr), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_TILE6, _TILE4, _TILE2, _TILE1 = (_make_tile(r) for r in (6, 4, 2, 1))
+
+
+@njit(nogil=True, cache=True)
+def pack_columns(b, lo, hi, out):
+    """out (n / PANEL, k, PANEL) = columns [lo, hi) of the 2-D b (k, >= hi) in panels, hi - lo a multiple of
+    PANEL: out[p, e, t] = b[e, lo + p PANEL + t]. Serial; releases the GIL."""
+    k = b.shape[0]
+    for p in range((hi - lo) // PANEL):
+        dst = out[p]
+        for e in range(k):
+            src = b[e, lo + p * PANEL:lo + (p + 1) * PANEL]
+            row = dst[e]
+            for t in range(PANEL):
+                row[t] = src[t]
+
+
+@njit(nogil=True, cache=True)
+def gemm_panels(a, a_off, lda, m, k, bp, b_off, panels, c, c_off, ldc):
+    """c[c_off + i ldc + j] = sum_e a[a_off + i lda + e] bp[b_off + (j // PANEL) k PANEL + e PANEL + j % PANEL]
+    for i < m, j < panels PANEL, e < k: an m x k matrix of a (rows lda apart) times `panels` packed panels of B
+    (pack_columns' layout, starting at b_off) into an m x (panels PANEL) block of c (rows ldc apart); a, bp and c
+    flat float32 arrays. Panel by panel, the rows in tiles of 6 (then 4, 2, 1). Serial; releases the GIL."""
+    for p in range(panels):
+        bo = b_off + p * k * PANEL
+        co = c_off + p * PANEL
+        i = 0
+        while i + 6 <= m:
+            _TILE6(c, co + i * ldc, ldc, a, a_off + i * lda, lda, bp, bo, k)
+            i += 6
+        if i + 4 <= m:
+            _TILE4(c, co + i * ldc, ldc, a, a_off + i * lda, lda, bp, bo, k)
+            i += 4
+        if i + 2 <= m:
+            _TILE2(c, co + i * ldc, ldc, a, a_off + i * lda, lda, bp, bo, k)
+            i += 2
+        if i < m:
+            _TILE1(c, co + i * ldc, ldc, a, a_off + i * lda, lda, bp, bo, k)
+
+
+def flat(a: np.ndarray) -> np.ndarray:
+    """A 1-D float32 view starting at a[0, ..., 0] and covering every element of the strided float32 array a, so
+    that a[i, j, ...] = view[i a.strides[0] / 4 + j a.strides[1] / 4 + ...] (non-negative strides in whole
+    elements)."""
+    if a.dtype != np.float32 or min(a.strides, default=4) < 0 or any(s % 4 for s in a.strides):
+        raise ValueError("flat: float32 with non-negative strides in whole elements")
+    span = 1 + sum((n - 1) * s // 4 for n, s in zip(a.shape, a.strides)) if a.size else 0
+    return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(4,))
