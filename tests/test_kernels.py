@@ -682,3 +682,20 @@ def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq):
     n_calls = len(calls)
     blas = K.attention(q, k, v, heads)
     assert len(calls) == n_calls and rel_err(ys[0], blas) < 1e-6
+
+
+@pytest.mark.parametrize("m, k", [(1, 3), (7, 40), (256, 1100)])
+def test_gemm_rows(rng, m, k):
+    """panels.gemm_rows (tiles of 4 rows and of 1; passes of _ROWS_CHUNK steps, the last one partial) on rows of A
+    that lie apart, from offsets, against float64 (and as close as BLAS on the long sum); nothing else written."""
+    from sdgen.kernels import panels
+
+    n = panels.ROW_WIDTH
+    a_full = rng.random((m + 1, k + 3), dtype=np.float32)
+    b = rng.standard_normal((k + 2, n), dtype=np.float32)
+    c = np.full((m, n + 6), 7.0, dtype=np.float32)
+    panels.gemm_rows(a_full.reshape(-1), k + 3 + 1, k + 3, m, k, b.reshape(-1), 2 * n, c.reshape(-1), 3, n + 6)
+    a, bb = a_full[1:, 1:1 + k], b[2:]
+    want = a.astype(np.float64) @ bb.astype(np.float64)
+    assert rel_err(c[:, 3:3 + n], want) < max(TOL / 10, 2 * rel_err(a @ bb, want))
+    assert (c[:, :3] == 7).all() and (c[:, 3 + n:] == 7).all()
