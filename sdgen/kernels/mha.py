@@ -22,7 +22,7 @@ import math
 import numpy as np
 from numba import njit
 
-from . import _pool
+from . import _pool, panels
 from .panels import PANEL, ROW_WIDTH, flat, gemm_panels, gemm_rows
 from ._math import _C2, _C3, _C4, _C5, _C6, _EXP_LO, _LN2_HI, _LN2_LO, _LOG2E, _P2, max32, sum64
 
@@ -243,10 +243,11 @@ def attention(
     qv = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     ov = out.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     # The copied keys go into panels of PANEL keys when the heads are narrow (up to _PANEL_MAX_D) and the keys
-    # fill whole panels: Q K^T is then panels.gemm_panels' register tiles, 1.4-1.5x OpenBLAS's speed on heads of
-    # 40-80 (its packing of both operands at each call weighs on an inner dimension that short), the same numbers.
+    # fill whole panels (and the CPU has the registers for it, panels.AVAILABLE): Q K^T is then panels.gemm_panels'
+    # register tiles, 1.4-1.5x OpenBLAS's speed on heads of 40-80 (its packing of both operands at each call weighs
+    # on an inner dimension that short), the same numbers.
     copied = lk >= _COPY_MIN_KEYS and heads > 1
-    packed = copied and d <= _PANEL_MAX_D and lk % PANEL == 0 and lk == lkp
+    packed = panels.AVAILABLE and copied and d <= _PANEL_MAX_D and lk % PANEL == 0 and lk == lkp
     if not copied:
         kt = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
         vv = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)

@@ -1,16 +1,22 @@
-"""C = A B for a short inner dimension (attention's Q K^T on heads 40-128 wide), B packed in panels of 32 columns.
+"""Register-tiled products for attention's narrow heads, where OpenBLAS is slow: Q K^T and P V.
 
-OpenBLAS runs such products at 55-80 GFLOP/s a core (AVX-512 Zen 4): with an inner dimension of 40 or 64 its
-packing of both operands at every call weighs on few multiply-adds per element. Here B is packed once, (n / 32, k,
-32): panel p holds columns 32 p .. 32 p + 31 of every row of B, contiguous. A register tile of R rows x 32 columns
-(R x 4 vectors of 8 floats, R <= 6: 24 accumulators) runs down the inner dimension: at each step 4 vector loads of
-the panel row, R broadcasts of A's elements and 4 R fused multiply-adds. The panel (k x 128 bytes) stays in L1
-while the tiles of all the rows of A pass over it. 109-113 GFLOP/s a core for Q K^T of 256 x 4096 scores on heads
-of 40, 64 and 80 (BLAS: 74-81), and bit-identical to OpenBLAS's result: each sum runs in the same order, one fused
-multiply-add at a time from the first term.
+OpenBLAS runs Q K^T of heads 40-80 wide at 55-81 GFLOP/s a core (AVX-512 Zen 4): with an inner dimension that short,
+its packing of both operands at every call weighs on few multiply-adds per element; and P V on heads of 40 (a
+product only 40 columns wide) at 69-84. Here a register tile of R rows x V vectors of 8 floats runs down the inner
+dimension, with R V accumulators held in vector registers throughout: at each step V vector loads of a row of B,
+R broadcasts of A's elements and R V fused multiply-adds.
+
+- gemm_panels (Q K^T): B (K^T) packed once, (n / 32, k, 32): panel p holds columns 32 p .. 32 p + 31 of every row
+  of B, contiguous; tiles of up to 6 rows x 4 vectors (24 accumulators). The panel (k x 128 bytes) stays in L1
+  while the tiles of all the rows of A pass over it. 109-113 GFLOP/s a core for 256 x 4096 scores on heads of 40,
+  64 and 80, and the same numbers as OpenBLAS's here: each sum in the same order, one fused multiply-add at a time.
+- gemm_rows (P V, heads of 40): B (V) as it is, rows of 40 floats; tiles of 4 rows x 5 vectors, in passes of 512
+  steps of the inner dimension whose sums are added, as BLAS adds its blocks. 93-115 GFLOP/s a core.
 
 The tile is written in LLVM IR (a Numba intrinsic) since Numba has no vector type: the accumulators are vector
-registers for the whole run down the inner dimension, which no Numba loop over arrays becomes.
+registers for the whole run down the inner dimension, which no Numba loop over arrays becomes. It needs 32 vector
+registers (AVX-512VL gives 32 of 256 bits; AVX2 has 16, where the tiles would spill): AVAILABLE says whether this CPU
+has them, and attention uses BLAS where not.
 
 Numba's on-disk cache only watches the file of each cached kernel: the kernels of other modules that call these
 (mha.py) keep their compiled copy after this file is edited; delete sdgen/kernels/__pycache__ (or touch them).
@@ -27,7 +33,18 @@ from numba.extending import intrinsic
 LANES = 8  # floats per vector (256 bits: as fast as 512 on Zen 4, and 32 registers of it with AVX-512VL)
 VECTORS = 4  # vectors per tile row
 PANEL = LANES * VECTORS  # columns per panel of B
-_ROWS = 6  # tile rows at most (6 x 4 accumulators, 4 panel vectors and a broadcast: 29 of 32 registers)
+
+
+def _has_32_vector_registers() -> bool:
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("avx512vl", False))
+    except Exception:  # noqa: BLE001 (any failure to tell: take BLAS's path)
+        return False
+
+
+AVAILABLE = _has_32_vector_registers()
 
 
 def _make_tile(rows: int, vectors: int = VECTORS):
@@ -93,6 +110,7 @@ def _make_tile(rows: int, vectors: int = VECTORS):
     return tile
 
 
+# Q K^T: tiles of 6 rows x 4 vectors (24 accumulators, 4 panel vectors and a broadcast: 29 registers), then 4, 2, 1
 _TILE6, _TILE4, _TILE2, _TILE1 = (_make_tile(r) for r in (6, 4, 2, 1))
 # C = A B with B's rows 40 floats (5 vectors; attention's P V on SD 1.5's heads of 40): tiles of 4 rows (20
 # accumulators, with the row of B and the broadcast 26 registers) and of 1 row for the rest. 93-115 GFLOP/s a core
