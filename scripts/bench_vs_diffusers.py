@@ -61,8 +61,6 @@ def best_of(fn, repeat: int) -> float:
 
 def memory_side(side: str, args) -> dict:
     """One whole run in this process (a subprocess per side), its peak RSS."""
-    import resource
-
     t0 = time.perf_counter()
     if side == "diffusers":
         import torch
@@ -107,7 +105,7 @@ def memory_side(side: str, args) -> dict:
         out["command"] = " ".join(cmd[2:])
         return out
     out["total_s"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
 
@@ -188,6 +186,16 @@ def load_side(side: str, args) -> tuple[float, dict]:
 
 
 def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM; not ru_maxrss, which Linux carries over an exec from the parent: this
+    script's, when it built the random model in the same run). As sdgen.bench.peak_rss_mb, without importing sdgen
+    on the diffusers side."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

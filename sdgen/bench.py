@@ -56,6 +56,16 @@ def architecture_dir(name: str, spec: registry.ModelSpec | None) -> Path:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: /proc/self/status's VmHWM where there is one. Not getrusage's
+    ru_maxrss, which Linux carries over an exec from the parent process: a bench started by a script that had just
+    built a 14 GB model reported the script's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
