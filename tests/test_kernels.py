@@ -652,8 +652,8 @@ def test_gemm_panels(rng, m, k, n):
 
     a_full = rng.standard_normal((m + 2, k + 5), dtype=np.float32)
     b = rng.standard_normal((k, n + 32), dtype=np.float32)
-    bp = np.empty((n // panels.PANEL, k, panels.PANEL), dtype=np.float32)
-    panels.pack_columns(b, 32, 32 + n, bp)
+    # columns 32 .. 32 + n of b in panels: bp[p, e, t] = b[e, 32 + p PANEL + t]
+    bp = np.ascontiguousarray(b[:, 32:32 + n].reshape(k, n // panels.PANEL, panels.PANEL).transpose(1, 0, 2))
     c = np.full((m + 1, n + 8), 7.0, dtype=np.float32)
     a_off = (k + 5) + 2  # A = a_full[1:, 2:2 + k]
     panels.gemm_panels(a_full.reshape(-1), a_off, k + 5, m, k, bp.reshape(-1), 0, n // panels.PANEL,

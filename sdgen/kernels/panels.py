@@ -121,25 +121,11 @@ _ROWS_CHUNK = 512  # inner-dimension steps of gemm_rows per pass over the rows o
 
 
 @njit(nogil=True, cache=True)
-def pack_columns(b, lo, hi, out):
-    """out (n / PANEL, k, PANEL) = columns [lo, hi) of the 2-D b (k, >= hi) in panels, hi - lo a multiple of
-    PANEL: out[p, e, t] = b[e, lo + p PANEL + t]. Serial; releases the GIL."""
-    k = b.shape[0]
-    for p in range((hi - lo) // PANEL):
-        dst = out[p]
-        for e in range(k):
-            src = b[e, lo + p * PANEL:lo + (p + 1) * PANEL]
-            row = dst[e]
-            for t in range(PANEL):
-                row[t] = src[t]
-
-
-@njit(nogil=True, cache=True)
 def gemm_panels(a, a_off, lda, m, k, bp, b_off, panels, c, c_off, ldc):
-    """c[c_off + i ldc + j] = sum_e a[a_off + i lda + e] bp[b_off + (j // PANEL) k PANEL + e PANEL + j % PANEL]
-    for i < m, j < panels PANEL, e < k: an m x k matrix of a (rows lda apart) times `panels` packed panels of B
-    (pack_columns' layout, starting at b_off) into an m x (panels PANEL) block of c (rows ldc apart); a, bp and c
-    flat float32 arrays. Panel by panel, the rows in tiles of 6 (then 4, 2, 1). Serial; releases the GIL."""
+    """c[c_off + i ldc + j] = sum_e a[a_off + i lda + e] B[e, j] for i < m, j < panels PANEL, e < k: an m x k
+    matrix of a (rows lda apart) times B given as `panels` packed panels from b_off on (bp[b_off + (p k + e) PANEL
+    + t] = B[e, p PANEL + t]: mha._pack_keys' layout) into an m x (panels PANEL) block of c (rows ldc apart); a, bp
+    and c flat float32 arrays. Panel by panel, the rows in tiles of 6 (then 4, 2, 1). Serial; releases the GIL."""
     for p in range(panels):
         bo = b_off + p * k * PANEL
         co = c_off + p * PANEL
