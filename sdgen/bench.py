@@ -164,7 +164,7 @@ SD_CONV_SHAPES = [(320, 64, 64, 2), (640, 32, 32, 2), (1280, 16, 16, 2), (1280, 
 
 
 def kernels(threads: int | None = None, shapes=SD_CONV_SHAPES, repeat: int = 2) -> list[dict]:
-    """Time each convolution path (im2col GEMM, Winograd F(2,3), F(4,3)) on the SD layer shapes, in ms."""
+    """Time each convolution path (im2col GEMM, Winograd F(2,3), F(4,3), F(6,3)) on the SD layer shapes, in ms."""
     import numpy as np
 
     from .kernels import conv
@@ -179,7 +179,7 @@ def kernels(threads: int | None = None, shapes=SD_CONV_SHAPES, repeat: int = 2) 
         bias = rng.standard_normal(c, dtype=np.float32)
         chosen = conv.Conv2dPlan(weight, bias, 1, 1).variant_for(h, w, n)
         row = {"channels": c, "size": f"{h}x{w}", "batch": n, "chosen": chosen}
-        for variant in ("im2col", "f23", "f43"):
+        for variant in ("im2col", "f23", "f43", "f63"):
             plan = conv.Conv2dPlan(weight, bias, 1, 1, variant=variant)
             conv.conv2d(x, plan)
             times = []

@@ -1,7 +1,7 @@
 """2-D convolution, NHWC. A Conv2dPlan holds the weights prepared once at load; conv2d runs it.
 
 Paths, chosen per call from the plan and the input size (`choose_variant`):
-  "f43", "f23"  Winograd F(4x4,3x3) / F(2x2,3x3) for 3x3 stride 1 (winograd.py),
+  "f63", "f43", "f23"  Winograd F(6x6,3x3) / F(4x4,3x3) / F(2x2,3x3) for 3x3 stride 1 (winograd.py),
   "gemm1x1"     1x1 stride 1 without padding: one GEMM on (N*H*W, Cin),
   "kn2row"      stride 1 with few output channels (the models' last convolutions): one GEMM by all the taps'
                 weights, then shifted sums (gemm.conv_kn2row),
@@ -22,7 +22,8 @@ from . import weights as _weights
 from .gemm import conv_im2col, conv_kn2row, gemm_bias
 from .resize import upsample2x
 
-VARIANTS = ("f43", "f23", "im2col", "gemm1x1", "kn2row")
+VARIANTS = ("f63", "f43", "f23", "im2col", "gemm1x1", "kn2row")
+WINOGRAD = {"f63": 6, "f43": 4, "f23": 2}  # the Winograd paths and their output tiles' side m
 
 
 # F(4,3) stores its filters 4x larger than the 3x3 weights (36 / 9 values), F(2,3) 1.8x (16 / 9). Above this size
@@ -38,6 +39,24 @@ STREAM_IM2COL_TILES = 32
 STREAM_F43_TILES = 16
 # With fewer input or output channels than this the Winograd transforms cost more than the products they save.
 MIN_WINOGRAD_CHANNELS = 16
+# F(6,3) needs 21% fewer multiplications than F(4,3) (64 per 36 outputs against 36 per 16) and moves 21% less
+# transformed data, but its filters, made at each call, are 1.8x larger, and its 6x6 tiles waste more of a small
+# map (27% of a 32x32 one, 6% of 64x64). Taken on maps of at least F63_MIN_PIXELS whose filters fit the shared
+# buffer whole (winograd.STREAM_FILTER_BYTES; else they are made and used in groups, the input transform repeated)
+# and are no larger than the transformed tiles. Ratios to F(4,3), filters made at each call, 2 threads, Zen 4:
+# 320 channels 64x64 batch 2 0.88 (batch 1, filters 1.3x the tiles: 1.23), 256 at 256x256 0.89, 128 at 512x512
+# 0.90; 512 at 128x128 1.13 and 64x64 1.22 (filters 67 MB, made in two groups), 640 at 32x32 1.10.
+F63_MIN_PIXELS = 64 * 64
+
+
+def f63_pays(cin: int, cout: int, h: int, w: int, n: int) -> bool:
+    """Whether a convolution whose Winograd filters are made at each call takes F(6,3) (see F63_MIN_PIXELS)."""
+    if h * w < F63_MIN_PIXELS:
+        return False
+    cinp, coutp = winograd.padded_channels(cin), winograd.padded_channels(cout)
+    filters = 64 * cinp * coutp * 4
+    tiles = n * (-(-h // 6)) * (-(-w // 6)) * 64 * (cinp + coutp) * 4
+    return filters <= min(winograd.STREAM_FILTER_BYTES, tiles)
 
 
 def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = True) -> str:
@@ -45,15 +64,18 @@ def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = Tr
     AVX2 EPYC with OpenBLAS (ratios to torch's conv2d, preliminary: im2col 0.4-1.1, F(2,3) 0.26-0.6, F(4,3)
     0.26-0.36). F(4,3) needs 4x fewer multiplications than direct convolution, F(2,3) 2.25x fewer; both lose to
     im2col when channels are very few (the transforms then cost more than the GEMMs) or the map is tiny.
-    cache: whether the plan keeps its filters (F43_MAX_FILTER_BYTES then bounds them); filters made at each call
-    never take more than a bounded buffer, so F(4,3) is chosen whatever their size (1.3-2x faster than F(2,3) on
-    the UNet's 1280-channel layers, measured) where there are enough tiles (STREAM_F43_TILES)."""
+    cache: whether the plan keeps its filters (F43_MAX_FILTER_BYTES then bounds them; kept filters stay F(4,3) or
+    F(2,3)); filters made at each call never take more than a bounded buffer, so F(4,3) is chosen whatever their
+    size (1.3-2x faster than F(2,3) on the UNet's 1280-channel layers, measured) where there are enough tiles
+    (STREAM_F43_TILES), and F(6,3) on large maps where it pays (f63_pays)."""
     if min(cin, cout) < MIN_WINOGRAD_CHANNELS:
         return "im2col"
     tiles2 = n * (-(-h // 2)) * (-(-w // 2))
     if tiles2 < 8:
         return "im2col"
     if not cache:
+        if f63_pays(cin, cout, h, w, n):
+            return "f63"
         return "f43" if n * (-(-h // 4)) * (-(-w // 4)) >= STREAM_F43_TILES else "f23"
     if 36 * cin * cout * 4 <= F43_MAX_FILTER_BYTES and h * w >= 64:
         return "f43"
@@ -140,7 +162,7 @@ class Conv2dPlan:
             elif (self.variant is None and not self.cache and self.blocks is None and v in ("f43", "f23")
                     and n * (-(-h // 2)) * (-(-w // 2)) <= STREAM_IM2COL_TILES):
                 v = "im2col"
-        if v in ("f43", "f23") and not self.winograd_ok:
+        if v in WINOGRAD and not self.winograd_ok:
             raise ValueError("Winograd needs a 3x3 stride-1 convolution")
         if v == "gemm1x1" and not self.is_1x1:
             v = "im2col"
@@ -154,10 +176,8 @@ class Conv2dPlan:
         v = self.variant_for(h or 64, w or 64, n)
         if self.cache and v not in self._prepared:
             wt = self.weight
-            if v == "f43":
-                self._prepared[v] = winograd.filter_transform(wt, 4)
-            elif v == "f23":
-                self._prepared[v] = winograd.filter_transform(wt, 2)
+            if v in WINOGRAD:
+                self._prepared[v] = winograd.filter_transform(wt, WINOGRAD[v])
             elif v == "gemm1x1":
                 self._prepared[v] = np.ascontiguousarray(wt.reshape(self.out_channels, self.in_channels).T)
             elif v == "kn2row":
@@ -175,8 +195,8 @@ class Conv2dPlan:
         weights -- a winograd.FilterSource for the Winograd paths, a float32 matrix in scratch otherwise."""
         if self.cache:
             return self._prepared[v]
-        if v in ("f43", "f23"):
-            return winograd.FilterSource(self.hwio, 4 if v == "f43" else 2, self.blocks, self.out_channels)
+        if v in WINOGRAD:
+            return winograd.FilterSource(self.hwio, WINOGRAD[v], self.blocks, self.out_channels)
         hwio = self.hwio if self.blocks is None else _weights.unblock_outputs(self.blocks, self.out_channels)
         if v == "kn2row":  # (Cin, kh*kw*Cout): small, as this path is for few output channels
             return _taps_matrix(hwio if hwio.dtype == np.float32 else _weights.widen(hwio, parallel=False))
@@ -231,9 +251,9 @@ def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None) 
             raise ValueError(f"conv2d: residual shape {residual.shape} != output shape {(n, ho, wo, plan.out_channels)}")
     v = plan.prepare(h, w, n)
     prep = plan.weights_for(v)
-    if v in ("f43", "f23"):
+    if v in WINOGRAD:
         bias = plan.bias if plan.bias is not None else plan.zero_bias()
-        y = winograd.winograd_conv(x, prep, 4 if v == "f43" else 2, plan.padding, bias, plan.out_channels, residual)
+        y = winograd.winograd_conv(x, prep, WINOGRAD[v], plan.padding, bias, plan.out_channels, residual)
     elif v == "gemm1x1":
         y = gemm_bias(x.reshape(-1, cin), prep, plan.bias, residual).reshape(n, h, w, plan.out_channels)
     elif v == "kn2row":

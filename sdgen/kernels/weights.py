@@ -153,7 +153,9 @@ _OB = 512  # output channels per row piece in the filter transforms (their tempo
 # G applied to three rows (x0, x1, x2) of output channels, giving alpha rows; the channel index t is innermost,
 # every row a separate 1-D array, so that LLVM vectorises the loops (float32, as the convolution's arithmetic).
 # G of F(2,3): (x0, (x0+x1+x2)/2, (x0-x1+x2)/2, x2); of F(4,3): (x0/4, -(x0+x1+x2)/6, -(x0-x1+x2)/6,
-# x0/24 + x1/12 + x2/6, x0/24 - x1/12 + x2/6, x2) -- the rows of winograd.matrices(m)[1].
+# x0/24 + x1/12 + x2/6, x0/24 - x1/12 + x2/6, x2); of F(6,3): (x0, -2(x0+x1+x2)/9, -2(x0-x1+x2)/9,
+# x0/90 + x1/45 + 2x2/45, x0/90 - x1/45 + 2x2/45, 32x0/45 + 16x1/45 + 8x2/45, 32x0/45 - 16x1/45 + 8x2/45, x2) -- the
+# rows of winograd.matrices(m)[1].
 
 
 @njit(inline="always")
@@ -191,6 +193,34 @@ def _g43(x0r, x1r, x2r, y0, y1, y2, y3, y4, y5, nb):
         y5[t] = x2
 
 
+@njit(inline="always")
+def _g63(x0r, x1r, x2r, y0, y1, y2, y3, y4, y5, y6, y7, nb):
+    n29 = np.float32(-2.0 / 9.0)
+    s90 = np.float32(1.0 / 90.0)
+    s45 = np.float32(1.0 / 45.0)
+    t45 = np.float32(2.0 / 45.0)
+    a45 = np.float32(32.0 / 45.0)
+    b45 = np.float32(16.0 / 45.0)
+    c45 = np.float32(8.0 / 45.0)
+    for t in range(nb):
+        x0 = x0r[t]
+        x1 = x1r[t]
+        x2 = x2r[t]
+        s = x0 + x2
+        e = s90 * x0 + t45 * x2
+        d = s45 * x1
+        f = a45 * x0 + c45 * x2
+        q = b45 * x1
+        y0[t] = x0
+        y1[t] = n29 * (s + x1)
+        y2[t] = n29 * (s - x1)
+        y3[t] = e + d
+        y4[t] = e - d
+        y5[t] = f + q
+        y6[t] = f - q
+        y7[t] = x2
+
+
 @njit(nogil=True, cache=True)
 def _filter_piece(g, m, t3, u, i, col, nb):
     """u[p, i, col + t] for t < nb from the taps g[3k + l][t] (float32 rows) of nb output channels: G to the
@@ -199,17 +229,24 @@ def _filter_piece(g, m, t3, u, i, col, nb):
     for l in range(3):
         if m == 2:
             _g23(g[l], g[3 + l], g[6 + l], t3[0, l], t3[1, l], t3[2, l], t3[3, l], nb)
-        else:
+        elif m == 4:
             _g43(g[l], g[3 + l], g[6 + l], t3[0, l], t3[1, l], t3[2, l], t3[3, l], t3[4, l], t3[5, l], nb)
+        else:
+            _g63(g[l], g[3 + l], g[6 + l], t3[0, l], t3[1, l], t3[2, l], t3[3, l], t3[4, l], t3[5, l], t3[6, l],
+                 t3[7, l], nb)
     for r in range(a):
         p = r * a
         e = col + nb
         if m == 2:
             _g23(t3[r, 0], t3[r, 1], t3[r, 2], u[p, i, col:e], u[p + 1, i, col:e], u[p + 2, i, col:e],
                  u[p + 3, i, col:e], nb)
-        else:
+        elif m == 4:
             _g43(t3[r, 0], t3[r, 1], t3[r, 2], u[p, i, col:e], u[p + 1, i, col:e], u[p + 2, i, col:e],
                  u[p + 3, i, col:e], u[p + 4, i, col:e], u[p + 5, i, col:e], nb)
+        else:
+            _g63(t3[r, 0], t3[r, 1], t3[r, 2], u[p, i, col:e], u[p + 1, i, col:e], u[p + 2, i, col:e],
+                 u[p + 3, i, col:e], u[p + 4, i, col:e], u[p + 5, i, col:e], u[p + 6, i, col:e], u[p + 7, i, col:e],
+                 nb)
 
 
 @njit(nogil=True, cache=True)
@@ -269,7 +306,7 @@ def fill_filters(w: np.ndarray, m: int, u: np.ndarray, o_lo: int, o_hi: int, c_o
     """Winograd F(m,3) filters of output channels [o_lo, o_hi) of 3x3 weights stored HWIO, (3, 3, Cin, Cout) --
     float32, float16 or bfloat16 bits -- into u[:, :, o_lo - c_off : o_hi - c_off]; u is (alpha^2, Cin', cols)
     float32, its rows from Cin on are zeroed there (winograd.filter_transform makes its filters with it too)."""
-    if m not in (2, 4):
+    if m not in (2, 4, 6):
         raise ValueError(f"no Winograd F({m},3)")
     w = w.reshape(9, w.shape[2], w.shape[3])
     if w.dtype == np.float32:
@@ -330,16 +367,22 @@ def _filters_flat(g, m, u):
         for l in range(3):
             if m == 2:
                 _g23(g[l, s:e], g[3 + l, s:e], g[6 + l, s:e], t3[0, l], t3[1, l], t3[2, l], t3[3, l], n)
-            else:
+            elif m == 4:
                 _g43(g[l, s:e], g[3 + l, s:e], g[6 + l, s:e], t3[0, l], t3[1, l], t3[2, l], t3[3, l], t3[4, l],
                      t3[5, l], n)
+            else:
+                _g63(g[l, s:e], g[3 + l, s:e], g[6 + l, s:e], t3[0, l], t3[1, l], t3[2, l], t3[3, l], t3[4, l],
+                     t3[5, l], t3[6, l], t3[7, l], n)
         for r in range(a):
             p = r * a
             if m == 2:
                 _g23(t3[r, 0], t3[r, 1], t3[r, 2], u[p, s:e], u[p + 1, s:e], u[p + 2, s:e], u[p + 3, s:e], n)
-            else:
+            elif m == 4:
                 _g43(t3[r, 0], t3[r, 1], t3[r, 2], u[p, s:e], u[p + 1, s:e], u[p + 2, s:e], u[p + 3, s:e],
                      u[p + 4, s:e], u[p + 5, s:e], n)
+            else:
+                _g63(t3[r, 0], t3[r, 1], t3[r, 2], u[p, s:e], u[p + 1, s:e], u[p + 2, s:e], u[p + 3, s:e],
+                     u[p + 4, s:e], u[p + 5, s:e], u[p + 6, s:e], u[p + 7, s:e], n)
     for p in range(u.shape[0]):
         for e in range(n_all, u.shape[1]):
             u[p, e] = np.float32(0.0)
@@ -349,7 +392,7 @@ def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarra
     """The Winograd F(m,3) filters of one block of output channels (block_outputs' (3, 3, Cin, ob), float32,
     float16 or bfloat16 bits) into the contiguous u (alpha^2, Cin', ob) float32, rows from Cin on zero; the same
     numbers as fill_filters. taps: a float32 buffer of at least 9 Cin ob elements for half weights. Serial."""
-    if m not in (2, 4):
+    if m not in (2, 4, 6):
         raise ValueError(f"no Winograd F({m},3)")
     kh, kw, cin, ob = block.shape
     if block.dtype != np.float32:

@@ -54,14 +54,57 @@ _F43 = (
     ),
     np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=np.float64),
 )
+# F(6,3): points {0, 1, -1, 2, -2, 1/2, -1/2} (+infinity). A^T's column of point p holds p^i; the rows of B^T for the
+# points 2 and 1/2 (and their negatives) are scaled so that their entries stay small, G's rows inversely.
+_F63 = (
+    np.array(
+        [
+            [1, 0, -21 / 4, 0, 21 / 4, 0, -1, 0],
+            [0, 1, 1, -17 / 4, -17 / 4, 1, 1, 0],
+            [0, -1, 1, 17 / 4, -17 / 4, -1, 1, 0],
+            [0, 1 / 2, 1 / 4, -5 / 2, -5 / 4, 2, 1, 0],
+            [0, -1 / 2, 1 / 4, 5 / 2, -5 / 4, -2, 1, 0],
+            [0, 2, 4, -5 / 2, -5, 1 / 2, 1, 0],
+            [0, -2, 4, 5 / 2, -5, -1 / 2, 1, 0],
+            [0, -1, 0, 21 / 4, 0, -21 / 4, 0, 1],
+        ],
+        dtype=np.float64,
+    ),
+    np.array(
+        [
+            [1, 0, 0],
+            [-2 / 9, -2 / 9, -2 / 9],
+            [-2 / 9, 2 / 9, -2 / 9],
+            [1 / 90, 1 / 45, 2 / 45],
+            [1 / 90, -1 / 45, 2 / 45],
+            [32 / 45, 16 / 45, 8 / 45],
+            [32 / 45, -16 / 45, 8 / 45],
+            [0, 0, 1],
+        ],
+        dtype=np.float64,
+    ),
+    np.array(
+        [
+            [1, 1, 1, 1, 1, 1, 1, 0],
+            [0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0],
+            [0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0],
+            [0, 1, -1, 8, -8, 1 / 8, -1 / 8, 0],
+            [0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0],
+            [0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1],
+        ],
+        dtype=np.float64,
+    ),
+)
 
 
 def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(B^T, G, A^T) in float64 for F(m x m, 3 x 3), m in {2, 4}."""
+    """(B^T, G, A^T) in float64 for F(m x m, 3 x 3), m in {2, 4, 6}."""
     if m == 2:
         return _F23
     if m == 4:
         return _F43
+    if m == 6:
+        return _F63
     raise ValueError(f"no Winograd F({m},3)")
 
 
@@ -345,14 +388,117 @@ def _at5_col(tmp, j, col, nc):
 
 
 @njit(inline="always")
+def _bt8(src, r, k0, c0, dst, i, nc):
+    """dst[i, a, c] = (B^T d)[a] of F(6,3), d = src[r, k0 .. k0+7, c0 + c] (8 pixels of one input row)."""
+    s0, s1, s2 = src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc]
+    s3, s4, s5 = src[r, k0 + 3, c0:c0 + nc], src[r, k0 + 4, c0:c0 + nc], src[r, k0 + 5, c0:c0 + nc]
+    s6, s7 = src[r, k0 + 6, c0:c0 + nc], src[r, k0 + 7, c0:c0 + nc]
+    for c in range(nc):
+        e = _b8(s0[c], s1[c], s2[c], s3[c], s4[c], s5[c], s6[c], s7[c])
+        dst[i, 0, c] = e[0]
+        dst[i, 1, c] = e[1]
+        dst[i, 2, c] = e[2]
+        dst[i, 3, c] = e[3]
+        dst[i, 4, c] = e[4]
+        dst[i, 5, c] = e[5]
+        dst[i, 6, c] = e[6]
+        dst[i, 7, c] = e[7]
+
+
+@njit(inline="always")
+def _b8(d0, d1, d2, d3, d4, d5, d6, d7):
+    """B^T d of F(6,3) (the rows of _F63[0]), in pairs sharing their even and odd parts."""
+    q = np.float32(0.25)
+    h = np.float32(0.5)
+    f2 = np.float32(2.0)
+    f4 = np.float32(4.0)
+    f5 = np.float32(5.0)
+    c1 = np.float32(5.25)
+    c2 = np.float32(4.25)
+    c3 = np.float32(1.25)
+    c4 = np.float32(2.5)
+    a1 = d2 + d6 - c2 * d4
+    b1 = d1 + d5 - c2 * d3
+    a2 = q * d2 - c3 * d4 + d6
+    b2 = h * d1 - c4 * d3 + f2 * d5
+    a3 = f4 * d2 - f5 * d4 + d6
+    b3 = f2 * d1 - c4 * d3 + h * d5
+    return (d0 - d6 + c1 * (d4 - d2), a1 + b1, a1 - b1, a2 + b2, a2 - b2, a3 + b3, a3 - b3,
+            d7 - d1 + c1 * (d3 - d5))
+
+
+@njit(inline="always")
+def _bt8_col(tmp, j, v, k, b, nc):
+    """Column pass of F(6,3): v[a*8 + j, k, b, c] = (B^T tmp[:, j, c])[a]."""
+    for c in range(nc):
+        e = _b8(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c], tmp[4, j, c], tmp[5, j, c], tmp[6, j, c],
+                tmp[7, j, c])
+        v[j, k, b, c] = e[0]
+        v[8 + j, k, b, c] = e[1]
+        v[16 + j, k, b, c] = e[2]
+        v[24 + j, k, b, c] = e[3]
+        v[32 + j, k, b, c] = e[4]
+        v[40 + j, k, b, c] = e[5]
+        v[48 + j, k, b, c] = e[6]
+        v[56 + j, k, b, c] = e[7]
+
+
+@njit(inline="always")
+def _a8(m0, m1, m2, m3, m4, m5, m6, m7):
+    """A^T m of F(6,3) (the rows of _F63[2]): the points +-1, +-2, +-1/2 in sums and differences of pairs."""
+    s1 = m1 + m2
+    d1 = m1 - m2
+    s2 = m3 + m4
+    d2 = m3 - m4
+    s3 = m5 + m6
+    d3 = m5 - m6
+    return (m0 + s1 + s2 + s3, d1 + np.float32(2.0) * d2 + np.float32(0.5) * d3,
+            s1 + np.float32(4.0) * s2 + np.float32(0.25) * s3, d1 + np.float32(8.0) * d2 + np.float32(0.125) * d3,
+            s1 + np.float32(16.0) * s2 + np.float32(0.0625) * s3,
+            d1 + np.float32(32.0) * d2 + np.float32(0.03125) * d3 + m7)
+
+
+@njit(inline="always")
+def _at8_row(mm, i, k, b, tmp, nc):
+    """Row pass of the F(6,3) output transform: tmp[i, j, c] = (A^T mm[i*8 .. i*8+7, k, b, c])[j]."""
+    p = i * 8
+    for c in range(nc):
+        o = _a8(mm[p, k, b, c], mm[p + 1, k, b, c], mm[p + 2, k, b, c], mm[p + 3, k, b, c], mm[p + 4, k, b, c],
+                mm[p + 5, k, b, c], mm[p + 6, k, b, c], mm[p + 7, k, b, c])
+        tmp[i, 0, c] = o[0]
+        tmp[i, 1, c] = o[1]
+        tmp[i, 2, c] = o[2]
+        tmp[i, 3, c] = o[3]
+        tmp[i, 4, c] = o[4]
+        tmp[i, 5, c] = o[5]
+
+
+@njit(inline="always")
+def _at8_col(tmp, j, col, nc):
+    """Column pass of the F(6,3) output transform: col[i, c] = (A^T tmp[:, j, c])[i]."""
+    for c in range(nc):
+        o = _a8(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c], tmp[4, j, c], tmp[5, j, c], tmp[6, j, c],
+                tmp[7, j, c])
+        col[0, c] = o[0]
+        col[1, c] = o[1]
+        col[2, c] = o[2]
+        col[3, c] = o[3]
+        col[4, c] = o[4]
+        col[5, c] = o[5]
+
+
+@njit(inline="always")
 def _alpha(slabs):
-    """The input tile's side from the number of transformed slabs: 6 (F(4,3)), 5 (F(4,2)) or 4 (F(2,3))."""
-    return 6 if slabs == 36 else (5 if slabs == 25 else 4)
+    """The input tile's side from the number of transformed slabs: 8 (F(6,3)), 6 (F(4,3)), 5 (F(4,2)) or 4
+    (F(2,3))."""
+    return 8 if slabs == 64 else (6 if slabs == 36 else (5 if slabs == 25 else 4))
 
 
 @njit(inline="always")
 def _bt_row(a, src, r, k0, c0, dst, i, nc):
-    if a == 6:
+    if a == 8:
+        _bt8(src, r, k0, c0, dst, i, nc)
+    elif a == 6:
         _bt6(src, r, k0, c0, dst, i, nc)
     elif a == 5:
         _bt5(src, r, k0, c0, dst, i, nc)
@@ -362,7 +508,9 @@ def _bt_row(a, src, r, k0, c0, dst, i, nc):
 
 @njit(inline="always")
 def _bt_col(a, tmp, j, v, k, b, nc):
-    if a == 6:
+    if a == 8:
+        _bt8_col(tmp, j, v, k, b, nc)
+    elif a == 6:
         _bt6_col(tmp, j, v, k, b, nc)
     elif a == 5:
         _bt5_col(tmp, j, v, k, b, nc)
@@ -372,7 +520,9 @@ def _bt_col(a, tmp, j, v, k, b, nc):
 
 @njit(inline="always")
 def _at_row(a, mm, i, k, b, tmp, nc):
-    if a == 6:
+    if a == 8:
+        _at8_row(mm, i, k, b, tmp, nc)
+    elif a == 6:
         _at6_row(mm, i, k, b, tmp, nc)
     elif a == 5:
         _at5_row(mm, i, k, b, tmp, nc)
@@ -382,7 +532,9 @@ def _at_row(a, mm, i, k, b, tmp, nc):
 
 @njit(inline="always")
 def _at_col(a, tmp, j, col, nc):
-    if a == 6:
+    if a == 8:
+        _at8_col(tmp, j, col, nc)
+    elif a == 6:
         _at6_col(tmp, j, col, nc)
     elif a == 5:
         _at5_col(tmp, j, col, nc)
