@@ -1,4 +1,4 @@
-"""Winograd minimal-filtering convolution F(2x2,3x3) and F(4x4,3x3), stride 1, NHWC.
+"""Winograd minimal-filtering convolution F(2x2,3x3), F(4x4,3x3) and F(6x6,3x3), stride 1, NHWC.
 
 A 3x3 convolution producing an m x m output tile is computed from an (m+2) x (m+2) input tile d as
 
@@ -10,9 +10,12 @@ U = G g G^T is computed once per weight (filter_transform); B^T d B (input trans
 run in Numba over tiles, the GEMMs in BLAS through numpy. Tiles are processed in blocks so that the transformed
 buffers stay bounded (and mostly in cache) whatever the image size.
 
-The matrices are the classic ones from the interpolation points {0, 1, -1} (+infinity) for F(2,3) and
-{0, 1, -1, 2, -2} (+infinity) for F(4,3); `matrices(m)` returns them (float64) for tests and the filter transform,
-and the Numba transforms below are those same matrices written out by hand. The tile transforms also run
+The matrices are the classic ones from the interpolation points {0, 1, -1} (+infinity) for F(2,3),
+{0, 1, -1, 2, -2} (+infinity) for F(4,3) and {0, 1, -1, 2, -2, 1/2, -1/2} (+infinity) for F(6,3); `matrices(m)`
+returns them (float64) for tests and the filter transform, and the Numba transforms below are those same matrices
+written out by hand. Larger tiles need fewer multiplications per output (F(2,3) 2.25x fewer than direct
+convolution, F(4,3) 4x, F(6,3) 5.06x) and move less transformed data per output, but round more: against float64,
+fp32 F(6,3) errs about twice as much as F(4,3) (~4e-6 relative with 256 input channels, against ~2e-6). The tile transforms also run
 F(4x4,2x2) (5x5 tiles, 25 slabs) for the upsamplers of upconv.py, whose matrices and filters live there: windows
 offset by a padding per axis, outputs written into every other pixel.
 """
