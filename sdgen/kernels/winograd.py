@@ -561,9 +561,11 @@ def _tile_in(a, x, n, y0, x0, v, k, tmp, row):
                 for j in range(a):
                     for c in range(nc):
                         tmp[i, j, c] = np.float32(0.0)
-            elif inside_x:
-                _bt_row(a, x[n], yy, x0, c0, tmp, i, nc)
-            else:
+                continue
+            # one call site for the row transform (each is inlined for every tile size: two sites doubled the
+            # compile time), from the image where the window lies inside it, else from a zero-padded copy
+            src, r, k0, s0 = x[n], yy, x0, c0
+            if not inside_x:
                 for kk in range(a):
                     xx = x0 + kk
                     if xx < 0 or xx >= w:
@@ -573,7 +575,8 @@ def _tile_in(a, x, n, y0, x0, v, k, tmp, row):
                         xs = x[n, yy, xx, c0:c0 + nc]
                         for c in range(nc):
                             row[0, kk, c] = xs[c]
-                _bt_row(a, row, 0, 0, 0, tmp, i, nc)
+                src, r, k0, s0 = row, 0, 0, 0
+            _bt_row(a, src, r, k0, s0, tmp, i, nc)
         for j in range(a):
             _bt_col(a, tmp, j, v, k, b, nc)
 
