@@ -477,7 +477,9 @@ def test_attention_keys_in_place_or_copied(rng, monkeypatch, lk, heads):
     y = K.attention(q, k, v, heads)
     assert rel_err(y, R.attention(*f64(q, k, v), heads)) < TOL
     if heads > 1:
-        monkeypatch.setattr(mha, "_COPY_MIN_KEYS", 1 << 30 if lk >= mha._COPY_MIN_KEYS else 1)
+        other = 1 << 30 if lk >= mha._COPY_MIN_KEYS else 1
+        monkeypatch.setattr(mha, "_COPY_MIN_KEYS", other)
+        monkeypatch.setattr(mha, "_PACK_MIN_KEYS", other)
         assert np.array_equal(y, K.attention(q, k, v, heads))
 
 
@@ -697,15 +699,16 @@ def test_gemm_panels(rng, m, k, n):
     assert (c[0] == 7).all() and (c[:, :4] == 7).all() and (c[:, 4 + n:] == 7).all()
 
 
-@pytest.mark.parametrize("d, lq", [(40, 300), (64, 7), (24, 256)])
-def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq):
+@pytest.mark.parametrize("d, lq, lk", [(40, 300, 2080), (64, 7, 2080), (24, 256, 2080), (80, 50, 1056)])
+def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq, lk):
     """Long keys copied per head go into panels and Q K^T takes panels.gemm_panels (heads up to _PANEL_MAX_D wide,
-    keys a multiple of PANEL): against float64, the same whatever the workers, and as the BLAS path to 1e-6."""
+    keys a multiple of PANEL; from _PACK_MIN_KEYS keys on): against float64, the same whatever the workers, and as
+    the BLAS path to 1e-6."""
     from sdgen.kernels import mha, panels
 
     if not panels.AVAILABLE:
         pytest.skip("no AVX-512VL: attention takes BLAS's path")
-    heads, lk = 3, 2080
+    heads = 3
     q = rng.standard_normal((2, lq, heads * d), dtype=np.float32)
     k, v = (rng.standard_normal((2, lk, heads * d), dtype=np.float32) for _ in range(2))
     calls = []

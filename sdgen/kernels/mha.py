@@ -8,9 +8,9 @@ time from a shared counter, so a thread slowed down by a busy machine takes fewe
 heads) GEMM S = Q K^T, a fused Numba pass over S (scale, mask, row max, exp, row sum in float64), and a GEMM
 O = P V written straight into the output; Q, K, V and O are read and written in place through strided views
 (except long keys split into heads, whose K^T and V are first copied contiguous per head: on CPUs with 32 vector
-registers, for heads up to 128 wide, K^T into panels for panels.gemm_panels' register tiles instead of BLAS, and
-on heads of 40 P V by panels.gemm_rows' too; 0.82 of PyTorch's SDPA time on SD 1.5's 4096 tokens where BLAS gave
-1.06-1.09, scripts/bench_kernels.py --only attention). Score rows are padded
+registers, for heads up to 128 wide, K^T into panels for panels.gemm_panels' register tiles instead of BLAS (from
+1024 keys on; else from 2048), and on heads of 40 P V by panels.gemm_rows' too; 0.82 of PyTorch's SDPA time on SD
+1.5's 4096 tokens where BLAS gave 1.06-1.09, scripts/bench_kernels.py --only attention). Score rows are padded
 to a multiple of 8 columns, which the GEMMs skip: the exp loop then has no scalar tail. The probabilities are
 divided by their sums in the softmax pass when keys are fewer than a head is wide (cross-attention's 77 keys on
 160-wide heads), else the output rows after P V (d columns instead of Lk). Results are bit-identical whatever
@@ -167,6 +167,10 @@ def _scale_out_rows(o, q0, nq, h0, hg, d, inv):
 
 
 _COPY_MIN_KEYS = 2048  # from this many keys on, K^T and V are copied contiguous per head when there are several
+# ... and from this many on where the copied keys go into panels (below): SD 1.5's and SDXL's 1024-token layers
+# (2 x 8 heads of 80, 2 x 10 of 64; 2 threads, Zen 4, medians of 15) 36.1 -> 32.8 ms and 38.4 -> 34.1 ms, as fast
+# as PyTorch's SDPA (33.3, 33.2) where the in-place path was 1.08-1.16x slower
+_PACK_MIN_KEYS = 1024
 _PANEL_MAX_D = 128  # heads up to this wide take Q K^T from keys packed in panels (panels.py) when they are copied
 _MAX_QROWS = 256  # query rows per job at most
 _MIN_JOBS = 8
@@ -249,8 +253,9 @@ def attention(
     # fill whole panels (and the CPU has the registers for it, panels.AVAILABLE): Q K^T is then panels.gemm_panels'
     # register tiles, 1.4-1.5x OpenBLAS's speed on heads of 40-80 (its packing of both operands at each call weighs
     # on an inner dimension that short), the same numbers.
-    copied = lk >= _COPY_MIN_KEYS and heads > 1
-    packed = panels.AVAILABLE and copied and d <= _PANEL_MAX_D and lk % PANEL == 0 and lk == lkp
+    packable = panels.AVAILABLE and heads > 1 and d <= _PANEL_MAX_D and lk % PANEL == 0 and lk == lkp
+    copied = heads > 1 and (lk >= _COPY_MIN_KEYS or (packable and lk >= _PACK_MIN_KEYS))
+    packed = packable and copied
     if not copied:
         kt = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
         vv = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
