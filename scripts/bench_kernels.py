@@ -85,8 +85,9 @@ def bench_conv(torch, repeat: int, quick: bool, variants: list[str]) -> None:
                 continue  # minutes on the largest maps; Winograd is the path there
             if v.startswith("model"):  # the models' plans: stored weights only, filters made at each call
                 from sdgen.kernels.weights import to_storage
-                dtype = {"model": np.float32, "model-fp16": np.float16, "model-bf16": np.uint16}[v]
-                plan = Conv2dPlan(to_storage(wt, dtype), b, 1, 1, cache=False)
+                dtype = {"fp16": np.float16, "bf16": np.uint16}.get(v.split("-")[-1], np.float32)
+                forced = v.split("-")[-1] if v.split("-")[-1] in ("f23", "f43", "f63") else None
+                plan = Conv2dPlan(to_storage(wt, dtype), b, 1, 1, cache=False, variant=forced)
             else:
                 plan = Conv2dPlan(wt, b, 1, 1, variant=v)
             plan.prepare(h, w, n)
@@ -220,7 +221,8 @@ def main() -> None:
     ap.add_argument("--variants", default="im2col,f23,f43,f63,model",
                     help="conv paths to time, comma separated: im2col, f23, f43, f63 (transformed weights kept), model, "
                          "model-fp16, model-bf16 (what the models run: the stored weights only, at that precision, "
-                         "the path chosen per size, Winograd filters made at each call)")
+                         "the path chosen per size, Winograd filters made at each call), model-f23, model-f43, "
+                         "model-f63 (as model, that path forced)")
     args = ap.parse_args()
 
     import torch
