@@ -181,7 +181,9 @@ def test_variant_choice_f63_without_cache():
     assert choose_variant(320, 320, 64, 64, 2, cache=False) == "f63"  # filters 26 MB, tiles 40 MB
     assert choose_variant(320, 320, 64, 64, 1, cache=False) == "f43"  # tiles 20 MB
     assert choose_variant(128, 128, 512, 512, 1, cache=False) == "f63"
-    assert choose_variant(512, 512, 128, 128, 1, cache=False) == "f43"  # filters 67 MB: over the shared buffer
+    assert choose_variant(512, 512, 128, 128, 1, cache=False) == "f63"  # filters 67 MB, tiles 127 MB
+    assert choose_variant(512, 512, 64, 64, 1, cache=False) == "f43"  # tiles 32 MB
+    assert choose_variant(640, 640, 64, 64, 2, cache=False) == "f43"  # filters 105 MB: over the shared buffer
     assert choose_variant(640, 640, 32, 32, 2, cache=False) == "f43"  # a small map
     assert choose_variant(320, 320, 64, 64, 2) == "f43"  # kept filters stay F(4,3)
 

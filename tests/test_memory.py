@@ -228,23 +228,27 @@ def test_weights_in_blocks_of_outputs(dtype, monkeypatch):
     assert auto.variant_for(2, 2, 1) == "f23"  # never im2col: the blocks make no (9 Cin, Cout) matrix
 
 
-def test_streamed_filters_in_groups():
+@pytest.mark.parametrize("m", [4, 6])
+def test_streamed_filters_in_groups(monkeypatch, m):
     """Filters larger than the shared buffer are made and used a group of output channels at a time."""
     from sdgen.kernels import winograd
 
     from sdgen.kernels import reference as R
 
+    a2 = (m + 2) ** 2
     x = RNG.standard_normal((1, 10, 10, 96), dtype=np.float32)
     w = RNG.standard_normal((200, 96, 3, 3), dtype=np.float32) / np.float32(30)
     b = RNG.standard_normal(200, dtype=np.float32)
     ref = R.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1)
-    whole = winograd.winograd_conv(x, winograd.filter_transform(w, 4), 4, 1, b, 200)
-    before = winograd.STREAM_FILTER_BYTES
-    winograd.STREAM_FILTER_BYTES = 36 * 96 * 64 * 4  # one 64-channel group at a time
-    try:
-        got = winograd.winograd_conv(x, winograd.FilterSource(W.hwio(w), 4), 4, 1, b, 200)
-    finally:
-        winograd.STREAM_FILTER_BYTES = before
+    whole = winograd.winograd_conv(x, winograd.filter_transform(w, m), m, 1, b, 200)
+    monkeypatch.setattr(winograd, "STREAM_FILTER_BYTES", a2 * 96 * 64 * 4)
+    assert a2 * 96 * 64 * 4 <= winograd.whole_filter_bytes(m) < a2 * 96 * 128 * 4  # one 64-channel group at a time
+    sizes = []
+    real_fill = winograd.FilterSource.fill
+    monkeypatch.setattr(winograd.FilterSource, "fill", lambda self, u, lo, hi, *a: sizes.append(hi - lo)
+                        or real_fill(self, u, lo, hi, *a))
+    got = winograd.winograd_conv(x, winograd.FilterSource(W.hwio(w), m), m, 1, b, 200)
+    assert sizes == [64, 64, 64, 8]  # 200 channels: 3 groups of 64, then the last 8
     # Each against float64, by test_kernels.py's measure and bound (F(4,3) in fp32: ~1e-6 to 4e-6). Not against
     # each other bit for bit: BLAS sums a group's GEMM in another order than the whole one's (AVX-512 OpenBLAS:
     # up to 2e-5 apart on values of ~2).

@@ -42,10 +42,11 @@ MIN_WINOGRAD_CHANNELS = 16
 # F(6,3) needs 21% fewer multiplications than F(4,3) (64 per 36 outputs against 36 per 16) and moves 21% less
 # transformed data, but its filters, made at each call, are 1.8x larger, and its 6x6 tiles waste more of a small
 # map (27% of a 32x32 one, 6% of 64x64). Taken on maps of at least F63_MIN_PIXELS whose filters fit the shared
-# buffer whole (winograd.STREAM_FILTER_BYTES; else they are made and used in groups, the input transform repeated)
-# and are no larger than the transformed tiles. Ratios to F(4,3), filters made at each call, 2 threads, Zen 4:
-# 320 channels 64x64 batch 2 0.88 (batch 1, filters 1.3x the tiles: 1.23), 256 at 256x256 0.89, 128 at 512x512
-# 0.90; 512 at 128x128 1.13 and 64x64 1.22 (filters 67 MB, made in two groups), 640 at 32x32 1.10.
+# buffer whole (winograd.whole_filter_bytes(6), 72 MB; else they are made and used in groups, the input transform
+# repeated) and are no larger than the transformed tiles. Ratios to F(4,3), filters made at each call, 2 threads,
+# Zen 4, medians of alternating calls: 320 channels 64x64 batch 2 0.91, 256 at 256x256 0.85, 128 at 512x512 0.93,
+# 512 at 128x128 0.89; where the rule keeps F(4,3): 320 at 64x64 batch 1 1.23 (filters 1.3x the tiles), 512 at
+# 64x64 1.09 (filters 2.1x the tiles), 640 at 32x32 1.10.
 F63_MIN_PIXELS = 64 * 64
 
 
@@ -56,7 +57,7 @@ def f63_pays(cin: int, cout: int, h: int, w: int, n: int) -> bool:
     cinp, coutp = winograd.padded_channels(cin), winograd.padded_channels(cout)
     filters = 64 * cinp * coutp * 4
     tiles = n * (-(-h // 6)) * (-(-w // 6)) * 64 * (cinp + coutp) * 4
-    return filters <= min(winograd.STREAM_FILTER_BYTES, tiles)
+    return filters <= min(winograd.whole_filter_bytes(6), tiles)
 
 
 def choose_variant(cin: int, cout: int, h: int, w: int, n: int, cache: bool = True) -> str:

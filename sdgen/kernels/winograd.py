@@ -855,6 +855,13 @@ class FilterSource:
 STREAM_FILTER_BYTES = 48 << 20
 
 
+def whole_filter_bytes(m: int) -> int:
+    """The most bytes of F(m,3) filters made whole into the shared buffer (winograd_conv_streamed): 1.5x
+    STREAM_FILTER_BYTES for F(6,3), whose 512-channel filters (67 MB) take 0.89 of F(4,3)'s time made whole on the
+    VAE's 128x128 maps and 1.06 made in two groups (medians of 9 alternating calls, 2 threads, Zen 4)."""
+    return STREAM_FILTER_BYTES * 3 // 2 if m == 6 else STREAM_FILTER_BYTES
+
+
 # Where the filters outweigh the transformed tiles (small maps, many channels: the UNet's 16x16 and 32x32 layers)
 # and all the tiles' transformed data stay within this, weights stored in blocks of output channels make their
 # filters a block at a time, used at once while in cache (winograd_conv_blocks).
@@ -866,7 +873,7 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
     """winograd_conv with the filters made from the stored weights during the call: from weights stored in blocks
     of output channels, a block at a time where the filters outweigh the data (winograd_conv_blocks); else whole
     (by all workers, into the shared "winograd" scratch buffer), in groups of output channels whose filters take
-    at most STREAM_FILTER_BYTES. The numbers are those of winograd_conv with filter_transform's filters."""
+    at most whole_filter_bytes(m). The numbers are those of winograd_conv with filter_transform's filters."""
     from .weights import scratch
 
     n, h, w, cin = x.shape
@@ -878,12 +885,13 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
     if (src.blocks is not None and tiles_bytes < a2 * cinp * coutp * 4 and tiles_bytes <= BLOCKS_TILES_BYTES
             and block_tiles is None):
         return winograd_conv_blocks(x, src, m, pad, bias, cout, residual, nworkers)
-    if a2 * cinp * coutp * 4 <= STREAM_FILTER_BYTES:
+    limit = whole_filter_bytes(m)
+    if a2 * cinp * coutp * 4 <= limit:
         u = scratch("winograd", a2 * cinp * coutp).reshape(a2, cinp, coutp)
         src.fill(u, 0, coutp)
         return winograd_conv(x, u, m, pad, bias, cout, residual, budget_bytes, block_tiles, nworkers)
     per_channel = a2 * cinp * 4
-    ngroups = -(-a2 * cinp * coutp * 4 // STREAM_FILTER_BYTES)
+    ngroups = -(-a2 * cinp * coutp * 4 // limit)
     group = -(-(-(-cout // ngroups)) // 64) * 64  # near-equal groups, whole channel blocks
     out = np.empty((n, h + 2 * pad - 2, w + 2 * pad - 2, cout), dtype=np.float32)
     for c0 in range(0, cout, group):
