@@ -25,7 +25,9 @@ _NUMPY = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 RUNTIME_BYTES = 330 << 20  # Python, numpy, Numba/LLVM and the compiled kernels (measured: an empty run's peak)
-SCRATCH_BYTES = 160 << 20  # the kernels' shared buffers: Winograd filters, widened weights, per-worker blocks
+# the kernels' shared buffers: Winograd filters (up to 72 MB, F(6,3)'s), widened weights, per-worker blocks. 160 MB
+# until F(6,3): with it SD 1.5's VAE decode peaked at 1576-1599 MB where it had at 1552 (estimate then 1581)
+SCRATCH_BYTES = 208 << 20
 
 
 def weights_dtype(name: str | None):
