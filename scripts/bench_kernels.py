@@ -219,8 +219,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["conv", "upsample", "last", "attention", "norm"], action="append")
     ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
     ap.add_argument("--variants", default="im2col,f23,f43,f63,model",
-                    help="conv paths to time, comma separated: im2col, f23, f43, f63 (transformed weights kept), model, "
-                         "model-fp16, model-bf16 (what the models run: the stored weights only, at that precision, "
+                    help="conv paths to time, comma separated: im2col, f23, f43, f63 (transformed weights kept), "
+                         "model, model-fp16, model-bf16 (what the models run: the stored weights only, at that precision, "
                          "the path chosen per size, Winograd filters made at each call), model-f23, model-f43, "
                          "model-f63 (as model, that path forced)")
     args = ap.parse_args()

@@ -298,8 +298,8 @@ def attention(
             g, nq = h1 - h0, q1 - q0
             s = sbuf[: g * nq * lkp].reshape(g, nq, lkp)
             if packed:
-                _scores_panels(qf, bi * sq0 + q0 * sq1 + h0 * d, sq1, d, nq, g, ktf, (bi * heads + h0) * npan * d * PANEL,
-                               npan, sbuf, lkp)
+                _scores_panels(qf, bi * sq0 + q0 * sq1 + h0 * d, sq1, d, nq, g, ktf,
+                               (bi * heads + h0) * npan * d * PANEL, npan, sbuf, lkp)
             else:
                 np.matmul(qv[bi, h0:h1, q0:q1], kt[bi, h0:h1], out=s[:, :, :lk])
             s2 = s.reshape(g * nq, lkp)
@@ -311,7 +311,8 @@ def attention(
                 mb = np.ascontiguousarray(m4[bi, h0:h1, q0:q1]).reshape(g * nq, lk)
                 _softmax_block(s2, lk, scale, mb, True, rowmax, False, inv, norm_p)
             if rows_pv:
-                _values_rows(sbuf, lkp, nq, lk, g, vvf, (bi * heads + h0) * lk * d, outf, (bi * lq + q0) * c + h0 * d, c)
+                _values_rows(sbuf, lkp, nq, lk, g, vvf, (bi * heads + h0) * lk * d, outf,
+                             (bi * lq + q0) * c + h0 * d, c)
             else:
                 np.matmul(s[:, :, :lk], vv[bi, h0:h1], out=ov[bi, h0:h1, q0:q1])
             if not norm_p:

@@ -91,8 +91,8 @@ def _make_tile(rows: int, vectors: int = VECTORS):
                                                      vptr), align=4) for v in range(vectors)]
                 for r in range(rows):
                     at = builder.add(builder.add(ao, builder.mul(ir.Constant(i64, r), la)), e)
-                    x = builder.shuffle_vector(builder.insert_element(undef, builder.load(builder.gep(ap, [at])), first),
-                                               undef, splat)
+                    a_elem = builder.load(builder.gep(ap, [at]))
+                    x = builder.shuffle_vector(builder.insert_element(undef, a_elem, first), undef, splat)
                     for v in range(vectors):
                         builder.store(builder.call(fma, [x, bvec[v], builder.load(acc[r][v])]), acc[r][v])
             with builder.if_then(builder.icmp_signed("!=", more, ir.Constant(more.type, 0))):

@@ -15,9 +15,9 @@ The matrices are the classic ones from the interpolation points {0, 1, -1} (+inf
 returns them (float64) for tests and the filter transform, and the Numba transforms below are those same matrices
 written out by hand. Larger tiles need fewer multiplications per output (F(2,3) 2.25x fewer than direct
 convolution, F(4,3) 4x, F(6,3) 5.06x) and move less transformed data per output, but round more: against float64,
-fp32 F(6,3) errs about twice as much as F(4,3) (~4e-6 relative with 256 input channels, against ~2e-6). The tile transforms also run
-F(4x4,2x2) (5x5 tiles, 25 slabs) for the upsamplers of upconv.py, whose matrices and filters live there: windows
-offset by a padding per axis, outputs written into every other pixel.
+fp32 F(6,3) errs about twice as much as F(4,3) (~4e-6 relative with 256 input channels, against ~2e-6). The tile
+transforms also run F(4x4,2x2) (5x5 tiles, 25 slabs) for the upsamplers of upconv.py, whose matrices and filters
+live there: windows offset by a padding per axis, outputs written into every other pixel.
 """
 
 from __future__ import annotations
