@@ -701,6 +701,44 @@ def test_gemm_panels(rng, m, k, n):
     assert (c[0] == 7).all() and (c[:, :4] == 7).all() and (c[:, 4 + n:] == 7).all()
 
 
+@pytest.mark.parametrize("m, k, n", [(1, 40, 32), (13, 600, 64), (32, 1300, 96), (7, 512, 32)])
+def test_gemm_strided(rng, m, k, n):
+    """panels.gemm_strided: B's rows where they lie (ldb > n, from an offset), the inner dimension in passes of
+    _ROWS_CHUNK (k 600, 1300: partial passes), rows of A apart, into a block of C at an offset; against float64,
+    nothing outside the block written."""
+    from sdgen.kernels import panels
+
+    a_full = rng.standard_normal((m + 2, k + 5), dtype=np.float32)
+    b = rng.standard_normal((k + 1, n + 40), dtype=np.float32)
+    c = np.full((m + 1, n + 8), 7.0, dtype=np.float32)
+    panels.gemm_strided(a_full.reshape(-1), (k + 5) + 2, k + 5, m, k, b.reshape(-1), (n + 40) + 8, n + 40, n,
+                        c.reshape(-1), (n + 8) + 4, n + 8)  # A = a_full[1:, 2:2 + k], B = b[1:, 8:8 + n]
+    want = a_full[1:m + 1, 2:2 + k].astype(np.float64) @ b[1:, 8:8 + n].astype(np.float64)
+    assert rel_err(c[1:, 4:4 + n], want) < TOL
+    assert (c[0] == 7).all() and (c[:, :4] == 7).all() and (c[:, 4 + n:] == 7).all()
+
+
+@pytest.mark.parametrize("n", [64, 40])
+def test_winograd_point_products(rng, monkeypatch, n):
+    """winograd.point_products on views as the convolutions pass them (a block of tiles, a block of output
+    columns): register tiles where the columns fill whole panels (n 64), BLAS otherwise (n 40) or without
+    AVX-512VL; each against float64, and the two paths within rounding of each other."""
+    from sdgen.kernels import panels
+
+    v = rng.standard_normal((16, 40, 300), dtype=np.float32)
+    u = rng.standard_normal((16, 300, n), dtype=np.float32)
+    want = v[:, :37].astype(np.float64) @ u.astype(np.float64)
+    outs = []
+    for available in (panels.AVAILABLE, False):
+        monkeypatch.setattr(panels, "AVAILABLE", available)
+        mm = np.full((16, 40, n + 64), 7.0, dtype=np.float32)
+        winograd.point_products(v[:, :37], u, mm[:, :37, 32:32 + n])
+        assert rel_err(mm[:, :37, 32:32 + n], want) < TOL
+        assert (mm[:, 37:] == 7).all() and (mm[:, :, :32] == 7).all() and (mm[:, :, 32 + n:] == 7).all()
+        outs.append(mm)
+    assert np.abs(outs[0] - outs[1]).max() < 1e-4
+
+
 @pytest.mark.parametrize("d, lq, lk", [(40, 300, 2080), (64, 7, 2080), (24, 256, 2080), (80, 50, 1056)])
 def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq, lk):
     """Long keys copied per head go into panels and Q K^T takes panels.gemm_panels (heads up to _PANEL_MAX_D wide,

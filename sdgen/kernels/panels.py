@@ -1,25 +1,31 @@
-"""Register-tiled products for attention's narrow heads, where OpenBLAS is slow: Q K^T and P V.
+"""Register-tiled products where OpenBLAS is slow: attention's narrow heads (Q K^T and P V) and the Winograd
+products of small maps (few tiles, many channels).
 
 OpenBLAS runs Q K^T of heads 40-80 wide at 55-81 GFLOP/s a core (AVX-512 Zen 4): with an inner dimension that short,
 its packing of both operands at every call weighs on few multiply-adds per element; and P V on heads of 40 (a
 product only 40 columns wide) at 69-84. Here a register tile of R rows x V vectors of 8 floats runs down the inner
 dimension, with R V accumulators held in vector registers throughout: at each step V vector loads of a row of B,
-R broadcasts of A's elements and R V fused multiply-adds.
+R broadcasts of A's elements and R V fused multiply-adds. The Winograd products (winograd.point_products) have the
+opposite shape, a long inner dimension (1280 channels) and few rows (32 tiles), and OpenBLAS's packing weighs there
+too: 50-75 GFLOP/s a core where the same tiles reach 70-100.
 
 - gemm_panels (Q K^T): B (K^T) packed once, (n / 32, k, 32): panel p holds columns 32 p .. 32 p + 31 of every row
   of B, contiguous; tiles of up to 6 rows x 4 vectors (24 accumulators). The panel (k x 128 bytes) stays in L1
   while the tiles of all the rows of A pass over it. 109-113 GFLOP/s a core for 256 x 4096 scores on heads of 40,
   64 and 80, and the same numbers as OpenBLAS's here: each sum in the same order, one fused multiply-add at a time.
+- gemm_strided (Winograd's V[p] U[p]): the same tiles reading B's rows where they lie (PANEL columns of each),
+  in passes of _ROWS_CHUNK steps of the inner dimension whose sums are added.
 - gemm_rows (P V, heads of 40): B (V) as it is, rows of 40 floats; tiles of 4 rows x 5 vectors, in passes of 512
   steps of the inner dimension whose sums are added, as BLAS adds its blocks. 93-115 GFLOP/s a core.
 
 The tile is written in LLVM IR (a Numba intrinsic) since Numba has no vector type: the accumulators are vector
 registers for the whole run down the inner dimension, which no Numba loop over arrays becomes. It needs 32 vector
 registers (AVX-512VL gives 32 of 256 bits; AVX2 has 16, where the tiles would spill): AVAILABLE says whether this CPU
-has them, and attention uses BLAS where not.
+has them, and attention and the Winograd products use BLAS where not.
 
 Numba's on-disk cache only watches the file of each cached kernel: the kernels of other modules that call these
-(mha.py) keep their compiled copy after this file is edited; delete sdgen/kernels/__pycache__ (or touch them).
+(mha.py, winograd.py) keep their compiled copy after this file is edited; delete sdgen/kernels/__pycache__ (or touch
+them).
 """
 
 from __future__ import annotations
@@ -117,7 +123,35 @@ _TILE6, _TILE4, _TILE2, _TILE1 = (_make_tile(r) for r in (6, 4, 2, 1))
 # against OpenBLAS's 69-84 on 256 x 4096 x 40; heads of 64 and 80 (tiles of 2 rows) were no faster than OpenBLAS.
 ROW_WIDTH = 40
 _W40, _W40_1 = _make_tile(4, 5), _make_tile(1, 5)
-_ROWS_CHUNK = 512  # inner-dimension steps of gemm_rows per pass over the rows of A
+_ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_rows, _gemm_tiles)
+
+
+@njit(nogil=True, cache=True)
+def _gemm_tiles(a, a_off, lda, m, k, b, b_off, panel_step, ldb, panels, c, c_off, ldc):
+    """c[c_off + i ldc + p PANEL + t] = sum_e a[a_off + i lda + e] b[b_off + p panel_step + e ldb + t] for i < m,
+    p < panels, t < PANEL, e < k: panel by panel of B, the rows of A in tiles of 6 (then 4, 2, 1), each tile in
+    passes of _ROWS_CHUNK steps of e whose sums (in order of e) are added, as BLAS adds its blocks of the inner
+    dimension."""
+    for p in range(panels):
+        bo = b_off + p * panel_step
+        co = c_off + p * PANEL
+        for e0 in range(0, k, _ROWS_CHUNK):
+            kk = min(_ROWS_CHUNK, k - e0)
+            more = 1 if e0 > 0 else 0
+            ao = a_off + e0
+            be = bo + e0 * ldb
+            i = 0
+            while i + 6 <= m:
+                _TILE6(c, co + i * ldc, ldc, a, ao + i * lda, lda, b, be, ldb, kk, more)
+                i += 6
+            if i + 4 <= m:
+                _TILE4(c, co + i * ldc, ldc, a, ao + i * lda, lda, b, be, ldb, kk, more)
+                i += 4
+            if i + 2 <= m:
+                _TILE2(c, co + i * ldc, ldc, a, ao + i * lda, lda, b, be, ldb, kk, more)
+                i += 2
+            if i < m:
+                _TILE1(c, co + i * ldc, ldc, a, ao + i * lda, lda, b, be, ldb, kk, more)
 
 
 @njit(nogil=True, cache=True)
@@ -126,21 +160,16 @@ def gemm_panels(a, a_off, lda, m, k, bp, b_off, panels, c, c_off, ldc):
     matrix of a (rows lda apart) times B given as `panels` packed panels from b_off on (bp[b_off + (p k + e) PANEL
     + t] = B[e, p PANEL + t]: mha._pack_keys' layout) into an m x (panels PANEL) block of c (rows ldc apart); a, bp
     and c flat float32 arrays. Panel by panel, the rows in tiles of 6 (then 4, 2, 1). Serial; releases the GIL."""
-    for p in range(panels):
-        bo = b_off + p * k * PANEL
-        co = c_off + p * PANEL
-        i = 0
-        while i + 6 <= m:
-            _TILE6(c, co + i * ldc, ldc, a, a_off + i * lda, lda, bp, bo, PANEL, k, 0)
-            i += 6
-        if i + 4 <= m:
-            _TILE4(c, co + i * ldc, ldc, a, a_off + i * lda, lda, bp, bo, PANEL, k, 0)
-            i += 4
-        if i + 2 <= m:
-            _TILE2(c, co + i * ldc, ldc, a, a_off + i * lda, lda, bp, bo, PANEL, k, 0)
-            i += 2
-        if i < m:
-            _TILE1(c, co + i * ldc, ldc, a, a_off + i * lda, lda, bp, bo, PANEL, k, 0)
+    _gemm_tiles(a, a_off, lda, m, k, bp, b_off, k * PANEL, PANEL, panels, c, c_off, ldc)
+
+
+@njit(nogil=True, cache=True)
+def gemm_strided(a, a_off, lda, m, k, b, b_off, ldb, n, c, c_off, ldc):
+    """gemm_panels with B as it is: c[c_off + i ldc + j] = sum_e a[a_off + i lda + e] b[b_off + e ldb + j] for
+    i < m, j < n, e < k, n a multiple of PANEL (each tile reads PANEL columns of B's rows, ldb apart). For products
+    with few rows (the Winograd products of small maps: 32 tiles x 1280 channels), where OpenBLAS's packing of
+    both operands at every call weighs on few multiply-adds per element. Serial; releases the GIL."""
+    _gemm_tiles(a, a_off, lda, m, k, b, b_off, PANEL, ldb, n // PANEL, c, c_off, ldc)
 
 
 @njit(nogil=True, cache=True)

@@ -29,7 +29,7 @@ from numba import njit
 
 from . import _pool
 from .winograd import (_NO_RES, STREAM_FILTER_BYTES, _rows_padded, channel_block, input_transform, output_transform,
-                       padded_channels, tile_block)
+                       padded_channels, point_products, tile_block)
 
 # F(4,2): B^T (5 x 5), G (5 x 2), A^T (4 x 5), float64, for tests; winograd.py's tile transforms write B^T and A^T
 # out (its input_transform and output_transform run F(4,2) on 25 slabs), _g52 below writes G out.
@@ -209,7 +209,7 @@ def _products(x, u, out, pa, pc, g0, cbo, bias, th, tw, ntiles, nw) -> None:
             t0 = blk * tb
             nt = min(tb, ntiles - t0)
             input_transform(M, x, v, t0, 0, nt, th, tw, 1 - pa, 1 - pc)
-            np.matmul(vmat[:, :nt], u, out=mmat[:, :nt])
+            point_products(vmat[:, :nt], u, mmat[:, :nt])
             output_transform(M, m, out, t0, 0, nt, th, tw, bias, _NO_RES, False, 0, gp // cbo, g0, 2, pa, pc)
 
     _pool.run(work, min(nw, nblocks))
