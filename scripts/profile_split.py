@@ -55,6 +55,50 @@ def inputs(folder: Path, size: int) -> dict:
     return out
 
 
+def _best_of(fn, n: int) -> float:
+    """fn once to warm up, then the least wall time of n calls."""
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def split(forward, module, kinds: dict) -> dict:
+    """The forward's untimed best of 2 ("plain"), then its time by kind: module's functions named in kinds wrapped
+    in timers (kinds[name](args, out) -> (kind, flops of a linear product, else 0)), one forward to warm up and one
+    measured ("total"; "other" is what the kinds leave of it)."""
+    plain = _best_of(forward, 2)
+    seconds = collections.Counter()
+    flops = [0.0]
+
+    def timed(name: str, kind_of) -> None:
+        fn = getattr(module, name)
+
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            kind, f = kind_of(args, out)
+            seconds[kind] += time.perf_counter() - t0
+            flops[0] += f
+            return out
+
+        setattr(module, name, run)
+
+    for name, kind_of in kinds.items():
+        timed(name, kind_of)
+    forward()
+    seconds.clear()
+    flops[0] = 0.0
+    t0 = time.perf_counter()
+    forward()
+    total = time.perf_counter() - t0
+    seconds["other"] = total - sum(seconds[k] for k in KINDS[:3])
+    return {"total": total, "plain": plain, **{k: seconds[k] for k in KINDS}, "linear_flops": flops[0]}
+
+
 def diffusers_side(folder: Path, size: int, threads: int) -> dict:
     import torch
     import torch.nn.functional as F
@@ -71,103 +115,41 @@ def diffusers_side(folder: Path, size: int, threads: int) -> dict:
         with torch.no_grad():
             return unet(x["sample"], torch.tensor(500), encoder_hidden_states=x["context"], **extra)
 
-    plain = _best_of(forward, 2)
-    seconds = collections.Counter()
-    linear_flops = [0.0]
+    def conv_kind(args, out):  # (input, weight OIHW, ...)
+        if tuple(args[1].shape[2:]) == (1, 1):
+            return "linear", 2.0 * out.numel() * args[1].shape[1]
+        return "conv3x3", 0.0
 
-    def timed(name: str, kind_of) -> None:  # nn.Linear, nn.Conv2d and diffusers' attention call these by name
-        fn = getattr(F, name)
-
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            kind, flops = kind_of(args, out)
-            seconds[kind] += time.perf_counter() - t0
-            linear_flops[0] += flops
-            return out
-
-        setattr(F, name, run)
-
-    timed("linear", lambda args, out: ("linear", 2.0 * out.numel() * args[1].shape[1]))
-    timed("conv2d", lambda args, out: ("linear", 2.0 * out.numel() * args[1].shape[1])
-          if tuple(args[1].shape[2:]) == (1, 1) else ("conv3x3", 0.0))
-    timed("scaled_dot_product_attention", lambda args, out: ("attention", 0.0))
-    forward()
-    seconds.clear()
-    linear_flops[0] = 0.0
-    t0 = time.perf_counter()
-    forward()
-    total = time.perf_counter() - t0
-    seconds["other"] = total - sum(seconds[k] for k in KINDS[:3])
-    return {"total": total, "plain": plain, **{k: seconds[k] for k in KINDS}, "linear_flops": linear_flops[0]}
-
-
-def _best_of(fn, n: int) -> float:
-    """fn once to warm up, then the least wall time of n calls."""
-    fn()
-    best = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    # nn.Linear, nn.Conv2d and diffusers' attention processor call these through the module, by name
+    return split(forward, F, {"linear": lambda args, out: ("linear", 2.0 * out.numel() * args[1].shape[1]),
+                              "conv2d": conv_kind,
+                              "scaled_dot_product_attention": lambda args, out: ("attention", 0.0)})
 
 
 def sdgen_side(folder: Path, size: int, threads: int) -> dict:
     from sdgen import kernels
-    from sdgen.models.unet import UNet
     from sdgen.pipeline import Pipeline
     from sdgen.threads import set_threads
 
     set_threads(threads)
-    unet: UNet = Pipeline.load(folder).unet
+    unet = Pipeline.load(folder).unet
     x = inputs(folder, size)
     extra = {k: x[k] for k in ("text_embeds", "time_ids") if k in x}
-    seconds = collections.Counter()
-    linear_flops = [0.0]
-
-    def timed(name: str, kind_of) -> None:
-        fn = getattr(kernels, name)
-
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            kind, flops = kind_of(args, out)
-            seconds[kind] += time.perf_counter() - t0
-            if kind == "linear":
-                linear_flops[0] += flops
-            return out
-
-        setattr(kernels, name, run)
-
-    def linear_kind(args, out):
-        x_in, weight = args[0], args[1]
-        return "linear", 2.0 * (x_in.size // x_in.shape[-1]) * weight.shape[1] * weight.shape[0]
-
-    def conv_kind(args, out):
-        x_in, plan = args[0], args[1]
-        if (plan.kh, plan.kw) == (1, 1):
-            return "linear", 2.0 * (out.size // out.shape[-1]) * x_in.shape[-1] * out.shape[-1]
-        return "conv3x3", 0.0
 
     def forward():
         unet.forget_context()  # the cross-attention keys made again, as diffusers does at every forward
         return unet(x["sample"], 500, x["context"], **extra)
 
-    plain = _best_of(forward, 2)
-    timed("linear", linear_kind)
-    timed("conv2d", conv_kind)
-    timed("upsample_conv2d", lambda args, out: ("conv3x3", 0.0))
-    timed("attention", lambda args, out: ("attention", 0.0))
+    def conv_kind(args, out):  # (input NHWC, Conv2dPlan)
+        if (args[1].kh, args[1].kw) == (1, 1):
+            return "linear", 2.0 * out.size * args[0].shape[-1]
+        return "conv3x3", 0.0
 
-    forward()
-    seconds.clear()
-    linear_flops[0] = 0.0
-    t0 = time.perf_counter()
-    forward()
-    total = time.perf_counter() - t0
-    seconds["other"] = total - sum(seconds[k] for k in KINDS[:3])
-    return {"total": total, "plain": plain, **{k: seconds[k] for k in KINDS}, "linear_flops": linear_flops[0]}
+    # the models call the kernels through the package, by name
+    return split(forward, kernels, {"linear": lambda args, out: ("linear", 2.0 * out.size * args[1].shape[1]),
+                                    "conv2d": conv_kind,
+                                    "upsample_conv2d": lambda args, out: ("conv3x3", 0.0),
+                                    "attention": lambda args, out: ("attention", 0.0)})
 
 
 def main() -> None:
