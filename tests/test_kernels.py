@@ -135,6 +135,39 @@ def test_winograd_filters_made_by_blocks(rng, m, nworkers, dtype):
 
 
 @pytest.mark.parametrize("m", [2, 4, 6])
+def test_block_filters_by_rows_of_the_tile(rng, m):
+    """gvec's filters (all of a step's 16 filters in registers), made for groups of the tile's rows into a buffer
+    whose points lie further apart than their matrices (filter_block_buffer), are filter_transform's bit for bit
+    (the same operations in the same order), with the channel padding rows zero (Cin 70 -> 128); and they are
+    within float32 rounding of G g G^T in float64. A block too narrow for gvec's 16-wide steps (8 channels of 3
+    inputs: 24 filters) takes the two-pass transform (by rows: made whole, then copied), with the same numbers."""
+    from sdgen.kernels.weights import block_outputs, fill_block_filters, filter_block_buffer, hwio
+
+    a = m + 2
+    g64 = winograd.matrices(m)[1]
+    for cout, cin, ob in ((100, 70, 64), (8, 3, 8)):
+        wt = (rng.standard_normal((cout, cin, 3, 3)) / math.sqrt(9 * cin)).astype(np.float32)
+        kept = winograd.filter_transform(wt, m)  # (alpha^2, Cin', Cout')
+        cinp = kept.shape[1]
+        exact = np.einsum("pk,ockl,ql->pqco", g64, wt.astype(np.float64), g64).reshape(a * a, cin, cout)
+        blocks = block_outputs(hwio(wt), ob)
+        for j in range(blocks.shape[0]):
+            whole = np.full((a * a, cinp, ob), np.nan, dtype=np.float32)
+            fill_block_filters(blocks[j], m, whole)
+            made = np.full_like(whole, np.nan)
+            for r0, r1 in ((0, 1), (1, a - 2), (a - 2, a)):
+                u = filter_block_buffer((r1 - r0) * a, cinp, ob)
+                u[...] = np.nan
+                fill_block_filters(blocks[j], m, u, rows=(r0, r1))
+                made[r0 * a:r1 * a] = u
+            assert np.array_equal(whole, kept[:, :, j * ob:(j + 1) * ob])
+            assert np.array_equal(made, whole)
+            real = min(cout, (j + 1) * ob) - j * ob
+            assert not made[:, cin:].any()
+            assert rel_err(made[:, :cin, :real], exact[:, :, j * ob:j * ob + real]) < 1e-6
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
 def test_winograd_filters_made_from_stored_weights(rng, m, dtype):
     """Filters made at each call from weights stored HWIO (float32, float16, bfloat16 bits) are filter_transform's

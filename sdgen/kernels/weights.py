@@ -19,7 +19,8 @@ import threading
 import numpy as np
 from numba import njit, prange
 
-from . import _pool
+from . import _pool, gvec
+from .panels import flat
 
 # float16 bits -> float32 value (exact, including subnormals, infinities and NaN payloads)
 F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -388,16 +389,42 @@ def _filters_flat(g, m, u):
             u[p, e] = np.float32(0.0)
 
 
-def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarray | None = None) -> None:
+# Floats between the points' filters in filter_block_buffer: the rows of a block's filters are otherwise a multiple
+# of 4 KB apart (Cin' x 64 floats), all in one L1 set (gvec.py).
+_POINT_GAP = 16
+
+
+def filter_block_buffer(a2: int, cinp: int, ob: int) -> np.ndarray:
+    """An (a2, cinp, ob) float32 array for fill_block_filters, each point's (cinp, ob) matrix contiguous and the
+    points _POINT_GAP floats further apart than that (winograd.point_products takes it as it is)."""
+    return np.empty((a2, cinp * ob + _POINT_GAP), dtype=np.float32)[:, :cinp * ob].reshape(a2, cinp, ob)
+
+
+def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarray | None = None,
+                       rows: tuple[int, int] | None = None) -> None:
     """The Winograd F(m,3) filters of one block of output channels (block_outputs' (3, 3, Cin, ob), float32,
-    float16 or bfloat16 bits) into the contiguous u (alpha^2, Cin', ob) float32, rows from Cin on zero; the same
-    numbers as fill_filters. taps: a float32 buffer of at least 9 Cin ob elements for half weights. Serial."""
+    float16 or bfloat16 bits) into u (alpha^2, Cin', ob) float32 (each point's matrix contiguous; best from
+    filter_block_buffer), rows from Cin on zero; the same numbers as fill_filters. taps: a float32 buffer of at
+    least 9 Cin ob elements for half weights. Serial. By gvec.filters (all 16 filters of a step in registers) where
+    the block's size allows, else in two passes (_filters_flat)."""
     if m not in (2, 4, 6):
         raise ValueError(f"no Winograd F({m},3)")
     kh, kw, cin, ob = block.shape
+    a2, cinp = u.shape[0], u.shape[1]
     if block.dtype != np.float32:
         block = widen(block, taps[: block.size], parallel=False)
-    _filters_flat(block.reshape(9, cin * ob), m, u.reshape(u.shape[0], -1))
+    n = cin * ob
+    r0, r1 = (0, m + 2) if rows is None else rows
+    if not (0 <= r0 < r1 <= m + 2) or u.shape[0] != (r1 - r0) * (m + 2) or u.shape[1] < cin or u.shape[2] != ob:
+        raise ValueError(f"fill_block_filters: u {u.shape} for rows {r0}..{r1} of F({m},3) filters, Cin {cin}, {ob}")
+    if n % gvec.LANES == 0 and u.strides[2] == 4 and u.strides[1] == 4 * ob and u.strides[0] % 4 == 0:
+        gvec.filters(block.reshape(-1), n, n, m, flat(u), u.strides[0] // 4, cinp * ob, r0, r1)
+    elif rows is None:
+        _filters_flat(block.reshape(9, n), m, u.reshape(a2, -1))
+    else:
+        whole = np.empty(((m + 2) ** 2, cinp * ob), dtype=np.float32)
+        _filters_flat(block.reshape(9, n), m, whole)
+        u[...] = whole[r0 * (m + 2):r1 * (m + 2)].reshape(u.shape)
 
 
 _T_BLOCK = 64  # output and input channels per tile of the OIHW -> HWIO re-layout

@@ -863,14 +863,14 @@ class FilterSource:
         """fill() from blocked weights: each block's filters made whole (one flat transform, in cache), then its
         columns copied into u; the blocks shared out to the workers."""
         from . import _pool
-        from .weights import fill_block_filters
+        from .weights import fill_block_filters, filter_block_buffer
 
         ob = self.ob
         js = list(range(c_lo // ob, -(-c_hi // ob)))
         nw = min(len(js), _pool.workers()) if parallel else 1
 
         def part(i: int) -> None:
-            tmp = np.empty((u.shape[0], u.shape[1], ob), dtype=np.float32)
+            tmp = filter_block_buffer(u.shape[0], u.shape[1], ob)
             taps = None if self.blocks.dtype == np.float32 else np.empty(9 * self.cin * ob, dtype=np.float32)
             for j in js[i::nw]:
                 fill_block_filters(self.blocks[j], self.m, tmp, taps)
@@ -936,29 +936,43 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
     return out
 
 
+# The tile's rows whose filters winograd_conv_blocks makes and uses at once, per F(m,3): F(4,3)'s filters of a
+# 64-channel block from 1280-2560 inputs take 12-24 MB, more than the cache holds beside the tiles for the two
+# workers; made and used two rows (12 points) at a time they stay in it (the taps are read three times instead of
+# once, from L2/L3). 2 threads, Zen 4, medians of 25 alternating calls, against the whole tile: 1280 -> 1280 at
+# 16x16 (batch 2) 0.90, 2560 -> 1280 0.85, 1920 -> 1280 0.86, 640 at 32x32 0.90, 1920 -> 640 0.98; single rows
+# 0.83-0.98. F(2,3)'s (5-10 MB) in halves: 1.00 with guidance, 1.25 at batch 1; whole.
+BLOCK_ROW_GROUPS = {2: ((0, 4),), 4: ((0, 2), (2, 4), (4, 6)), 6: ((0, 8),)}
+
+
 def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None, nworkers=None) -> np.ndarray:
     """winograd_conv for maps whose filters outweigh their tiles, from weights stored in blocks of 64 output
     channels (FilterSource with blocks): all workers transform the tiles (one block holding them all); then each
-    worker, for each block of its share of the output channels, makes that block's filters (alpha^2 x Cin' x 64,
-    a few MB, from contiguous weights) and multiplies V @ U_block into M while they are in cache, then
-    inverse-transforms its channels. The filters are never whole, and no sum is split: the same numbers as
-    winograd_conv with filter_transform's filters, whatever the number of workers."""
+    worker, for each block of its share of the output channels and each group of the tile's rows
+    (BLOCK_ROW_GROUPS), makes the filters of those points (rows x alpha x Cin' x 64, a few MB, from contiguous
+    weights) and multiplies V @ U into M while they are in cache, then inverse-transforms its channels. The filters
+    are never whole, and no sum is split: the same numbers as winograd_conv with filter_transform's filters,
+    whatever the number of workers."""
     from . import _pool
-    from .weights import fill_block_filters
+    from .weights import fill_block_filters, filter_block_buffer, widen
 
     n, h, w, cin = x.shape
-    a2 = (m + 2) ** 2
+    a = m + 2
     ob = src.ob
     assert ob == channel_block(cout), (ob, cout)
     th, tw = _tiles(h, w, m, pad)
     ntiles = n * th * tw
+    groups = BLOCK_ROW_GROUPS[m]
 
     def product(buf: _Buffers, c_lo: int, c_hi: int) -> None:
-        u = np.empty((a2, padded_channels(cin), ob), dtype=np.float32)
-        taps = None if src.blocks.dtype == np.float32 else np.empty(9 * cin * ob, dtype=np.float32)
+        u = filter_block_buffer(max(r1 - r0 for r0, r1 in groups) * a, padded_channels(cin), ob)
+        taps = None if src.blocks.dtype == np.float32 else np.empty(src.blocks[0].shape, dtype=np.float32)
         for j in range(c_lo // ob, c_hi // ob):
-            fill_block_filters(src.blocks[j], m, u, taps)
-            point_products(buf.vmat[:, :ntiles], u, buf.mmat[:, :ntiles, j * ob:(j + 1) * ob])
+            block = src.blocks[j] if taps is None else widen(src.blocks[j], taps, parallel=False)
+            for r0, r1 in groups:
+                p0, p1 = r0 * a, r1 * a
+                fill_block_filters(block, m, u[:p1 - p0], rows=(r0, r1))
+                point_products(buf.vmat[p0:p1, :ntiles], u[:p1 - p0], buf.mmat[p0:p1, :ntiles, j * ob:(j + 1) * ob])
 
     return _one_block(x, m, pad, bias, cout, residual, _pool.workers() if nworkers is None else max(1, nworkers),
                       product)
