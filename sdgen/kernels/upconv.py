@@ -201,9 +201,10 @@ def _products(x, u, out, pa, pc, g0, cbo, bias, th, tw, ntiles, nw) -> None:
     nxt = itertools.count()
 
     def work(_: int) -> None:
-        v = np.zeros((A2, _rows_padded(tb, cinp), cinp // cbi, cbi), dtype=np.float32)
+        v = np.empty((A2, _rows_padded(tb, cinp), cinp // cbi, cbi), dtype=np.float32)
         m = np.empty((A2, _rows_padded(tb, gp), gp // cbo, cbo), dtype=np.float32)
         vmat = v.reshape(A2, v.shape[1], cinp)
+        vmat[:, :, cin:] = 0.0  # the channel padding reads as 0; the rest is written before it is read
         mmat = m.reshape(A2, m.shape[1], gp)
         while (blk := next(nxt)) < nblocks:
             t0 = blk * tb

@@ -692,11 +692,13 @@ class _Buffers:
     def __init__(self, a2: int, tb: int, cin: int, cout: int):
         cbi, cbo = channel_block(cin), channel_block(cout)
         cinp, coutp = padded_channels(cin), padded_channels(cout)
-        # zeros: the channel padding must read as 0 (the transforms never write it)
-        self.v = np.zeros((a2, _rows_padded(tb, cinp), cinp // cbi, cbi), dtype=np.float32)
+        self.v = np.empty((a2, _rows_padded(tb, cinp), cinp // cbi, cbi), dtype=np.float32)
         self.m = np.empty((a2, _rows_padded(tb, coutp), coutp // cbo, cbo), dtype=np.float32)
         self.vmat = self.v.reshape(a2, self.v.shape[1], cinp)
         self.mmat = self.m.reshape(a2, self.m.shape[1], coutp)
+        # the channel padding must read as 0 (the transforms never write it); the rest is written before it is read
+        # (zeroing all of it took ~0.4% of an SD 1.5 UNet forward, on one thread)
+        self.vmat[:, :, cin:] = 0.0
 
 
 @njit(nogil=True, cache=True)
