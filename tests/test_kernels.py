@@ -18,7 +18,7 @@ import pytest
 
 from sdgen import kernels as K
 from sdgen.kernels import reference as R
-from sdgen.kernels import winograd
+from sdgen.kernels import panels, winograd
 from sdgen.kernels.conv import Conv2dPlan, choose_variant, conv2d
 from sdgen.kernels.gemm import conv_im2col, conv_kn2row
 
@@ -404,6 +404,37 @@ def test_linear_into_out_with_residual_after_the_bias(rng):
     assert rel_err(y, R.linear(*f64(x, w, b)) + res) < TOL
     with pytest.raises(ValueError):
         K.linear(x, w, b, out=np.empty((2, 9, 48), np.float32)[..., ::2])
+
+
+@pytest.mark.skipif(not panels.AVAILABLE, reason="register tiles need AVX-512VL")
+@pytest.mark.parametrize("m, k, n", [(1, 16, 32), (5, 70, 96), (77, 300, 64), (259, 513, 288), (600, 200, 320),
+                                     (0, 40, 64)])
+@pytest.mark.parametrize("nworkers", [1, 2])
+def test_linear_tiles(rng, m, k, n, nworkers):
+    """Linear layers from weights packed in panels (linear_tiles): the first call packs W while it multiplies, later
+    calls use the panels; both against float64, the same numbers (each sum in the same order: also whatever the
+    workers), with the bias and the residual added after (bit-identical to adding the residual afterwards), into
+    out. Shapes: inner dimensions over and not a multiple of KC (513: two passes and a part), rows over ROW_BLOCK
+    (600) and in tiles of 6 with every remainder, fewer panels than GROUP and more (320 outputs: 10 panels), no
+    rows (the call packs W and returns an empty result)."""
+    from sdgen.kernels import linear_tiles
+
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32) * 10
+    res = rng.standard_normal((m, n), dtype=np.float32)
+    ref = R.linear(*f64(x, w, b)) + res
+    wp = linear_tiles.empty_panels(n, k)
+    first = linear_tiles.linear(x, wp, b, res, weight=w, nworkers=nworkers)
+    out = np.full((m, n), np.nan, np.float32)
+    later = linear_tiles.linear(x, wp, b, res, out=out, nworkers=3 - nworkers)
+    assert later is out and np.array_equal(first, later)
+    assert np.array_equal(wp.transpose(0, 2, 1).reshape(n, k), w)  # panel p holds outputs 32 p .. 32 p + 31
+    assert np.array_equal(later, linear_tiles.linear(x, wp, b) + res)
+    if m:
+        assert rel_err(later, ref) < TOL
+    with pytest.raises(ValueError):
+        linear_tiles.linear(x[:, :-1], wp, b)
 
 
 # cut along the longer side: rows (203 x 97), columns (37 x 161); more blocks of columns than workers, handed out

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdgen.kernels import panels
 from sdgen.models.clip import CLIPTextConfig, CLIPTextModel
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig
@@ -148,3 +149,39 @@ def test_clip_text_encoder_matches_transformers(act, projection):
     assert rel_err(out.hidden_states[-2], ref.hidden_states[-2].numpy()) < TOL
     pooled_ref = ref.text_embeds if projection else ref.pooler_output
     assert rel_err(out.pooled, pooled_ref.numpy()) < TOL
+
+
+@pytest.mark.skipif(not panels.AVAILABLE, reason="register tiles need AVX-512VL")
+def test_linear_layers_packed_at_their_first_call():
+    """A float32 Linear whose outputs fill 32-wide panels re-lays its weight in panels during its first call (the
+    panels replace W) and multiplies by them at every call, on any number of rows: the same numbers as a layer
+    packed by another call (a layer's results never depend on what it ran before). Half weights and other widths
+    keep W and BLAS. Against float64."""
+    from sdgen.models.layers import Linear, Params
+
+    rng = np.random.default_rng(0)
+
+    def layer(n, k, dtype=np.float32):
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        b = rng.standard_normal(n, dtype=np.float32)
+        return Linear(Params({"weight": w.astype(dtype), "bias": b}), k, n), w.astype(dtype).astype(np.float32), b
+
+    def ref(x, w, b):
+        return x.astype(np.float64) @ w.T.astype(np.float64) + b
+
+    few = rng.standard_normal((2, 5, 70), dtype=np.float32)
+    many = rng.standard_normal((300, 70), dtype=np.float32)
+    lin, w, b = layer(96, 70)
+    twin = Linear(Params({"weight": w.copy(), "bias": b}), 70, 96)
+    y_few = lin(few)
+    assert lin.panels is not None and lin.weight is None and lin.out_features == 96
+    assert rel_err(y_few, ref(few, w, b)) < 1e-5
+    y_many = lin(many)
+    assert rel_err(y_many, ref(many, w, b)) < 1e-5
+    assert np.array_equal(twin(many), y_many) and np.array_equal(twin(few), y_few)  # packed by the other call
+
+    for n, dtype in ((40, np.float32), (96, np.float16)):
+        lin, w, b = layer(n, 70, dtype)
+        y = lin(few)
+        assert lin.panels is None and lin.weight is not None and lin.out_features == n
+        assert rel_err(y, ref(few, w, b)) < 1e-5

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import BadModelFileError
+from ..kernels import linear_tiles
 from ..kernels import weights as _weights
 
 # attention_slicing: how many (image x head) score matrices attention may hold at once, as diffusers'
@@ -229,13 +230,22 @@ def _f32(a: np.ndarray | None) -> np.ndarray | None:
 
 
 class Linear:
-    """x @ W^T + b; W (out, in) held at the storage dtype, widened into a scratch buffer at each call if half."""
+    """x @ W^T + b; W (out, in) held at the storage dtype, widened into a scratch buffer at each call if half.
+
+    float32 weights whose outputs fill 32-wide panels are re-laid in them (kernels.linear_tiles) during the layer's
+    first call; the panels then replace W (no second copy) and every call multiplies by them."""
 
     def __init__(self, p: Params, in_features: int, out_features: int, bias: bool = True):
         self.weight = p.stored("weight", p.matrix("weight", out_features, in_features))
         self.bias = p.f32("bias", p.shaped("bias", (out_features,))) if bias else None
-        # until fused: how to release the source of the weights once copied
+        self.panels = None
+        # until fused: how to release the source of the weights once copied (the weight's: once in panels)
         self._release = [r for r in (p.releaser("weight"), p.releaser("bias")) if r is not None]
+        self._release_weight = p.releaser("weight")
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0] if self.panels is None else self.panels.shape[0] * self.panels.shape[2]
 
     @classmethod
     def fused(cls, layers: list["Linear"]) -> "Linear":
@@ -252,11 +262,22 @@ class Linear:
             fused.bias = np.concatenate([np.zeros(l.weight.shape[0], np.float32) if b is None else b
                                          for l, b in zip(layers, biases)])
         fused._release = []
+        fused._release_weight = None  # a copy
+        fused.panels = None
         return fused
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """x W^T + b, + residual (after the bias, as a residual connection rounds) in the same pass if given;
         into out if given (kernels.linear)."""
+        if self.panels is not None:
+            return linear_tiles.linear(x, self.panels, self.bias, residual, out)
+        if linear_tiles.packable(self.weight):
+            panels = linear_tiles.empty_panels(*self.weight.shape)
+            y = linear_tiles.linear(x, panels, self.bias, residual, out, weight=self.weight)
+            self.panels, self.weight = panels, None  # the panels are W now (a memory-mapped source may drop it)
+            if self._release_weight is not None:
+                self._release_weight()
+            return y
         return kernels.linear(x, _weights.as_float32(self.weight, "linear"), self.bias, residual, out)
 
 

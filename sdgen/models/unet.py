@@ -166,7 +166,7 @@ class TransformerBlock:
         """x + GEGLU-MLP(LN x), over blocks of tokens so that the MLP's 8x-wide intermediate stays within
         FF_CHUNK_BYTES (as diffusers' forward chunking: every token on its own, the same numbers)."""
         b, n, c = x.shape
-        rows = max(64, FF_CHUNK_BYTES // (4 * self.ff_in.weight.shape[0]))
+        rows = max(64, FF_CHUNK_BYTES // (4 * self.ff_in.out_features))
         if b * n <= rows:
             return self.ff_out(kernels.geglu(self.ff_in(self.norm3(x))), residual=x)
         flat = np.ascontiguousarray(x).reshape(b * n, c)

@@ -1,0 +1,133 @@
+"""Linear layers by panels.py's register tiles, from weights packed once in panels of 32 output channels.
+
+y = x W^T + b with W (N, K) as PyTorch stores it, packed as (N / 32, K, 32): panel p holds the 32 outputs
+32 p .. 32 p + 31 of every input, contiguous. The product runs panel group by panel group (GROUP panels, 256
+outputs), over the inner dimension in chunks of KC steps (a panel's chunk, 32 KB, stays in L1 while the tiles of
+all the rows pass over it; the rows' chunk in L2), each chunk's sums added to the last's, as BLAS adds its blocks;
+the groups are shared out to the kernel workers.
+
+Why: OpenBLAS packs the weights again at every call, which weighs where the rows are few: SDXL's 256-token layers
+(256 x 1280 x 10240, 2 threads, Zen 4) ran at 175 GFLOP/s, 196 here; 256 x 1280 x 1280 155 -> 171, and the text's
+77 tokens (77 x 2048 x 2560) 125 -> 182. With thousands of rows the two are level, within 5% either way (8192 x 1280
+x 320: 197 and 189; 1024 x 640 x 5120: 175 and 191), except SD 1.5's 64x64 GEGLU projection (8192 x 320 x 2560:
+192 and 171). A layer's weights are packed at its first call, each chunk of W right before its tiles use it (that
+call costs about what BLAS's does, 0.98-1.04 of its time, and makes no pass of its own), and replace W: see
+sdgen.models.layers.Linear. Every call of the layer then multiplies by the panels, whatever its rows: a layer's
+numbers never depend on what it ran before.
+
+The tile needs 32 vector registers (panels.AVAILABLE: AVX-512VL); elsewhere the layers keep BLAS.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from numba import njit
+
+from . import _pool, panels
+from .gemm import _NO_BIAS, _NO_RES2, add_bias_residual
+from .panels import _TILE1, _TILE2, _TILE4, _TILE6, PANEL
+
+KC = 256  # inner-dimension steps per pass of the tiles (a panel's chunk: 32 KB)
+GROUP = 8  # panels per job (256 outputs)
+ROW_BLOCK = 512  # rows per pass over a group (their chunk stays in L2 beside the group's panels)
+
+
+def packable(weight: np.ndarray) -> bool:
+    """Whether a linear layer with this weight (N, K) runs from packed panels: float32, whole panels of outputs, a
+    CPU with the registers for the tiles."""
+    return panels.AVAILABLE and weight.dtype == np.float32 and weight.ndim == 2 and weight.shape[0] % PANEL == 0
+
+
+def empty_panels(out_features: int, in_features: int) -> np.ndarray:
+    """The packed weights' array, (N / 32, K, 32) float32, for products(..., pack=True) to fill."""
+    return np.empty((out_features // PANEL, in_features, PANEL), dtype=np.float32)
+
+
+@njit(nogil=True, cache=True)
+def _pack_chunk(w, k, wp, p, e0, kk):
+    """Panel p's inner steps [e0, e0 + kk) from the flat (N, K) weights w into the flat packed wp."""
+    base = p * k * PANEL + e0 * PANEL
+    for t in range(PANEL):
+        src = w[(p * PANEL + t) * k + e0:(p * PANEL + t) * k + e0 + kk]  # indexed from 0 (Numba's wraparound)
+        dst = wp[base + t:base + t + kk * PANEL]
+        for e in range(kk):
+            dst[e * PANEL] = src[e]
+
+
+@njit(nogil=True, cache=True)
+def _rows(c, c_off, ldc, a, a_off, lda, m, wp, b_off, kk, more):
+    """c[c_off + i ldc + j] (+)= sum_e a[a_off + i lda + e] panel[e, j] for i < m, j < PANEL, e < kk: the rows in
+    tiles of 6 (then 4, 2, 1), the panel's chunk (kk x PANEL) from b_off in wp."""
+    i = 0
+    while i + 6 <= m:
+        _TILE6(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, wp, b_off, PANEL, kk, more)
+        i += 6
+    if i + 4 <= m:
+        _TILE4(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, wp, b_off, PANEL, kk, more)
+        i += 4
+    if i + 2 <= m:
+        _TILE2(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, wp, b_off, PANEL, kk, more)
+        i += 2
+    if i < m:
+        _TILE1(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, wp, b_off, PANEL, kk, more)
+
+
+@njit(nogil=True, cache=True)
+def products(a, m, k, wp, n, c, g0, g1, w, pack):
+    """c[i, 32 g0 : 32 g1] = a[i] @ W^T for i < m, from the packed panels g0 .. g1 - 1 of wp; flat float32 arrays,
+    a (m, k), c (m, n). pack: first make those panels from w (flat (n, k)), each chunk right before its use. Rows
+    in blocks of ROW_BLOCK; per block, chunk by chunk of KC inner steps, panel by panel. Serial; releases the GIL."""
+    for r0 in range(0, max(m, 1), ROW_BLOCK):  # (no rows: the packing only)
+        mr = min(ROW_BLOCK, m - r0)
+        for e0 in range(0, k, KC):
+            kk = min(KC, k - e0)
+            more = 1 if e0 > 0 else 0
+            for p in range(g0, g1):
+                if pack and r0 == 0:
+                    _pack_chunk(w, k, wp, p, e0, kk)
+                if mr > 0:
+                    _rows(c, r0 * n + p * PANEL, n, a, r0 * k + e0, k, mr, wp, p * k * PANEL + e0 * PANEL, kk,
+                          more)
+
+
+def linear(x: np.ndarray, wp: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None,
+           out: np.ndarray | None = None, weight: np.ndarray | None = None, nworkers: int | None = None) -> np.ndarray:
+    """x @ W^T + bias (+ residual) over the last axis of x, as gemm.linear, with W packed in wp ((N / 32, K, 32),
+    empty_panels); weight: W itself (N, K) float32, to pack into wp during this call (wp is then complete). Bias and
+    residual are added by each worker to its outputs while they are in cache. nworkers: threads (default
+    _pool.workers()); the numbers do not depend on it."""
+    npan, k, _ = wp.shape
+    n = npan * PANEL
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, the weights expect {k}")
+    lead = x.shape[:-1]
+    a = np.ascontiguousarray(x).reshape(-1, k)
+    m = a.shape[0]
+    if out is None:
+        y = np.empty((m, n), dtype=np.float32)
+    elif out.flags.c_contiguous and out.shape == (*lead, n) and out.dtype == np.float32:
+        y = out.reshape(m, n)
+    else:
+        raise ValueError(f"linear: out must be C-contiguous float32 of shape {(*lead, n)}")
+    res2 = None if residual is None else np.ascontiguousarray(residual, dtype=np.float32).reshape(m, n)
+    has_bias = bias is not None
+    bb = np.asarray(bias, dtype=np.float32) if has_bias else _NO_BIAS
+    pack = weight is not None
+    wf = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1) if pack else _NO_BIAS
+    af, wpf, yf = a.reshape(-1), wp.reshape(-1), y.reshape(-1)
+    groups = -(-npan // GROUP)
+    nxt = itertools.count()  # groups handed out one at a time: a worker slowed down by a busy machine takes fewer
+
+    def part(_: int) -> None:
+        while (i := next(nxt)) < groups:
+            g0, g1 = i * GROUP, min(npan, (i + 1) * GROUP)
+            products(af, m, k, wpf, n, yf, g0, g1, wf, pack)
+            if m and (has_bias or res2 is not None):
+                add_bias_residual(y, bb, has_bias, _NO_RES2 if res2 is None else res2, res2 is not None,
+                                  g0 * PANEL, g1 * PANEL)
+
+    _pool.run(part, min(_pool.workers() if nworkers is None else max(1, nworkers), groups))
+    return y.reshape(*lead, n) if out is None else out
