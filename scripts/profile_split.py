@@ -66,15 +66,15 @@ def _best_of(fn, n: int) -> float:
     return best
 
 
-def split(forward, module, kinds: dict) -> dict:
-    """The forward's untimed best of 2 ("plain"), then its time by kind: module's functions named in kinds wrapped
-    in timers (kinds[name](args, out) -> (kind, flops of a linear product, else 0)), one forward to warm up and one
-    measured ("total"; "other" is what the kinds leave of it)."""
+def split(forward, targets: list) -> dict:
+    """The forward's untimed best of 2 ("plain"), then its time by kind: for each (module, kinds) of targets, the
+    module's functions named in kinds wrapped in timers (kinds[name](args, out) -> (kind, flops of a linear product,
+    else 0)), one forward to warm up and one measured ("total"; "other" is what the kinds leave of it)."""
     plain = _best_of(forward, 2)
     seconds = collections.Counter()
     flops = [0.0]
 
-    def timed(name: str, kind_of) -> None:
+    def timed(module, name: str, kind_of) -> None:
         fn = getattr(module, name)
 
         def run(*args, **kwargs):
@@ -87,8 +87,9 @@ def split(forward, module, kinds: dict) -> dict:
 
         setattr(module, name, run)
 
-    for name, kind_of in kinds.items():
-        timed(name, kind_of)
+    for module, kinds in targets:
+        for name, kind_of in kinds.items():
+            timed(module, name, kind_of)
     forward()
     seconds.clear()
     flops[0] = 0.0
@@ -121,13 +122,14 @@ def diffusers_side(folder: Path, size: int, threads: int) -> dict:
         return "conv3x3", 0.0
 
     # nn.Linear, nn.Conv2d and diffusers' attention processor call these through the module, by name
-    return split(forward, F, {"linear": lambda args, out: ("linear", 2.0 * out.numel() * args[1].shape[1]),
-                              "conv2d": conv_kind,
-                              "scaled_dot_product_attention": lambda args, out: ("attention", 0.0)})
+    return split(forward, [(F, {"linear": lambda args, out: ("linear", 2.0 * out.numel() * args[1].shape[1]),
+                                "conv2d": conv_kind,
+                                "scaled_dot_product_attention": lambda args, out: ("attention", 0.0)})])
 
 
 def sdgen_side(folder: Path, size: int, threads: int) -> dict:
     from sdgen import kernels
+    from sdgen.kernels import linear_tiles
     from sdgen.pipeline import Pipeline
     from sdgen.threads import set_threads
 
@@ -145,11 +147,12 @@ def sdgen_side(folder: Path, size: int, threads: int) -> dict:
             return "linear", 2.0 * out.size * args[0].shape[-1]
         return "conv3x3", 0.0
 
-    # the models call the kernels through the package, by name
-    return split(forward, kernels, {"linear": lambda args, out: ("linear", 2.0 * out.size * args[1].shape[1]),
-                                    "conv2d": conv_kind,
-                                    "upsample_conv2d": lambda args, out: ("conv3x3", 0.0),
-                                    "attention": lambda args, out: ("attention", 0.0)})
+    # the models call the kernels through the package (and packed linear layers through linear_tiles), by name
+    return split(forward, [(kernels, {"linear": lambda args, out: ("linear", 2.0 * out.size * args[1].shape[1]),
+                                      "conv2d": conv_kind,
+                                      "upsample_conv2d": lambda args, out: ("conv3x3", 0.0),
+                                      "attention": lambda args, out: ("attention", 0.0)}),
+                           (linear_tiles, {"linear": lambda args, out: ("linear", 2.0 * out.size * args[1].shape[1])})])
 
 
 def main() -> None:
