@@ -160,12 +160,16 @@ def main() -> None:
     ap.add_argument("--model", default="sd15", help="an architecture in sdgen/data/configs (sd15, sdxl-turbo, ...)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--linear-panels", action="store_true", help="sdgen's --linear-panels")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
     ap.add_argument("--side", choices=["diffusers", "sdgen"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         side = diffusers_side if args.side == "diffusers" else sdgen_side
+        if args.linear_panels:
+            from sdgen.models.layers import set_linear_panels
+            set_linear_panels(True)
         print(json.dumps(side(Path(args.folder), args.size, args.threads)))
         return
 
@@ -176,14 +180,15 @@ def main() -> None:
     for side in ("diffusers", "sdgen"):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         cmd = [sys.executable, __file__, "--side", side, "--folder", str(folder), "--size", str(args.size),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--linear-panels"] if args.linear_panels else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             sys.exit(f"{side} side failed:\n{proc.stderr[-3000:]}")
         res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     d, s = res["diffusers"], res["sdgen"]
     print(f"{args.model} (random weights), {args.size}x{args.size}, one UNet forward, {args.threads} threads; "
-          f"command: python scripts/profile_split.py --model {args.model} --size {args.size} --threads {args.threads}")
+          f"command: python scripts/profile_split.py --model {args.model} --size {args.size} --threads {args.threads}"
+          + (" --linear-panels" if args.linear_panels else ""))
     print(f"{'':12s} {'diffusers s':>12s} {'sdgen s':>10s} {'ratio':>7s}")
     for k in (*KINDS, "total"):
         print(f"{k:12s} {d[k]:12.2f} {s[k]:10.2f} {s[k] / d[k]:7.2f}")

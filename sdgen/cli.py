@@ -54,6 +54,10 @@ _ATTENTION_SLICING_HELP = ("diffusers' attention slicing: auto (half the heads a
 _CONV_FILTERS_HELP = ("What the 3x3 convolutions keep: make (only the weights; the Winograd filters are made at each "
                       "step: least memory) or keep (the filters too, made once: faster, more memory; see the README's "
                       "Speed section). [default: make]")
+_LINEAR_PANELS_HELP = ("Run the float32 linear layers from their weights re-laid in panels for sdgen's register "
+                       "tiles (made during the first step, in place of the weights): a slower first step, then "
+                       "faster steps where the layers have few rows (SDXL-Turbo at 512x512: ~0.9 of the UNet's "
+                       "time); for long runs and batch jobs. [default: off]")
 _NO_MEMORY_CHECK_HELP = ("Run even when the estimated peak memory exceeds the memory available (otherwise: an error "
                          "naming the estimate and the options that help). [default: off]")
 
@@ -180,6 +184,7 @@ def txt2img(
     attention_slicing: Optional[str] = typer.Option(None, "--attention-slicing", show_default=False,
                                                     help=_ATTENTION_SLICING_HELP),
     conv_filters: str = typer.Option("make", "--conv-filters", show_default=False, help=_CONV_FILTERS_HELP),
+    linear_panels: bool = typer.Option(False, "--linear-panels", show_default=False, help=_LINEAR_PANELS_HELP),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", show_default=False,
                                          help=_NO_MEMORY_CHECK_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", show_default=False,
@@ -199,7 +204,8 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
              height, scheduler, output, overwrite, skip_existing, grid, grid_rows, grid_cols, grid_output,
              json_lines, vae, check_weights, threads, quiet, ray=None, ray_workers=None, lora=None, clip_skip=None,
              taesd=None, init_image=None, strength=None, mask=None, weights_dtype=None, vae_tiling="auto",
-             attention_slicing=None, no_memory_check=False, config=None, conv_filters="make") -> None:
+             attention_slicing=None, no_memory_check=False, config=None, conv_filters="make",
+             linear_panels=False) -> None:
     from . import batch, registry
     from .progress import Progress
 
@@ -245,7 +251,8 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
         resolve_config(config)  # UsageError for a bad value before anything is loaded
     load_options = dict(config=config, vae=vae, loras=[(str(r.path.resolve()), r.scale) for r in loras] or None,
                         taesd=taesd, weights_dtype=weights_dtype, vae_tiling=_tiling_option(vae_tiling),
-                        attention_slicing=_slicing(attention_slicing), conv_filters=conv_filters)
+                        attention_slicing=_slicing(attention_slicing), conv_filters=conv_filters,
+                        linear_panels=linear_panels)
     runner = None
     if ray is not None:  # --ray: Ray workers compute the batches (each loads the model), this process writes
         from .distributed import RayRunner
@@ -452,18 +459,19 @@ def bench(
                                      help="Time only the VAE decode of random latents of the size (e.g. a 2048x2048 "
                                           "tiled decode). [default: off]"),
     conv_filters: str = typer.Option("make", "--conv-filters", show_default=False, help=_CONV_FILTERS_HELP),
+    linear_panels: bool = typer.Option(False, "--linear-panels", show_default=False, help=_LINEAR_PANELS_HELP),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", show_default=False,
                                          help=_NO_MEMORY_CHECK_HELP),
 ) -> None:
     """Time load, text encoding, each UNet step, VAE decode and the whole run; report peak memory."""
     _run(lambda: _bench(model, width, height, steps, batch_size, guidance, scheduler, threads, random_weights,
                         kernels, json_out, weights_dtype, vae_tiling, attention_slicing, decode_only,
-                        no_memory_check, conv_filters))
+                        no_memory_check, conv_filters, linear_panels))
 
 
 def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads, random_weights, kernels,
            json_out, weights_dtype=None, vae_tiling="auto", attention_slicing=None, decode_only=False,
-           no_memory_check=False, conv_filters="make") -> None:
+           no_memory_check=False, conv_filters="make", linear_panels=False) -> None:
     from . import bench as bench_mod
     from . import registry
 
@@ -483,7 +491,8 @@ def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads
     result = bench_mod.run(model or registry.default_model_name(), width, height, steps, batch_size, guidance,
                            threads, random_weights, scheduler, weights_dtype=weights_dtype,
                            vae_tiling=_tiling_option(vae_tiling), attention_slicing=attention_slicing,
-                           decode_only=decode_only, memory_check=not no_memory_check, conv_filters=conv_filters)
+                           decode_only=decode_only, memory_check=not no_memory_check, conv_filters=conv_filters,
+                           linear_panels=linear_panels)
     record = bench_mod.as_dict(result)
     if json_out:
         print(json.dumps(record))

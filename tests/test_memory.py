@@ -433,3 +433,36 @@ def test_keep_freed_memory_reuses_big_blocks():
         faults[mode] = int(out.stdout.split()[-1])
     assert faults["default"] >= 32, faults
     assert faults["keep"] < 8, faults
+
+
+# ----------------------------------------------------------------------------------------- --linear-panels
+
+
+def test_linear_panels_same_images(sd1_folder, tmp_path):
+    """--linear-panels (float32 linear layers from weights packed in panels during the first step) gives the image
+    of the default within a grey level on >= 99% of values (the products sum in another order), the packed layers
+    having dropped their weights; the option reaches load_model and the process setting."""
+    from sdgen.cli import main
+    from sdgen.kernels import panels
+    from sdgen.models.layers import linear_panels, set_linear_panels
+    from sdgen.pipeline import Pipeline
+
+    want = Pipeline.load(sd1_folder).txt2img("a red circle", seed=3, steps=3).astype(int)
+    set_linear_panels(True)
+    try:
+        pipe = Pipeline.load(sd1_folder)
+        got = pipe.txt2img("a red circle", seed=3, steps=3).astype(int)
+    finally:
+        set_linear_panels(None)
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99, (diff.max(), (diff == 0).mean())
+    ff = pipe.unet.down_blocks[0].attentions[0].blocks[0].ff_in
+    assert (ff.panels is not None and ff.weight is None) == panels.AVAILABLE
+    args = ["txt2img", "--model", str(sd1_folder), "-p", "a red circle", "--steps", "2", "--seed", "1", "-q",
+            "--output", str(tmp_path / "a.png"), "--linear-panels"]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 0 and (tmp_path / "a.png").exists() and linear_panels()
+    finally:
+        set_linear_panels(None)

@@ -153,11 +153,25 @@ def test_clip_text_encoder_matches_transformers(act, projection):
 
 @pytest.mark.skipif(not panels.AVAILABLE, reason="register tiles need AVX-512VL")
 def test_linear_layers_packed_at_their_first_call():
-    """A float32 Linear whose outputs fill 32-wide panels re-lays its weight in panels during its first call (the
-    panels replace W) and multiplies by them at every call, on any number of rows: the same numbers as a layer
-    packed by another call (a layer's results never depend on what it ran before). Half weights and other widths
-    keep W and BLAS. Against float64."""
-    from sdgen.models.layers import Linear, Params
+    """With linear_panels on, a float32 Linear whose outputs fill 32-wide panels re-lays its weight in panels
+    during its first call (the panels replace W) and multiplies by them at every call, on any number of rows: the
+    same numbers as a layer packed by another call (a layer's results never depend on what it ran before). Half
+    weights and other widths keep W and BLAS, as every layer does with linear_panels off (the default). Against
+    float64."""
+    from sdgen.models.layers import Linear, Params, linear_panels, set_linear_panels
+
+    assert linear_panels() is False
+    set_linear_panels(True)
+    try:
+        _check_linear_panels(Linear, Params)
+    finally:
+        set_linear_panels(None)
+    lin = Linear(Params({"weight": np.ones((96, 70), np.float32), "bias": np.zeros(96, np.float32)}), 70, 96)
+    assert rel_err(lin(np.ones((3, 70), np.float32)), np.full((3, 96), 70.0)) < 1e-6
+    assert lin.panels is None and lin.weight is not None
+
+
+def _check_linear_panels(Linear, Params):
 
     rng = np.random.default_rng(0)
 

@@ -80,6 +80,23 @@ def conv_filters() -> str:
     return _CONV["filters"]
 
 
+# linear_panels: whether float32 linear layers run from their weights re-laid in panels (kernels.linear_tiles),
+# packed during each layer's first call. Off by default: the packing costs a pass over the weights and new memory
+# at the first step (SDXL-Turbo: its first UNet forward ~15 s instead of ~9-11 on a 24 GB machine), and each later
+# step is faster only where the layers have few rows (SDXL-Turbo at 512x512: 0.87-0.93 of its time; SD 1.5 and
+# 1024x1024 SDXL: level). For long runs and batch jobs on SDXL-Turbo (--linear-panels).
+_LINEAR = {"panels": False}
+
+
+def set_linear_panels(value: bool | None) -> None:
+    """linear_panels for the linear layers of this process from now on (None: off)."""
+    _LINEAR["panels"] = bool(value)
+
+
+def linear_panels() -> bool:
+    return _LINEAR["panels"]
+
+
 _STORAGE = {"dtype": None}  # the storage dtype of Params made without one (weights_dtype)
 
 
@@ -232,8 +249,9 @@ def _f32(a: np.ndarray | None) -> np.ndarray | None:
 class Linear:
     """x @ W^T + b; W (out, in) held at the storage dtype, widened into a scratch buffer at each call if half.
 
-    float32 weights whose outputs fill 32-wide panels are re-laid in them (kernels.linear_tiles) during the layer's
-    first call; the panels then replace W (no second copy) and every call multiplies by them."""
+    With linear_panels on, float32 weights whose outputs fill 32-wide panels are re-laid in them
+    (kernels.linear_tiles) during the layer's first call; the panels then replace W (no second copy) and every
+    later call multiplies by them."""
 
     def __init__(self, p: Params, in_features: int, out_features: int, bias: bool = True):
         self.weight = p.stored("weight", p.matrix("weight", out_features, in_features))
@@ -271,7 +289,7 @@ class Linear:
         into out if given (kernels.linear)."""
         if self.panels is not None:
             return linear_tiles.linear(x, self.panels, self.bias, residual, out)
-        if linear_tiles.packable(self.weight):
+        if _LINEAR["panels"] and linear_tiles.packable(self.weight):
             panels = linear_tiles.empty_panels(*self.weight.shape)
             y = linear_tiles.linear(x, panels, self.bias, residual, out, weight=self.weight)
             self.panels, self.weight = panels, None  # the panels are W now (a memory-mapped source may drop it)
