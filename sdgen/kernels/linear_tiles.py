@@ -27,7 +27,7 @@ from numba import njit
 
 from . import _pool, panels
 from .gemm import _NO_BIAS, _NO_RES2, add_bias_residual
-from .panels import _TILE1, _TILE2, _TILE4, _TILE6, PANEL
+from .panels import PANEL, tile_rows
 
 KC = 256  # inner-dimension steps per pass of the tiles (a panel's chunk: 32 KB)
 GROUP = 8  # panels per job (256 outputs)
@@ -57,24 +57,6 @@ def _pack_chunk(w, k, wp, p, e0, kk):
 
 
 @njit(nogil=True, cache=True)
-def _rows(c, c_off, ldc, a, a_off, lda, m, wp, b_off, kk, more):
-    """c[c_off + i ldc + j] (+)= sum_e a[a_off + i lda + e] panel[e, j] for i < m, j < PANEL, e < kk: the rows in
-    tiles of 6 (then 4, 2, 1), the panel's chunk (kk x PANEL) from b_off in wp."""
-    i = 0
-    while i + 6 <= m:
-        _TILE6(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, wp, b_off, PANEL, kk, more)
-        i += 6
-    if i + 4 <= m:
-        _TILE4(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, wp, b_off, PANEL, kk, more)
-        i += 4
-    if i + 2 <= m:
-        _TILE2(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, wp, b_off, PANEL, kk, more)
-        i += 2
-    if i < m:
-        _TILE1(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, wp, b_off, PANEL, kk, more)
-
-
-@njit(nogil=True, cache=True)
 def products(a, m, k, wp, n, c, g0, g1, w, pack, r_lo, r_hi):
     """c[i, 32 g0 : 32 g1] = a[i] @ W^T for r_lo <= i < r_hi, from the packed panels g0 .. g1 - 1 of wp; flat
     float32 arrays, a (m, k), c (m, n). pack: first make those panels from w (flat (n, k)), each chunk right before
@@ -89,8 +71,8 @@ def products(a, m, k, wp, n, c, g0, g1, w, pack, r_lo, r_hi):
                 if pack and r0 == r_lo:
                     _pack_chunk(w, k, wp, p, e0, kk)
                 if mr > 0:
-                    _rows(c, r0 * n + p * PANEL, n, a, r0 * k + e0, k, mr, wp, p * k * PANEL + e0 * PANEL, kk,
-                          more)
+                    tile_rows(c, r0 * n + p * PANEL, n, a, r0 * k + e0, k, mr, wp, p * k * PANEL + e0 * PANEL, PANEL,
+                              kk, more)
 
 
 def _jobs(m: int, npan: int, nw: int, pack: bool) -> list[tuple[int, int, int, int]]:

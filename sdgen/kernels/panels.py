@@ -127,6 +127,24 @@ _ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_row
 
 
 @njit(nogil=True, cache=True)
+def tile_rows(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more):
+    """c[c_off + i ldc + j] (+)= sum_e a[a_off + i lda + e] b[b_off + e ldb + j] for i < m, j < PANEL, e < k (added
+    to c's values if more, else stored): the rows in tiles of 6, then 4, 2, 1."""
+    i = 0
+    while i + 6 <= m:
+        _TILE6(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more)
+        i += 6
+    if i + 4 <= m:
+        _TILE4(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more)
+        i += 4
+    if i + 2 <= m:
+        _TILE2(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more)
+        i += 2
+    if i < m:
+        _TILE1(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more)
+
+
+@njit(nogil=True, cache=True)
 def _gemm_tiles(a, a_off, lda, m, k, b, b_off, panel_step, ldb, panels, c, c_off, ldc):
     """c[c_off + i ldc + p PANEL + t] = sum_e a[a_off + i lda + e] b[b_off + p panel_step + e ldb + t] for i < m,
     p < panels, t < PANEL, e < k: panel by panel of B, the rows of A in tiles of 6 (then 4, 2, 1), each tile in
@@ -138,20 +156,7 @@ def _gemm_tiles(a, a_off, lda, m, k, b, b_off, panel_step, ldb, panels, c, c_off
         for e0 in range(0, k, _ROWS_CHUNK):
             kk = min(_ROWS_CHUNK, k - e0)
             more = 1 if e0 > 0 else 0
-            ao = a_off + e0
-            be = bo + e0 * ldb
-            i = 0
-            while i + 6 <= m:
-                _TILE6(c, co + i * ldc, ldc, a, ao + i * lda, lda, b, be, ldb, kk, more)
-                i += 6
-            if i + 4 <= m:
-                _TILE4(c, co + i * ldc, ldc, a, ao + i * lda, lda, b, be, ldb, kk, more)
-                i += 4
-            if i + 2 <= m:
-                _TILE2(c, co + i * ldc, ldc, a, ao + i * lda, lda, b, be, ldb, kk, more)
-                i += 2
-            if i < m:
-                _TILE1(c, co + i * ldc, ldc, a, ao + i * lda, lda, b, be, ldb, kk, more)
+            tile_rows(c, co, ldc, a, a_off + e0, lda, m, b, bo + e0 * ldb, ldb, kk, more)
 
 
 @njit(nogil=True, cache=True)
