@@ -10,10 +10,11 @@ Why: OpenBLAS packs the weights again at every call, which weighs where the rows
 (256 x 1280 x 10240, 2 threads, Zen 4) ran at 175 GFLOP/s, 196 here; 256 x 1280 x 1280 155 -> 171, and the text's
 77 tokens (77 x 2048 x 2560) 125 -> 182. With thousands of rows the two are level, within 5% either way (8192 x 1280
 x 320: 197 and 189; 1024 x 640 x 5120: 175 and 191), except SD 1.5's 64x64 GEGLU projection (8192 x 320 x 2560:
-192 and 171). A layer's weights are packed at its first call, each chunk of W right before its tiles use it (that
-call costs about what BLAS's does, 0.98-1.04 of its time, and makes no pass of its own), and replace W: see
-sdgen.models.layers.Linear. Every call of the layer then multiplies by the panels, whatever its rows: a layer's
-numbers never depend on what it ran before.
+192 and 171). With linear_panels on (sdgen.models.layers, --linear-panels), a layer's weights are packed at its
+first call, each chunk of W right before its tiles use it, and replace W; every call of the layer then multiplies
+by the panels, whatever its rows, so that its numbers never depend on what it ran before. Isolated, that first call
+costs 1.3-1.4x a packed one; in a whole SDXL-Turbo forward (8.9 GB of weights re-laid into new memory beside the
+mapped checkpoint) the first forward took ~15 s instead of 9-11, hence off by default.
 
 The tile needs 32 vector registers (panels.AVAILABLE: AVX-512VL); elsewhere the layers keep BLAS.
 """
