@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit
 
 from . import _pool
-from .winograd import (_NO_RES, STREAM_FILTER_BYTES, _rows_padded, channel_block, input_transform, output_transform,
+from .winograd import (_NO_RES, STREAM_FILTER_BYTES, _Buffers, channel_block, input_transform, output_transform,
                        padded_channels, point_products, tile_block)
 
 # F(4,2): B^T (5 x 5), G (5 x 2), A^T (4 x 5), float64, for tests; winograd.py's tile transforms write B^T and A^T
@@ -193,7 +193,7 @@ def _products(x, u, out, pa, pc, g0, cbo, bias, th, tw, ntiles, nw) -> None:
     block cbo), over blocks of tiles."""
     cin = x.shape[3]
     gp = u.shape[2]
-    cbi, cinp = channel_block(cin), padded_channels(cin)
+    cinp = padded_channels(cin)
     tb = max(8, tile_block(M, cinp, gp, ntiles, nworkers=nw) * 36 // A2)  # tile_block sizes F(4,3)'s 36 slabs
     per_worker = -(-ntiles // nw)
     tb = min(tb, -(-per_worker // 8) * 8)  # at least one block per worker
@@ -201,16 +201,12 @@ def _products(x, u, out, pa, pc, g0, cbo, bias, th, tw, ntiles, nw) -> None:
     nxt = itertools.count()
 
     def work(_: int) -> None:
-        v = np.empty((A2, _rows_padded(tb, cinp), cinp // cbi, cbi), dtype=np.float32)
-        m = np.empty((A2, _rows_padded(tb, gp), gp // cbo, cbo), dtype=np.float32)
-        vmat = v.reshape(A2, v.shape[1], cinp)
-        vmat[:, :, cin:] = 0.0  # the channel padding reads as 0; the rest is written before it is read
-        mmat = m.reshape(A2, m.shape[1], gp)
+        buf = _Buffers(A2, tb, cin, gp)  # gp: whole channel blocks of cout, so its blocks are cbo wide
         while (blk := next(nxt)) < nblocks:
             t0 = blk * tb
             nt = min(tb, ntiles - t0)
-            input_transform(M, x, v, t0, 0, nt, th, tw, 1 - pa, 1 - pc)
-            point_products(vmat[:, :nt], u, mmat[:, :nt])
-            output_transform(M, m, out, t0, 0, nt, th, tw, bias, _NO_RES, False, 0, gp // cbo, g0, 2, pa, pc)
+            input_transform(M, x, buf.v, t0, 0, nt, th, tw, 1 - pa, 1 - pc)
+            point_products(buf.vmat[:, :nt], u, buf.mmat[:, :nt])
+            output_transform(M, buf.m, out, t0, 0, nt, th, tw, bias, _NO_RES, False, 0, gp // cbo, g0, 2, pa, pc)
 
     _pool.run(work, min(nw, nblocks))
