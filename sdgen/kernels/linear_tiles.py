@@ -2,9 +2,13 @@
 
 y = x W^T + b with W (N, K) as PyTorch stores it, packed as (N / 32, K, 32): panel p holds the 32 outputs
 32 p .. 32 p + 31 of every input, contiguous. The product runs panel group by panel group (GROUP panels, 256
-outputs), over the inner dimension in chunks of KC steps (a panel's chunk, 32 KB, stays in L1 while the tiles of
-all the rows pass over it; the rows' chunk in L2), each chunk's sums added to the last's, as BLAS adds its blocks;
-the groups are shared out to the kernel workers.
+outputs), over the inner dimension in equal chunks of at most KC steps (a panel's chunk, up to 64 KB, stays in L2
+beside the rows' chunk while the tiles of all the rows pass over it), each chunk's sums added to the last's, as BLAS
+adds its blocks; the groups are shared out to the kernel workers. Chunks of 512 rather than 256 steps, and equal
+ones (SD 1.5's 320 inputs: one chunk, not 256 + 64) took every SD layer shape past OpenBLAS (2 threads, Zen 4,
+GFLOP/s, OpenBLAS / chunks of 256 / equal chunks of 512: 8192 x 320 x 1280 190 / 173-182 / 195-201, 8192 x 1280 x
+320 198 / 188-215 / 215-218, 2048 x 640 x 5120 186 / 185-187 / 199-203, 256 x 1280 x 10240 182 / 211-215 /
+215-222); SD 1.5's guided UNet forward from panels then took 0.954 of its time with OpenBLAS (alternating forwards).
 
 Why: OpenBLAS packs the weights again at every call, which weighs where the rows are few: SDXL's 256-token layers
 (256 x 1280 x 10240, 2 threads, Zen 4) ran at 175 GFLOP/s, 196 here; 256 x 1280 x 1280 155 -> 171, and the text's
@@ -30,7 +34,7 @@ from . import _pool, panels
 from .gemm import _NO_BIAS, _NO_RES2, add_bias_residual
 from .panels import PANEL, tile_rows
 
-KC = 256  # inner-dimension steps per pass of the tiles (a panel's chunk: 32 KB)
+KC = 512  # inner-dimension steps per pass of the tiles at most (a panel's chunk: 64 KB)
 GROUP = 8  # panels per job (256 outputs)
 ROW_BLOCK = 512  # rows per pass over a group (their chunk stays in L2 beside the group's panels)
 
@@ -61,12 +65,13 @@ def _pack_chunk(w, k, wp, p, e0, kk):
 def products(a, m, k, wp, n, c, g0, g1, w, pack, r_lo, r_hi):
     """c[i, 32 g0 : 32 g1] = a[i] @ W^T for r_lo <= i < r_hi, from the packed panels g0 .. g1 - 1 of wp; flat
     float32 arrays, a (m, k), c (m, n). pack: first make those panels from w (flat (n, k)), each chunk right before
-    its use (then r_lo must be 0). Rows in blocks of ROW_BLOCK; per block, chunk by chunk of KC inner steps, panel
-    by panel. Serial; releases the GIL."""
+    its use (then r_lo must be 0). Rows in blocks of ROW_BLOCK; per block, chunk by chunk of the inner steps
+    (equal chunks of at most KC), panel by panel. Serial; releases the GIL."""
     for r0 in range(r_lo, max(r_hi, r_lo + 1), ROW_BLOCK):  # (no rows: the packing only)
         mr = min(ROW_BLOCK, r_hi - r0)
-        for e0 in range(0, k, KC):
-            kk = min(KC, k - e0)
+        step = -(-k // -(-k // KC))  # the inner dimension in equal chunks of at most KC
+        for e0 in range(0, k, step):
+            kk = min(step, k - e0)
             more = 1 if e0 > 0 else 0
             for p in range(g0, g1):
                 if pack and r0 == r_lo:
