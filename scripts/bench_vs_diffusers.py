@@ -93,7 +93,7 @@ def memory_side(side: str, args) -> dict:
                "on" if args.vae_tiling else "auto"]
         if args.weights_dtype:
             cmd += ["--weights-dtype", args.weights_dtype]
-        cmd += ["--conv-filters", args.conv_filters] + (["--linear-panels"] if args.linear_panels else [])
+        cmd += ["--conv-filters", args.conv_filters, "--linear-panels", args.linear_panels]
         if args.guidance is not None:
             cmd += ["--guidance", str(args.guidance)]
         if args.decode_only:
@@ -158,7 +158,7 @@ def load_side(side: str, args) -> tuple[float, dict]:
                  width=args.size, height=args.size, generator=torch.Generator().manual_seed(0), output_type="np")
     else:
         from sdgen.memory import keep_freed_memory
-        from sdgen.models.layers import set_conv_filters, set_linear_panels
+        from sdgen.models.layers import denoising_forward, set_conv_filters, set_linear_panels
         from sdgen.pipeline import Pipeline
         from sdgen.threads import set_threads
 
@@ -171,11 +171,13 @@ def load_side(side: str, args) -> tuple[float, dict]:
 
         def forward():  # a whole forward: the cross-attention keys of ctx made again, as diffusers does
             pipe.unet.forget_context()
-            return pipe.unet(unet_x, 500, ctx, **extra_np)
+            with denoising_forward(args.steps):  # as a forward of a --steps-step run (linear panels)
+                return pipe.unet(unet_x, 500, ctx, **extra_np)
 
         def guided():  # the latents once, both contexts (Pipeline.generate_latents)
             pipe.unet.forget_context()
-            return pipe.unet(unet_x[:1], 500, ctx, **extra_np)
+            with denoising_forward(args.steps):
+                return pipe.unet(unet_x[:1], 500, ctx, **extra_np)
 
         jobs.update(unet_s=forward, unet_guided_s=guided, vae_s=lambda: pipe.vae.decode(z))
 
@@ -295,8 +297,9 @@ def main() -> None:
                     help="--memory: guidance scale on both sides (default: each side's default for the model)")
     ap.add_argument("--sides", default="diffusers,sdgen", help="--memory: which sides to run")
     ap.add_argument("--conv-filters", default="make", choices=["make", "keep"], help="sdgen's --conv-filters")
-    ap.add_argument("--linear-panels", action="store_true", help="sdgen's --linear-panels (the UNet timings come "
-                    "after a warm-up forward, which packs the weights)")
+    ap.add_argument("--linear-panels", default="auto", choices=["auto", "on", "off"],
+                    help="sdgen's --linear-panels; the UNet forwards are timed as those of a --steps-step run (auto: "
+                         "from panels from 10 steps on; the best of --repeat, as the first forward packs them)")
     ap.add_argument("--interleave", default="auto", choices=["auto", "on", "off"],
                     help="time unet/unet_guided/vae with both sides loaded at once, alternating job by job (auto: "
                          "not for SDXL, whose two fp32 copies would not fit in 24 GB); off: one process per side")
@@ -326,7 +329,7 @@ def main() -> None:
                    "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
                    "--batch", str(args.batch), "--torch-dtype", args.torch_dtype]
             cmd += ["--weights-dtype", args.weights_dtype] if args.weights_dtype else []
-            cmd += ["--conv-filters", args.conv_filters] + (["--linear-panels"] if args.linear_panels else [])
+            cmd += ["--conv-filters", args.conv_filters, "--linear-panels", args.linear_panels]
             cmd += ["--guidance", str(args.guidance)] if args.guidance is not None else []
             cmd += [f for f, on in (("--vae-tiling", args.vae_tiling), ("--vae-slicing", args.vae_slicing),
                                     ("--decode-only", args.decode_only)) if on]
@@ -347,8 +350,8 @@ def main() -> None:
     def side_cmd(side: str, what: list[str], mode: str) -> list[str]:
         return [sys.executable, __file__, mode, side, "--folder", str(folder), "--model", args.model,
                 "--size", str(args.size), "--what", ",".join(what), "--steps", str(args.steps),
-                "--threads", str(args.threads), "--repeat", str(args.repeat), "--conv-filters", args.conv_filters] + (
-                    ["--linear-panels"] if args.linear_panels else [])
+                "--threads", str(args.threads), "--repeat", str(args.repeat), "--conv-filters", args.conv_filters,
+                "--linear-panels", args.linear_panels]
 
     interleave = args.interleave == "on" or (args.interleave == "auto" and not args.model.startswith("sdxl"))
     step_what = [w for w in args.what if w != "txt2img"] if interleave else []
@@ -388,8 +391,7 @@ def main() -> None:
     print(f"{args.model} (random weights), {args.size}x{args.size}, {args.threads} threads, "
           f"{'interleaved' if step_what else 'one process per side'}; command: python scripts/bench_vs_diffusers.py "
           f"--model {args.model} --what {','.join(args.what)} --threads {args.threads} --repeat {args.repeat} "
-          f"--rounds {args.rounds} --conv-filters {args.conv_filters}"
-          + (" --linear-panels" if args.linear_panels else ""))
+          f"--rounds {args.rounds} --conv-filters {args.conv_filters} --linear-panels {args.linear_panels}")
     if args.rounds > 1:
         print(f"best of {args.rounds} rounds per side (peak RSS: the largest); range: the rounds' own ratios")
     print(f"{'':14s} {'diffusers':>10s} {'sdgen':>10s} {'ratio':>7s}" + ("  range" if args.rounds > 1 else ""))

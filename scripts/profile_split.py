@@ -130,6 +130,7 @@ def diffusers_side(folder: Path, size: int, threads: int) -> dict:
 def sdgen_side(folder: Path, size: int, threads: int) -> dict:
     from sdgen import kernels
     from sdgen.kernels import linear_tiles
+    from sdgen.models.layers import denoising_forward
     from sdgen.pipeline import Pipeline
     from sdgen.threads import set_threads
 
@@ -140,7 +141,8 @@ def sdgen_side(folder: Path, size: int, threads: int) -> dict:
 
     def forward():
         unet.forget_context()  # the cross-attention keys made again, as diffusers does at every forward
-        return unet(x["sample"], 500, x["context"], **extra)
+        with denoising_forward(20):  # as a forward of a 20-step run (linear panels: sdgen.models.layers)
+            return unet(x["sample"], 500, x["context"], **extra)
 
     def conv_kind(args, out):  # (input NHWC, Conv2dPlan)
         if (args[1].kh, args[1].kw) == (1, 1):
@@ -160,16 +162,17 @@ def main() -> None:
     ap.add_argument("--model", default="sd15", help="an architecture in sdgen/data/configs (sd15, sdxl-turbo, ...)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--linear-panels", action="store_true", help="sdgen's --linear-panels")
+    ap.add_argument("--linear-panels", default="auto", choices=["auto", "on", "off"],
+                    help="sdgen's --linear-panels (the forward as one of a 20-step run's: auto packs them)")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
     ap.add_argument("--side", choices=["diffusers", "sdgen"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         side = diffusers_side if args.side == "diffusers" else sdgen_side
-        if args.linear_panels:
+        if args.side == "sdgen":
             from sdgen.models.layers import set_linear_panels
-            set_linear_panels(True)
+            set_linear_panels(args.linear_panels)
         print(json.dumps(side(Path(args.folder), args.size, args.threads)))
         return
 
@@ -180,15 +183,15 @@ def main() -> None:
     for side in ("diffusers", "sdgen"):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         cmd = [sys.executable, __file__, "--side", side, "--folder", str(folder), "--size", str(args.size),
-               "--threads", str(args.threads)] + (["--linear-panels"] if args.linear_panels else [])
+               "--threads", str(args.threads), "--linear-panels", args.linear_panels]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             sys.exit(f"{side} side failed:\n{proc.stderr[-3000:]}")
         res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     d, s = res["diffusers"], res["sdgen"]
     print(f"{args.model} (random weights), {args.size}x{args.size}, one UNet forward, {args.threads} threads; "
-          f"command: python scripts/profile_split.py --model {args.model} --size {args.size} --threads {args.threads}"
-          + (" --linear-panels" if args.linear_panels else ""))
+          f"command: python scripts/profile_split.py --model {args.model} --size {args.size} --threads {args.threads} "
+          f"--linear-panels {args.linear_panels}")
     print(f"{'':12s} {'diffusers s':>12s} {'sdgen s':>10s} {'ratio':>7s}")
     for k in (*KINDS, "total"):
         print(f"{k:12s} {d[k]:12.2f} {s[k]:10.2f} {s[k] / d[k]:7.2f}")

@@ -864,14 +864,15 @@ def _plan_grid(options: RunOptions, jobs: list[Job]) -> str | None:
 
 def load_model(model_path: Path, spec=None, check: bool = False, progress=None, vae=None, loras=None, taesd=None,
                weights_dtype=None, vae_tiling=None, attention_slicing=None, one_shot: bool = False,
-               memory_check: dict | None = None, config=None, conv_filters=None, linear_panels=False):
+               memory_check: dict | None = None, config=None, conv_filters=None, linear_panels=None):
     """The pipeline of a model, its weights scanned for NaN/inf when asked or when they are small (up to
     AUTO_CHECK_WEIGHT_BYTES). loras: [(path, scale), ...] merged at load; taesd: decode with TAESD.
     weights_dtype, vae_tiling (None: auto), attention_slicing: sdgen.memory's options; one_shot: the run is one
     batch (models built when needed, released when done); memory_check: the run's size, checked against the
     memory available before loading (Pipeline.load). config: a single file's configs (a bundled name or a
     diffusers folder; default: the spec's ``config``, else the family's usual one). conv_filters: "make" (None) or
-    "keep" (sdgen.models.layers.set_conv_filters); linear_panels: sdgen.models.layers.set_linear_panels."""
+    "keep" (sdgen.models.layers.set_conv_filters); linear_panels: "auto" (None), "on" or "off"
+    (sdgen.models.layers.set_linear_panels)."""
     from .checkpoint.single_file import resolve_config
     from .models.layers import set_attention_slicing, set_conv_filters, set_linear_panels
     from .pipeline import Pipeline

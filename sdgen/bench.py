@@ -41,7 +41,7 @@ class BenchResult:
     vae_tiling: bool = False
     attention_slicing: str | None = None
     conv_filters: str = "make"
-    linear_panels: bool = False
+    linear_panels: bool = False  # the UNet's float32 linear layers ran from panels (--linear-panels; auto: 10+ steps)
     estimate_mb: float = 0.0    # sdgen.memory's estimate of the peak, for comparison with peak_rss_mb
     stages: str = "txt2img"     # "txt2img", or "decode" (VAE decode of random latents only)
 
@@ -74,7 +74,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         guidance: float | None = None, threads: int | None = None, random_weights: bool = False,
         scheduler: str | None = None, seed: int = 0, on_step=None, weights_dtype: str | None = None,
         vae_tiling: bool | None = None, attention_slicing: str | None = None, decode_only: bool = False,
-        memory_check: bool = True, conv_filters: str = "make", linear_panels: bool = False) -> BenchResult:
+        memory_check: bool = True, conv_filters: str = "make", linear_panels: str | None = None) -> BenchResult:
     """One run as the CLI makes it (one batch: one-shot, each model built when needed and released when done),
     timed by stage; peak_rss_mb is the whole process's. decode_only: only the VAE decode of random latents of
     the size (the VAE alone in memory)."""
@@ -83,7 +83,8 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
     import numpy as np
 
     from . import memory
-    from .models.layers import set_attention_slicing, set_conv_filters, set_linear_panels
+    from .kernels import panels
+    from .models.layers import packs_linear, set_attention_slicing, set_conv_filters, set_linear_panels
     from .pipeline import Pipeline, open_model
     from .threads import set_threads
 
@@ -150,8 +151,8 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         first_step_s=round((t.unet_steps_s or [0.0])[0], 3), vae_decode_s=round(t.vae_decode_s, 3),
         total_s=round(total, 3), peak_rss_mb=round(peak_rss_mb(), 1), weights_dtype=weights_dtype or "auto",
         vae_tiling=bool(tiled), attention_slicing=attention_slicing, conv_filters=conv_filters,
-        linear_panels=bool(linear_panels), estimate_mb=round(est.peak / 2**20, 1),
-        stages="decode" if decode_only else "txt2img",
+        linear_panels=panels.AVAILABLE and not decode_only and packs_linear(len(t.unet_steps_s)),
+        estimate_mb=round(est.peak / 2**20, 1), stages="decode" if decode_only else "txt2img",
     )
 
 

@@ -54,10 +54,10 @@ _ATTENTION_SLICING_HELP = ("diffusers' attention slicing: auto (half the heads a
 _CONV_FILTERS_HELP = ("What the 3x3 convolutions keep: make (only the weights; the Winograd filters are made at each "
                       "step: least memory) or keep (the filters too, made once: faster, more memory; see the README's "
                       "Speed section). [default: make]")
-_LINEAR_PANELS_HELP = ("Run the float32 linear layers from their weights re-laid in panels for sdgen's register "
-                       "tiles (made during the first step, in place of the weights): a slower first step, then "
-                       "faster steps where the layers have few rows (SDXL-Turbo at 512x512: ~0.9 of the UNet's "
-                       "time); for long runs and batch jobs. [default: off]")
+_LINEAR_PANELS_HELP = ("How the float32 linear layers multiply: from their weights re-laid in panels for sdgen's "
+                       "register tiles (made during the first step, in place of the weights: a slower first step, "
+                       "then steps ~0.9-0.95 of the time) or by OpenBLAS: on, off, or auto (the UNet's layers in "
+                       "panels when a run denoises in 10 steps or more). [default: auto]")
 _NO_MEMORY_CHECK_HELP = ("Run even when the estimated peak memory exceeds the memory available (otherwise: an error "
                          "naming the estimate and the options that help). [default: off]")
 
@@ -68,6 +68,16 @@ def _conv_filters_option(value: str) -> str:
 
     if value not in CONV_FILTERS:
         raise UsageError(f"--conv-filters must be {' or '.join(CONV_FILTERS)} (got {value!r})")
+    return value
+
+
+def _linear_panels_option(value: str) -> str:
+    """--linear-panels checked against the values sdgen.models.layers.set_linear_panels takes."""
+    from .models.layers import LINEAR_PANELS
+
+    if value not in LINEAR_PANELS:
+        raise UsageError(f"--linear-panels must be {', '.join(LINEAR_PANELS[:-1])} or {LINEAR_PANELS[-1]} "
+                         f"(got {value!r})")
     return value
 
 
@@ -184,7 +194,7 @@ def txt2img(
     attention_slicing: Optional[str] = typer.Option(None, "--attention-slicing", show_default=False,
                                                     help=_ATTENTION_SLICING_HELP),
     conv_filters: str = typer.Option("make", "--conv-filters", show_default=False, help=_CONV_FILTERS_HELP),
-    linear_panels: bool = typer.Option(False, "--linear-panels", show_default=False, help=_LINEAR_PANELS_HELP),
+    linear_panels: str = typer.Option("auto", "--linear-panels", show_default=False, help=_LINEAR_PANELS_HELP),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", show_default=False,
                                          help=_NO_MEMORY_CHECK_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", show_default=False,
@@ -205,7 +215,7 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
              json_lines, vae, check_weights, threads, quiet, ray=None, ray_workers=None, lora=None, clip_skip=None,
              taesd=None, init_image=None, strength=None, mask=None, weights_dtype=None, vae_tiling="auto",
              attention_slicing=None, no_memory_check=False, config=None, conv_filters="make",
-             linear_panels=False) -> None:
+             linear_panels="auto") -> None:
     from . import batch, registry
     from .progress import Progress
 
@@ -246,6 +256,7 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
     from .memory import attention_slicing as _slicing, weights_dtype as _dtype
     _dtype(weights_dtype)  # UsageError for a bad value before anything is loaded
     _conv_filters_option(conv_filters)
+    _linear_panels_option(linear_panels)
     if config is not None:
         from .checkpoint.single_file import resolve_config
         resolve_config(config)  # UsageError for a bad value before anything is loaded
@@ -459,7 +470,7 @@ def bench(
                                      help="Time only the VAE decode of random latents of the size (e.g. a 2048x2048 "
                                           "tiled decode). [default: off]"),
     conv_filters: str = typer.Option("make", "--conv-filters", show_default=False, help=_CONV_FILTERS_HELP),
-    linear_panels: bool = typer.Option(False, "--linear-panels", show_default=False, help=_LINEAR_PANELS_HELP),
+    linear_panels: str = typer.Option("auto", "--linear-panels", show_default=False, help=_LINEAR_PANELS_HELP),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", show_default=False,
                                          help=_NO_MEMORY_CHECK_HELP),
 ) -> None:
@@ -471,7 +482,7 @@ def bench(
 
 def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads, random_weights, kernels,
            json_out, weights_dtype=None, vae_tiling="auto", attention_slicing=None, decode_only=False,
-           no_memory_check=False, conv_filters="make", linear_panels=False) -> None:
+           no_memory_check=False, conv_filters="make", linear_panels="auto") -> None:
     from . import bench as bench_mod
     from . import registry
 
@@ -488,6 +499,7 @@ def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads
     from .memory import attention_slicing as _slicing, weights_dtype as _dtype
     _dtype(weights_dtype), _slicing(attention_slicing)  # UsageError for bad values, before anything is loaded
     _conv_filters_option(conv_filters)
+    _linear_panels_option(linear_panels)
     result = bench_mod.run(model or registry.default_model_name(), width, height, steps, batch_size, guidance,
                            threads, random_weights, scheduler, weights_dtype=weights_dtype,
                            vae_tiling=_tiling_option(vae_tiling), attention_slicing=attention_slicing,

@@ -439,15 +439,27 @@ def test_keep_freed_memory_reuses_big_blocks():
 
 
 def test_linear_panels_same_images(sd1_folder, tmp_path):
-    """--linear-panels (float32 linear layers from weights packed in panels during the first step) gives the image
-    of the default within a grey level on >= 99% of values (the products sum in another order), the packed layers
-    having dropped their weights; the option reaches load_model and the process setting."""
+    """--linear-panels on (float32 linear layers from weights packed in panels during the first step) gives the
+    image of off within a grey level on >= 99% of values (the products sum in another order), the packed layers
+    having dropped their weights. auto (the default) is off for a 3-step run (the same bytes) and packs the UNet's
+    layers, not the text encoder's, for a run of 10 steps. The option reaches load_model and the process setting;
+    a bad value is a one-line usage error."""
     from sdgen.cli import main
     from sdgen.kernels import panels
     from sdgen.models.layers import linear_panels, set_linear_panels
     from sdgen.pipeline import Pipeline
 
-    want = Pipeline.load(sd1_folder).txt2img("a red circle", seed=3, steps=3).astype(int)
+    def ff(pipe):
+        return pipe.unet.down_blocks[0].attentions[0].blocks[0].ff_in
+
+    set_linear_panels("off")
+    try:
+        want = Pipeline.load(sd1_folder).txt2img("a red circle", seed=3, steps=3).astype(int)
+    finally:
+        set_linear_panels(None)
+    pipe = Pipeline.load(sd1_folder)
+    assert np.array_equal(pipe.txt2img("a red circle", seed=3, steps=3), want)  # auto, 3 steps: off
+    assert ff(pipe).panels is None
     set_linear_panels(True)
     try:
         pipe = Pipeline.load(sd1_folder)
@@ -456,13 +468,20 @@ def test_linear_panels_same_images(sd1_folder, tmp_path):
         set_linear_panels(None)
     diff = np.abs(got - want)
     assert diff.max() <= 1 and (diff == 0).mean() >= 0.99, (diff.max(), (diff == 0).mean())
-    ff = pipe.unet.down_blocks[0].attentions[0].blocks[0].ff_in
-    assert (ff.panels is not None and ff.weight is None) == panels.AVAILABLE
+    assert (ff(pipe).panels is not None and ff(pipe).weight is None) == panels.AVAILABLE
+    pipe = Pipeline.load(sd1_folder)
+    pipe.txt2img("a red circle", seed=3, steps=10)  # auto, 10 steps: the UNet's layers packed, the text's not
+    assert (ff(pipe).panels is not None) == panels.AVAILABLE
+    qkv = pipe.text_encoders[0].layers[0].self_attn.qkv  # 96 outputs: packable, not packed
+    assert qkv.panels is None and qkv.weight is not None
     args = ["txt2img", "--model", str(sd1_folder), "-p", "a red circle", "--steps", "2", "--seed", "1", "-q",
-            "--output", str(tmp_path / "a.png"), "--linear-panels"]
+            "--output", str(tmp_path / "a.png"), "--linear-panels", "on"]
     try:
         with pytest.raises(SystemExit) as e:
             main(args)
-        assert e.value.code == 0 and (tmp_path / "a.png").exists() and linear_panels()
+        assert e.value.code == 0 and (tmp_path / "a.png").exists() and linear_panels() == "on"
     finally:
         set_linear_panels(None)
+    with pytest.raises(SystemExit) as e:
+        main(args[:-1] + ["always"] + ["--overwrite"])
+    assert e.value.code == 2

@@ -156,19 +156,41 @@ def test_linear_layers_packed_at_their_first_call():
     """With linear_panels on, a float32 Linear whose outputs fill 32-wide panels re-lays its weight in panels
     during its first call (the panels replace W) and multiplies by them at every call, on any number of rows: the
     same numbers as a layer packed by another call (a layer's results never depend on what it ran before). Half
-    weights and other widths keep W and BLAS, as every layer does with linear_panels off (the default). Against
-    float64."""
-    from sdgen.models.layers import Linear, Params, linear_panels, set_linear_panels
+    weights and other widths keep W and BLAS. Against float64. Under auto (the default) a layer is packed only
+    when called inside a denoising loop of at least AUTO_PANEL_FORWARDS forwards; with off, never."""
+    from sdgen.models.layers import (AUTO_PANEL_FORWARDS, Linear, Params, denoising_forward, linear_panels,
+                                     set_linear_panels)
 
-    assert linear_panels() is False
+    assert linear_panels() == "auto"
     set_linear_panels(True)
     try:
+        assert linear_panels() == "on"
         _check_linear_panels(Linear, Params)
     finally:
         set_linear_panels(None)
-    lin = Linear(Params({"weight": np.ones((96, 70), np.float32), "bias": np.zeros(96, np.float32)}), 70, 96)
-    assert rel_err(lin(np.ones((3, 70), np.float32)), np.full((3, 96), 70.0)) < 1e-6
+
+    def fresh():
+        return Linear(Params({"weight": np.ones((96, 70), np.float32), "bias": np.zeros(96, np.float32)}), 70, 96)
+
+    x = np.ones((3, 70), np.float32)
+    lin = fresh()
+    with denoising_forward(AUTO_PANEL_FORWARDS - 1):  # a loop too short to repay the packing
+        assert rel_err(lin(x), np.full((3, 96), 70.0)) < 1e-6
+    assert rel_err(lin(x), np.full((3, 96), 70.0)) < 1e-6  # outside any loop
     assert lin.panels is None and lin.weight is not None
+    with denoising_forward(AUTO_PANEL_FORWARDS):
+        assert rel_err(lin(x), np.full((3, 96), 70.0)) < 1e-6
+    assert lin.panels is not None and lin.weight is None
+    set_linear_panels("off")
+    try:
+        lin = fresh()
+        with denoising_forward(1000):
+            lin(x)
+        assert lin.panels is None and lin.weight is not None
+    finally:
+        set_linear_panels(None)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        set_linear_panels("sometimes")
 
 
 def _check_linear_panels(Linear, Params):

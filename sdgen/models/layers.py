@@ -80,21 +80,53 @@ def conv_filters() -> str:
     return _CONV["filters"]
 
 
-# linear_panels: whether float32 linear layers run from their weights re-laid in panels (kernels.linear_tiles),
-# packed during each layer's first call. Off by default: the packing costs a pass over the weights and new memory
-# at the first step (SDXL-Turbo: its first UNet forward ~15 s instead of ~9-11 on a 24 GB machine), and each later
-# step is faster only where the layers have few rows (SDXL-Turbo at 512x512: 0.87-0.93 of its time; SD 1.5 and
-# 1024x1024 SDXL: level). For long runs and batch jobs on SDXL-Turbo (--linear-panels).
-_LINEAR = {"panels": False}
+# linear_panels: how the float32 linear layers multiply. From their weights re-laid in panels (kernels.linear_tiles,
+# 0.95 of OpenBLAS's time on SD 1.5's guided UNet forward, 0.90-0.93 on SDXL-Turbo's), packed during each layer's
+# first call, which that costs a pass over the weights into new memory (SD 1.5's UNet: ~1.7 s; SDXL-Turbo's: ~5 s,
+# 8.9 GB), or by OpenBLAS from W as it is. "auto" (the default): the UNet's layers are packed during a denoising
+# loop of at least AUTO_PANEL_FORWARDS UNet forwards, where the later steps repay the packing (at ~0.3 s a step for
+# SD 1.5 with guidance, ~0.6 s for SDXL-Turbo: after 6-9 steps); everything else -- text encoders and the VAE,
+# which run once, and short loops such as the turbo models' 1-4 steps -- keeps OpenBLAS. "on": every layer packed
+# at its first call (long batch jobs with short loops). "off": none. A layer once packed stays packed.
+LINEAR_PANELS = ("auto", "on", "off")
+AUTO_PANEL_FORWARDS = 10
+_LINEAR = {"mode": "auto", "loop": False}
 
 
-def set_linear_panels(value: bool | None) -> None:
-    """linear_panels for the linear layers of this process from now on (None: off)."""
-    _LINEAR["panels"] = bool(value)
+def set_linear_panels(value: "str | bool | None") -> None:
+    """linear_panels for the linear layers of this process from now on: "auto" (or None), "on" (or True), "off"
+    (or False)."""
+    mode = {None: "auto", True: "on", False: "off"}[value] if value in (None, True, False) else value
+    if mode not in LINEAR_PANELS:
+        raise ValueError(f"linear panels must be auto, on or off (got {value!r})")
+    _LINEAR["mode"] = mode
 
 
-def linear_panels() -> bool:
-    return _LINEAR["panels"]
+def linear_panels() -> str:
+    return _LINEAR["mode"]
+
+
+@contextlib.contextmanager
+def denoising_forward(forwards: int):
+    """Around each UNet forward of a denoising loop of `forwards` forwards: under "auto", its linear layers are
+    packed in panels (at the first such forward) when the loop is long enough to repay it."""
+    before = _LINEAR["loop"]
+    _LINEAR["loop"] = forwards >= AUTO_PANEL_FORWARDS
+    try:
+        yield
+    finally:
+        _LINEAR["loop"] = before
+
+
+def packs_linear(forwards: int) -> bool:
+    """Whether a denoising loop of `forwards` UNet forwards runs the UNet's float32 linear layers from panels."""
+    mode = _LINEAR["mode"]
+    return mode == "on" or (mode == "auto" and forwards >= AUTO_PANEL_FORWARDS)
+
+
+def _packing() -> bool:
+    mode = _LINEAR["mode"]
+    return mode == "on" or (mode == "auto" and _LINEAR["loop"])
 
 
 _STORAGE = {"dtype": None}  # the storage dtype of Params made without one (weights_dtype)
@@ -249,9 +281,9 @@ def _f32(a: np.ndarray | None) -> np.ndarray | None:
 class Linear:
     """x @ W^T + b; W (out, in) held at the storage dtype, widened into a scratch buffer at each call if half.
 
-    With linear_panels on, float32 weights whose outputs fill 32-wide panels are re-laid in them
-    (kernels.linear_tiles) during the layer's first call; the panels then replace W (no second copy) and every
-    later call multiplies by them."""
+    Where linear_panels says so (on; auto: in a long enough denoising loop), float32 weights whose outputs fill
+    32-wide panels are re-laid in them (kernels.linear_tiles) during the layer's first call; the panels then
+    replace W (no second copy) and every later call multiplies by them."""
 
     def __init__(self, p: Params, in_features: int, out_features: int, bias: bool = True):
         self.weight = p.stored("weight", p.matrix("weight", out_features, in_features))
@@ -289,7 +321,7 @@ class Linear:
         into out if given (kernels.linear)."""
         if self.panels is not None:
             return linear_tiles.linear(x, self.panels, self.bias, residual, out)
-        if _LINEAR["panels"] and linear_tiles.packable(self.weight):
+        if _packing() and linear_tiles.packable(self.weight):
             panels = linear_tiles.empty_panels(*self.weight.shape)
             y = linear_tiles.linear(x, panels, self.bias, residual, out, weight=self.weight)
             self.panels, self.weight = panels, None  # the panels are W now (a memory-mapped source may drop it)
