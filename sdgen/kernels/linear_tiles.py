@@ -10,15 +10,14 @@ GFLOP/s, OpenBLAS / chunks of 256 / equal chunks of 512: 8192 x 320 x 1280 190 /
 320 198 / 188-215 / 215-218, 2048 x 640 x 5120 186 / 185-187 / 199-203, 256 x 1280 x 10240 182 / 211-215 /
 215-222); SD 1.5's guided UNet forward from panels then took 0.954 of its time with OpenBLAS (alternating forwards).
 
-Why: OpenBLAS packs the weights again at every call, which weighs where the rows are few: SDXL's 256-token layers
-(256 x 1280 x 10240, 2 threads, Zen 4) ran at 175 GFLOP/s, 196 here; 256 x 1280 x 1280 155 -> 171, and the text's
-77 tokens (77 x 2048 x 2560) 125 -> 182. With thousands of rows the two are level, within 5% either way (8192 x 1280
-x 320: 197 and 189; 1024 x 640 x 5120: 175 and 191), except SD 1.5's 64x64 GEGLU projection (8192 x 320 x 2560:
-192 and 171). With linear_panels on (sdgen.models.layers, --linear-panels), a layer's weights are packed at its
-first call, each chunk of W right before its tiles use it, and replace W; every call of the layer then multiplies
-by the panels, whatever its rows, so that its numbers never depend on what it ran before. Isolated, that first call
-costs 1.3-1.4x a packed one; in a whole SDXL-Turbo forward (8.9 GB of weights re-laid into new memory beside the
-mapped checkpoint) the first forward took ~15 s instead of 9-11, hence off by default.
+Why: OpenBLAS packs the weights again at every call, which weighs most where the rows are few (SDXL's 256-token
+layers above; the text's 77 tokens, 77 x 2048 x 2560: 125 -> 182 GFLOP/s with chunks of 256). Where
+sdgen.models.layers' linear_panels says so (--linear-panels; by default the UNet's layers in denoising loops of 10
+forwards and more), a layer's weights are packed at its first call, each chunk of W right before its tiles use it,
+and replace W; every call of the layer then multiplies by the panels, whatever its rows, so that its numbers never
+depend on what it ran before. Isolated, that first call costs 1.3-1.4x a packed one; in a whole forward it costs
+the new memory too (8.9 GB of weights for SDXL: the first forward at 512x512 ~14.5 s instead of ~9.4; SD 1.5's
++1.2-1.6 s), which short runs would not win back.
 
 The tile needs 32 vector registers (panels.AVAILABLE: AVX-512VL); elsewhere the layers keep BLAS.
 """
