@@ -83,11 +83,12 @@ def conv_filters() -> str:
 # linear_panels: how the float32 linear layers multiply. From their weights re-laid in panels (kernels.linear_tiles,
 # 0.95 of OpenBLAS's time on SD 1.5's guided UNet forward, 0.90-0.93 on SDXL-Turbo's), packed during each layer's
 # first call, which costs a pass over the weights into new memory (the first step of SD 1.5: +1.2-1.6 s; of SDXL
-# at 512x512: ~+5 s, 8.9 GB), or by OpenBLAS from W as it is. "auto" (the default): the UNet's layers are packed during a denoising
-# loop of at least AUTO_PANEL_FORWARDS UNet forwards, where the later steps repay the packing (at ~0.3 s a step for
-# SD 1.5 with guidance, ~0.6 s for SDXL-Turbo: after 6-9 steps); everything else -- text encoders and the VAE,
-# which run once, and short loops such as the turbo models' 1-4 steps -- keeps OpenBLAS. "on": every layer packed
-# at its first call (long batch jobs with short loops). "off": none. A layer once packed stays packed.
+# at 512x512: ~+5 s, 8.9 GB), or by OpenBLAS from W as it is. "auto" (the default): the UNet's layers are packed
+# during a denoising loop of at least AUTO_PANEL_FORWARDS UNet forwards, where the later steps repay the packing
+# (at ~0.3 s a step for SD 1.5 with guidance, ~0.6 s for SDXL-Turbo: after 6-9 steps); everything else -- text
+# encoders and the VAE, which run once, and short loops such as the turbo models' 1-4 steps -- keeps OpenBLAS.
+# "on": every layer packed at its first call (long batch jobs with short loops). "off": none. A layer once packed
+# stays packed.
 LINEAR_PANELS = ("auto", "on", "off")
 AUTO_PANEL_FORWARDS = 10
 _LINEAR = {"mode": "auto", "loop": False}
