@@ -122,6 +122,26 @@ def _multiply_columns(a, b, out, lo: int, hi: int, bias, has_bias: bool, res2) -
             add_bias_residual(out, bias, has_bias, _NO_RES2 if res2 is None else res2, res2 is not None, lo, hi)
 
 
+def linear_operands(x: np.ndarray, k: int, n: int, residual: np.ndarray | None, out: np.ndarray | None,
+                    who: str = "linear") -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple]:
+    """What a linear layer's kernels take from its arguments, for weights of k inputs and n outputs: x's rows as an
+    (M, k) float32 matrix, the (M, n) result (out's memory if given: C-contiguous float32 of x's leading shape +
+    (n,), else new), the residual's rows (M, n) or None, and x's leading shape. ValueError (naming `who`) for an
+    input of other than k features or an unfit out."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] != k:
+        raise ValueError(f"{who}: input has {x.shape[-1]} features, the weights expect {k}")
+    lead = x.shape[:-1]
+    a = _as2d(x, k)
+    if out is None:
+        y = np.empty((a.shape[0], n), dtype=np.float32)
+    elif out.flags.c_contiguous and out.shape == (*lead, n) and out.dtype == np.float32:
+        y = out.reshape(-1, n)
+    else:
+        raise ValueError(f"{who}: out must be C-contiguous float32 of shape {(*lead, n)}")
+    return a, y, None if residual is None else _as2d(residual, n), lead
+
+
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None,
            out: np.ndarray | None = None) -> np.ndarray:
     """x @ weight.T + bias (+ residual) over the last axis of x; weight (out, in) as PyTorch stores it.
@@ -130,15 +150,10 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, residual:
     as a residual connection after a linear layer rounds. out: a C-contiguous float32 array of the output's shape
     to write into (returned), instead of a new one.
     """
-    x = np.asarray(x, dtype=np.float32)
     weight = np.asarray(weight, dtype=np.float32)
     out_f, in_f = weight.shape
-    lead = x.shape[:-1]
-    if out is not None and not (out.flags.c_contiguous and out.shape == (*lead, out_f)):
-        raise ValueError(f"linear: out must be C-contiguous of shape {(*lead, out_f)}")
-    y2 = None if out is None else out.reshape(-1, out_f)
-    y = gemm_bias(_as2d(x, in_f), weight.T, None if bias is None else np.asarray(bias, dtype=np.float32), residual,
-                  out=y2)
+    a, y, res2, lead = linear_operands(x, in_f, out_f, residual, out)
+    gemm_bias(a, weight.T, None if bias is None else np.asarray(bias, dtype=np.float32), res2, out=y)
     return y.reshape(*lead, out_f) if out is None else out
 
 

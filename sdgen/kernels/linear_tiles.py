@@ -30,12 +30,13 @@ import numpy as np
 from numba import njit
 
 from . import _pool, panels
-from .gemm import _NO_BIAS, _NO_RES2, add_bias_residual
+from .gemm import _NO_BIAS, _NO_RES2, add_bias_residual, linear_operands
 from .panels import PANEL, tile_rows
 
 KC = 512  # inner-dimension steps per pass of the tiles at most (a panel's chunk: 64 KB)
 GROUP = 8  # panels per job (256 outputs)
 ROW_BLOCK = 512  # rows per pass over a group (their chunk stays in L2 beside the group's panels)
+_NO_WEIGHT = np.zeros(1, dtype=np.float32)  # products' w where the panels are made already (one signature)
 
 
 def packable(weight: np.ndarray) -> bool:
@@ -100,23 +101,12 @@ def linear(x: np.ndarray, wp: np.ndarray, bias: np.ndarray | None, residual: np.
     _pool.workers()); the numbers do not depend on it."""
     npan, k, _ = wp.shape
     n = npan * PANEL
-    x = np.asarray(x, dtype=np.float32)
-    if x.shape[-1] != k:
-        raise ValueError(f"linear: input has {x.shape[-1]} features, the weights expect {k}")
-    lead = x.shape[:-1]
-    a = np.ascontiguousarray(x).reshape(-1, k)
+    a, y, res2, lead = linear_operands(x, k, n, residual, out)
     m = a.shape[0]
-    if out is None:
-        y = np.empty((m, n), dtype=np.float32)
-    elif out.flags.c_contiguous and out.shape == (*lead, n) and out.dtype == np.float32:
-        y = out.reshape(m, n)
-    else:
-        raise ValueError(f"linear: out must be C-contiguous float32 of shape {(*lead, n)}")
-    res2 = None if residual is None else np.ascontiguousarray(residual, dtype=np.float32).reshape(m, n)
     has_bias = bias is not None
     bb = np.asarray(bias, dtype=np.float32) if has_bias else _NO_BIAS
     pack = weight is not None
-    wf = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1) if pack else _NO_BIAS
+    wf = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1) if pack else _NO_WEIGHT
     af, wpf, yf = a.reshape(-1), wp.reshape(-1), y.reshape(-1)
     nw = _pool.workers() if nworkers is None else max(1, nworkers)
     jobs = _jobs(m, npan, nw, pack)
