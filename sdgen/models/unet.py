@@ -94,7 +94,8 @@ class ResnetBlock:
         self.time_emb_proj = Linear(p.sub("time_emb_proj"), temb_channels, cout) if temb_channels else None
         self.norm2 = GroupNorm(p.sub("norm2"), groups, cout, eps)
         self.conv2 = Conv2d(p.sub("conv2"), cout, cout)
-        self.conv_shortcut = Conv2d(p.sub("conv_shortcut"), cin, cout, 1) if cin != cout else None
+        # the 1x1 shortcut convolution is a linear layer over the channels (linear panels where they run)
+        self.conv_shortcut = Linear(p.sub("conv_shortcut"), cin, cout) if cin != cout else None
 
     def __call__(self, x: np.ndarray, temb: np.ndarray | None) -> np.ndarray:
         h = self.conv1(self.norm1(x, silu=True))
