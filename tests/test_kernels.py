@@ -803,11 +803,12 @@ def test_winograd_point_products(rng, monkeypatch, n):
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
 
 
-@pytest.mark.parametrize("d, lq, lk", [(40, 300, 2080), (64, 7, 2080), (24, 256, 2080), (80, 50, 1056)])
+@pytest.mark.parametrize("d, lq, lk", [(40, 300, 2080), (64, 7, 2080), (64, 131, 1024), (24, 256, 2080),
+                                      (80, 50, 1056)])
 def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq, lk):
     """Long keys copied per head go into panels and Q K^T takes panels.gemm_panels (heads up to _PANEL_MAX_D wide,
-    keys a multiple of PANEL; from _PACK_MIN_KEYS keys on): against float64, the same whatever the workers, and as
-    the BLAS path to 1e-6."""
+    keys a multiple of PANEL; from _PACK_MIN_KEYS keys on), and P V panels.gemm_rows on heads of 40 and 64: against
+    float64, the same whatever the workers, and as the BLAS path to 1e-6."""
     from sdgen.kernels import mha, panels
 
     if not panels.AVAILABLE:
@@ -827,17 +828,19 @@ def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq, lk):
     assert len(calls) == n_calls and rel_err(ys[0], blas) < 1e-6
 
 
-@pytest.mark.parametrize("m, k", [(1, 3), (7, 40), (256, 1100)])
-def test_gemm_rows(rng, m, k):
-    """panels.gemm_rows (tiles of 4 rows and of 1; passes of _ROWS_CHUNK steps, the last one partial) on rows of A
-    that lie apart, from offsets, against float64 (and as close as BLAS on the long sum); nothing else written."""
+@pytest.mark.parametrize("m, k", [(1, 3), (7, 40), (15, 600), (256, 1100)])
+@pytest.mark.parametrize("n", [40, 64])
+def test_gemm_rows(rng, m, k, n):
+    """panels.gemm_rows (rows of 40: tiles of 4 rows and of 1; of 64: tiles of 6, 4, 2, 1 rows, each remainder;
+    passes of _ROWS_CHUNK steps, the last one partial) on rows of A that lie apart, from offsets, against float64
+    (and as close as BLAS on the long sum); nothing else written."""
     from sdgen.kernels import panels
 
-    n = panels.ROW_WIDTH
+    assert n in panels.ROW_WIDTHS
     a_full = rng.random((m + 1, k + 3), dtype=np.float32)
     b = rng.standard_normal((k + 2, n), dtype=np.float32)
     c = np.full((m, n + 6), 7.0, dtype=np.float32)
-    panels.gemm_rows(a_full.reshape(-1), k + 3 + 1, k + 3, m, k, b.reshape(-1), 2 * n, c.reshape(-1), 3, n + 6)
+    panels.gemm_rows(a_full.reshape(-1), k + 3 + 1, k + 3, m, k, b.reshape(-1), 2 * n, c.reshape(-1), 3, n + 6, n)
     a, bb = a_full[1:, 1:1 + k], b[2:]
     want = a.astype(np.float64) @ bb.astype(np.float64)
     assert rel_err(c[:, 3:3 + n], want) < max(TOL / 10, 2 * rel_err(a @ bb, want))

@@ -9,8 +9,8 @@ heads) GEMM S = Q K^T, a fused Numba pass over S (scale, mask, row max, exp, row
 O = P V written straight into the output; Q, K, V and O are read and written in place through strided views
 (except long keys split into heads, whose K^T and V are first copied contiguous per head: on CPUs with 32 vector
 registers, for heads up to 128 wide, K^T into panels for panels.gemm_panels' register tiles instead of BLAS (from
-1024 keys on; else from 2048), and on heads of 40 P V by panels.gemm_rows' too; 0.82 of PyTorch's SDPA time on SD
-1.5's 4096 tokens where BLAS gave 1.06-1.09, scripts/bench_kernels.py --only attention). Score rows are padded
+1024 keys on; else from 2048), and on heads of 40 and 64 P V by panels.gemm_rows' too; 0.82 of PyTorch's SDPA time
+on SD 1.5's 4096 tokens where BLAS gave 1.06-1.09, scripts/bench_kernels.py --only attention). Score rows are padded
 to a multiple of 8 columns, which the GEMMs skip: the exp loop then has no scalar tail. The probabilities are
 divided by their sums in the softmax pass when keys are fewer than a head is wide (cross-attention's 77 keys on
 160-wide heads), else the output rows after P V (d columns instead of Lk). Results are bit-identical whatever
@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit
 
 from . import _pool, panels
-from .panels import PANEL, ROW_WIDTH, flat, gemm_panels, gemm_rows
+from .panels import PANEL, ROW_WIDTHS, flat, gemm_panels, gemm_rows
 from ._math import _C2, _C3, _C4, _C5, _C6, _EXP_LO, _LN2_HI, _LN2_LO, _LOG2E, _P2, max32, sum64
 
 _NO_MASK = np.zeros((1, 1), dtype=np.float32)
@@ -146,12 +146,12 @@ def _scores_panels(qf, q_off, ldq, d, nq, g, kpf, kp_off, npan, sf, lds):
 
 
 @njit(nogil=True, cache=True)
-def _values_rows(sf, lds, nq, lk, g, vf, v_off, of, o_off, ldo):
-    """O = P V for a job's g heads of ROW_WIDTH (panels.gemm_rows): head gi's probabilities sf[gi nq lds + i lds
-    + j] (j < lk) times its values vf[v_off + gi lk ROW_WIDTH + j ROW_WIDTH + e] into of[o_off + gi ROW_WIDTH +
-    i ldo + e]."""
+def _values_rows(sf, lds, nq, lk, g, vf, v_off, of, o_off, ldo, d):
+    """O = P V for a job's g heads of d (one of panels.ROW_WIDTHS; panels.gemm_rows): head gi's probabilities
+    sf[gi nq lds + i lds + j] (j < lk) times its values vf[v_off + gi lk d + j d + e] into of[o_off + gi d + i ldo
+    + e]."""
     for gi in range(g):
-        gemm_rows(sf, gi * nq * lds, lds, nq, lk, vf, v_off + gi * lk * ROW_WIDTH, of, o_off + gi * ROW_WIDTH, ldo)
+        gemm_rows(sf, gi * nq * lds, lds, nq, lk, vf, v_off + gi * lk * d, of, o_off + gi * d, ldo, d)
 
 
 @njit(nogil=True, cache=True)
@@ -277,7 +277,7 @@ def attention(
     if packed:
         qf, ktf, vvf, outf = flat(q), kt.reshape(-1), vv.reshape(-1), out.reshape(-1)
         sq0, sq1 = q.strides[0] // 4, q.strides[1] // 4
-    rows_pv = packed and d == ROW_WIDTH  # and P V by panels.gemm_rows' register tiles (1.3-1.4x OpenBLAS's speed)
+    rows_pv = packed and d in ROW_WIDTHS  # and P V by panels.gemm_rows' register tiles (1.25-1.4x OpenBLAS's speed)
     # the probabilities are normalised before P V when that is the narrower of the two (keys fewer than d: the
     # 77 keys of cross-attention on 160-wide heads), else the output rows after it
     norm_p = lk < d
@@ -312,7 +312,7 @@ def attention(
                 _softmax_block(s2, lk, scale, mb, True, rowmax, False, inv, norm_p)
             if rows_pv:
                 _values_rows(sbuf, lkp, nq, lk, g, vvf, (bi * heads + h0) * lk * d, outf,
-                             (bi * lq + q0) * c + h0 * d, c)
+                             (bi * lq + q0) * c + h0 * d, c, d)
             else:
                 np.matmul(s[:, :, :lk], vv[bi, h0:h1], out=ov[bi, h0:h1, q0:q1])
             if not norm_p:

@@ -15,8 +15,9 @@ too: 50-75 GFLOP/s a core where the same tiles reach 70-100.
   64 and 80, and the same numbers as OpenBLAS's here: each sum in the same order, one fused multiply-add at a time.
 - gemm_strided (Winograd's V[p] U[p]): the same tiles reading B's rows where they lie (PANEL columns of each),
   in passes of _ROWS_CHUNK steps of the inner dimension whose sums are added.
-- gemm_rows (P V, heads of 40): B (V) as it is, rows of 40 floats; tiles of 4 rows x 5 vectors, in passes of 512
-  steps of the inner dimension whose sums are added, as BLAS adds its blocks. 93-115 GFLOP/s a core.
+- gemm_rows (P V, heads of 40 and 64): B (V) as it is, rows of 40 or 64 floats; tiles of 4 rows x 5 vectors (of 6
+  rows x 4 512-bit vectors for 64), in passes of 512 steps of the inner dimension whose sums are added, as BLAS
+  adds its blocks. 93-117 GFLOP/s a core.
 
 The tile is written in LLVM IR (a Numba intrinsic) since Numba has no vector type: the accumulators are vector
 registers for the whole run down the inner dimension, which no Numba loop over arrays becomes. It needs 32 vector
@@ -53,14 +54,14 @@ def _has_32_vector_registers() -> bool:
 AVAILABLE = _has_32_vector_registers()
 
 
-def _make_tile(rows: int, vectors: int = VECTORS):
-    """The intrinsic computing one tile of `rows` rows x `vectors` vectors of LANES columns (see tile's
-    docstring)."""
+def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES):
+    """The intrinsic computing one tile of `rows` rows x `vectors` vectors of `lanes` floats (LANES, or 16: 512-bit
+    vectors) (see tile's docstring)."""
 
     @intrinsic
     def tile(typingctx, c, c_off, ldc, a, a_off, lda, b, b_off, ldb, k, accumulate):
         """c[c_off + r ldc + j] (+)= sum_e a[a_off + r lda + e] b[b_off + e ldb + j] for r < rows,
-        j < vectors LANES, e < k: each sum from 0 in order of e by fused multiply-adds, then added to c's value if
+        j < vectors lanes, e < k: each sum from 0 in order of e by fused multiply-adds, then added to c's value if
         accumulate is non-zero, else stored (1-D C-contiguous float32 arrays; no bounds check)."""
         arrays = (c, a, b)
         if not all(isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 1 and t.layout == "C"
@@ -71,7 +72,7 @@ def _make_tile(rows: int, vectors: int = VECTORS):
 
         def codegen(context, builder, signature, args):
             cv, co, lc, av, ao, la, bv, bo, lb, kk, more = args
-            vec = ir.VectorType(ir.FloatType(), LANES)
+            vec = ir.VectorType(ir.FloatType(), lanes)
             vptr = vec.as_pointer()
             i64 = co.type
 
@@ -80,20 +81,20 @@ def _make_tile(rows: int, vectors: int = VECTORS):
 
             cp, ap, bp = data(0, cv), data(3, av), data(6, bv)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                                 f"llvm.fma.v{LANES}f32")
+                                                 f"llvm.fma.v{lanes}f32")
             def c_at(r, v):
                 row_c = builder.add(co, builder.mul(ir.Constant(i64, r), lc))
-                return builder.bitcast(builder.gep(cp, [builder.add(row_c, ir.Constant(i64, v * LANES))]), vptr)
+                return builder.bitcast(builder.gep(cp, [builder.add(row_c, ir.Constant(i64, v * lanes))]), vptr)
 
             acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(vectors)]
                    for _ in range(rows)]
             undef = ir.Constant(vec, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
             first = ir.Constant(ir.IntType(32), 0)
             with cgutils.for_range(builder, kk) as loop:
                 e = loop.index
                 row_b = builder.add(bo, builder.mul(e, lb))
-                bvec = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(row_b, ir.Constant(i64, v * LANES))]),
+                bvec = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(row_b, ir.Constant(i64, v * lanes))]),
                                                      vptr), align=4) for v in range(vectors)]
                 for r in range(rows):
                     at = builder.add(builder.add(ao, builder.mul(ir.Constant(i64, r), la)), e)
@@ -120,9 +121,13 @@ def _make_tile(rows: int, vectors: int = VECTORS):
 _TILE6, _TILE4, _TILE2, _TILE1 = (_make_tile(r) for r in (6, 4, 2, 1))
 # C = A B with B's rows 40 floats (5 vectors; attention's P V on SD 1.5's heads of 40): tiles of 4 rows (20
 # accumulators, with the row of B and the broadcast 26 registers) and of 1 row for the rest. 93-115 GFLOP/s a core
-# against OpenBLAS's 69-84 on 256 x 4096 x 40; heads of 64 and 80 (tiles of 2 rows) were no faster than OpenBLAS.
-ROW_WIDTH = 40
+# against OpenBLAS's 69-84 on 256 x 4096 x 40. Rows of 64 floats (SD 2.x's and SDXL's heads) in 512-bit vectors:
+# tiles of 6 rows x 4 vectors (24 accumulators, as the 256-bit tiles of 6 x 4 above), then 4, 2, 1 rows; 116-117
+# GFLOP/s a core against OpenBLAS's 91-94 on 256 x 4096 x 64 and 113 x 9216 x 64 (tiles of 3 rows x 8 256-bit
+# vectors: 80-90; of 2 rows: no faster than OpenBLAS).
+ROW_WIDTHS = (40, 64)
 _W40, _W40_1 = _make_tile(4, 5), _make_tile(1, 5)
+_W64_6, _W64_4, _W64_2, _W64_1 = (_make_tile(r, 4, 16) for r in (6, 4, 2, 1))
 _ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_rows, _gemm_tiles)
 
 
@@ -178,25 +183,37 @@ def gemm_strided(a, a_off, lda, m, k, b, b_off, ldb, n, c, c_off, ldc):
 
 
 @njit(nogil=True, cache=True)
-def gemm_rows(a, a_off, lda, m, k, b, b_off, c, c_off, ldc):
-    """c[c_off + i ldc + j] = sum_e a[a_off + i lda + e] b[b_off + e ROW_WIDTH + j] for i < m, j < ROW_WIDTH,
-    e < k: A (rows lda apart) times a contiguous k x ROW_WIDTH block of b, into c (rows ldc apart); flat float32
+def gemm_rows(a, a_off, lda, m, k, b, b_off, c, c_off, ldc, n):
+    """c[c_off + i ldc + j] = sum_e a[a_off + i lda + e] b[b_off + e n + j] for i < m, j < n, e < k, n one of
+    ROW_WIDTHS: A (rows lda apart) times a contiguous k x n block of b, into c (rows ldc apart); flat float32
     arrays. In passes of _ROWS_CHUNK steps of e over all the rows (that many rows of B stay in L2), each pass's
     sums (in order of e) added to the last's, as BLAS adds its blocks of the inner dimension (one run over
     thousands of terms was ~3x further from float64). Serial; releases the GIL."""
-    n = ROW_WIDTH
     for e0 in range(0, k, _ROWS_CHUNK):
         kk = min(_ROWS_CHUNK, k - e0)
         more = 1 if e0 > 0 else 0
         ao = a_off + e0
         bo = b_off + e0 * n
         i = 0
-        while i + 4 <= m:
-            _W40(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
-            i += 4
-        while i < m:
-            _W40_1(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
-            i += 1
+        if n == 40:
+            while i + 4 <= m:
+                _W40(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
+                i += 4
+            while i < m:
+                _W40_1(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
+                i += 1
+        else:
+            while i + 6 <= m:
+                _W64_6(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
+                i += 6
+            if i + 4 <= m:
+                _W64_4(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
+                i += 4
+            if i + 2 <= m:
+                _W64_2(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
+                i += 2
+            if i < m:
+                _W64_1(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
 
 
 def flat(a: np.ndarray) -> np.ndarray:
