@@ -807,7 +807,7 @@ def test_winograd_point_products(rng, monkeypatch, n):
                                       (80, 50, 1056)])
 def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq, lk):
     """Long keys copied per head go into panels and Q K^T takes panels.gemm_panels (heads up to _PANEL_MAX_D wide,
-    keys a multiple of PANEL; from _PACK_MIN_KEYS keys on), and P V panels.gemm_rows on heads of 40 and 64: against
+    keys a multiple of PANEL; from _PACK_MIN_KEYS keys on), and P V panels.gemm_rows on heads of 40, 64, 80: against
     float64, the same whatever the workers, and as the BLAS path to 1e-6."""
     from sdgen.kernels import mha, panels
 
@@ -829,9 +829,9 @@ def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq, lk):
 
 
 @pytest.mark.parametrize("m, k", [(1, 3), (7, 40), (15, 600), (256, 1100)])
-@pytest.mark.parametrize("n", [40, 64])
+@pytest.mark.parametrize("n", [40, 64, 80])
 def test_gemm_rows(rng, m, k, n):
-    """panels.gemm_rows (rows of 40: tiles of 4 rows and of 1; of 64: tiles of 6, 4, 2, 1 rows, each remainder;
+    """panels.gemm_rows (rows of 40 and 80: tiles of 4 rows and of 1; of 64: tiles of 6, 4, 2, 1 rows, each remainder;
     passes of _ROWS_CHUNK steps, the last one partial) on rows of A that lie apart, from offsets, against float64
     (and as close as BLAS on the long sum); nothing else written."""
     from sdgen.kernels import panels

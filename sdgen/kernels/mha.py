@@ -9,9 +9,9 @@ heads) GEMM S = Q K^T, a fused Numba pass over S (scale, mask, row max, exp, row
 O = P V written straight into the output; Q, K, V and O are read and written in place through strided views
 (except long keys split into heads, whose K^T and V are first copied contiguous per head: on CPUs with 32 vector
 registers, for heads up to 128 wide, K^T into panels for panels.gemm_panels' register tiles instead of BLAS (from
-1024 keys on; else from 2048), and on heads of 40 and 64 P V by panels.gemm_rows' too; 0.82 of PyTorch's SDPA time
-on SD 1.5's 4096 tokens where BLAS gave 1.06-1.09, scripts/bench_kernels.py --only attention). Score rows are padded
-to a multiple of 8 columns, which the GEMMs skip: the exp loop then has no scalar tail. The probabilities are
+1024 keys on; else from 2048), and on heads of 40, 64 and 80 P V by panels.gemm_rows' too; 0.82 of PyTorch's SDPA
+time on SD 1.5's 4096 tokens where BLAS gave 1.06-1.09, scripts/bench_kernels.py --only attention). Score rows are
+padded to a multiple of 8 columns, which the GEMMs skip: the exp loop then has no scalar tail. The probabilities are
 divided by their sums in the softmax pass when keys are fewer than a head is wide (cross-attention's 77 keys on
 160-wide heads), else the output rows after P V (d columns instead of Lk). Results are bit-identical whatever
 the number of workers.

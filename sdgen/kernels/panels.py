@@ -15,9 +15,9 @@ too: 50-75 GFLOP/s a core where the same tiles reach 70-100.
   64 and 80, and the same numbers as OpenBLAS's here: each sum in the same order, one fused multiply-add at a time.
 - gemm_strided (Winograd's V[p] U[p]): the same tiles reading B's rows where they lie (PANEL columns of each),
   in passes of _ROWS_CHUNK steps of the inner dimension whose sums are added.
-- gemm_rows (P V, heads of 40 and 64): B (V) as it is, rows of 40 or 64 floats; tiles of 4 rows x 5 vectors (of 6
-  rows x 4 512-bit vectors for 64), in passes of 512 steps of the inner dimension whose sums are added, as BLAS
-  adds its blocks. 93-117 GFLOP/s a core.
+- gemm_rows (P V, heads of 40, 64 and 80): B (V) as it is, rows of 40, 64 or 80 floats; tiles of 4 rows x 5
+  vectors (of 6 rows x 4 512-bit vectors for 64, of 4 x 5 for 80), in passes of 512 steps of the inner dimension
+  whose sums are added, as BLAS adds its blocks. 93-117 GFLOP/s a core.
 
 The tile is written in LLVM IR (a Numba intrinsic) since Numba has no vector type: the accumulators are vector
 registers for the whole run down the inner dimension, which no Numba loop over arrays becomes. It needs 32 vector
@@ -124,10 +124,12 @@ _TILE6, _TILE4, _TILE2, _TILE1 = (_make_tile(r) for r in (6, 4, 2, 1))
 # against OpenBLAS's 69-84 on 256 x 4096 x 40. Rows of 64 floats (SD 2.x's and SDXL's heads) in 512-bit vectors:
 # tiles of 6 rows x 4 vectors (24 accumulators, as the 256-bit tiles of 6 x 4 above), then 4, 2, 1 rows; 116-117
 # GFLOP/s a core against OpenBLAS's 91-94 on 256 x 4096 x 64 and 113 x 9216 x 64 (tiles of 3 rows x 8 256-bit
-# vectors: 80-90; of 2 rows: no faster than OpenBLAS).
-ROW_WIDTHS = (40, 64)
+# vectors: 80-90; of 2 rows: no faster than OpenBLAS). Rows of 80 (SD 1.5's heads over 32x32): tiles of 4 rows x 5
+# 512-bit vectors, then 1 row: 117 GFLOP/s a core against OpenBLAS's 99-100 on 256 x 1024 x 80 and 256 x 4096 x 80.
+ROW_WIDTHS = (40, 64, 80)
 _W40, _W40_1 = _make_tile(4, 5), _make_tile(1, 5)
 _W64_6, _W64_4, _W64_2, _W64_1 = (_make_tile(r, 4, 16) for r in (6, 4, 2, 1))
+_W80, _W80_1 = _make_tile(4, 5, 16), _make_tile(1, 5, 16)
 _ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_rows, _gemm_tiles)
 
 
@@ -201,6 +203,13 @@ def gemm_rows(a, a_off, lda, m, k, b, b_off, c, c_off, ldc, n):
                 i += 4
             while i < m:
                 _W40_1(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
+                i += 1
+        elif n == 80:
+            while i + 4 <= m:
+                _W80(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
+                i += 4
+            while i < m:
+                _W80_1(c, c_off + i * ldc, ldc, a, ao + i * lda, lda, b, bo, n, kk, more)
                 i += 1
         else:
             while i + 6 <= m:
