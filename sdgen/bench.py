@@ -41,7 +41,8 @@ class BenchResult:
     vae_tiling: bool = False
     attention_slicing: str | None = None
     conv_filters: str = "make"
-    linear_panels: bool = False  # the UNet's float32 linear layers ran from panels (--linear-panels; auto: 10+ steps)
+    linear_panels: bool = False  # the UNet's linear layers were to run from panels (--linear-panels; auto: 10+
+    # steps); only float32 weights are packed (weights held at half precision keep OpenBLAS whatever this says)
     estimate_mb: float = 0.0    # sdgen.memory's estimate of the peak, for comparison with peak_rss_mb
     stages: str = "txt2img"     # "txt2img", or "decode" (VAE decode of random latents only)
 

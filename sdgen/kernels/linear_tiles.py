@@ -67,9 +67,9 @@ def products(a, m, k, wp, n, c, g0, g1, w, pack, r_lo, r_hi):
     float32 arrays, a (m, k), c (m, n). pack: first make those panels from w (flat (n, k)), each chunk right before
     its use (then r_lo must be 0). Rows in blocks of ROW_BLOCK; per block, chunk by chunk of the inner steps
     (equal chunks of at most KC), panel by panel. Serial; releases the GIL."""
+    step = -(-k // -(-k // KC))  # the inner dimension in equal chunks of at most KC
     for r0 in range(r_lo, max(r_hi, r_lo + 1), ROW_BLOCK):  # (no rows: the packing only)
         mr = min(ROW_BLOCK, r_hi - r0)
-        step = -(-k // -(-k // KC))  # the inner dimension in equal chunks of at most KC
         for e0 in range(0, k, step):
             kk = min(step, k - e0)
             more = 1 if e0 > 0 else 0
