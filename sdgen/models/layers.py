@@ -91,7 +91,7 @@ def conv_filters() -> str:
 # stays packed.
 LINEAR_PANELS = ("auto", "on", "off")
 AUTO_PANEL_FORWARDS = 10
-_LINEAR = {"mode": "auto", "loop": False}
+_LINEAR = {"mode": "auto", "forwards": 0}  # forwards: of the denoising loop being run (0: outside any)
 
 
 def set_linear_panels(value: "str | bool | None") -> None:
@@ -111,23 +111,19 @@ def linear_panels() -> str:
 def denoising_forward(forwards: int):
     """Around each UNet forward of a denoising loop of `forwards` forwards: under "auto", its linear layers are
     packed in panels (at the first such forward) when the loop is long enough to repay it."""
-    before = _LINEAR["loop"]
-    _LINEAR["loop"] = forwards >= AUTO_PANEL_FORWARDS
+    before = _LINEAR["forwards"]
+    _LINEAR["forwards"] = forwards
     try:
         yield
     finally:
-        _LINEAR["loop"] = before
+        _LINEAR["forwards"] = before
 
 
 def packs_linear(forwards: int) -> bool:
-    """Whether a denoising loop of `forwards` UNet forwards runs the UNet's float32 linear layers from panels."""
+    """Whether a layer called in a denoising loop of `forwards` UNet forwards (0: outside any) packs its float32
+    weights in panels."""
     mode = _LINEAR["mode"]
     return mode == "on" or (mode == "auto" and forwards >= AUTO_PANEL_FORWARDS)
-
-
-def _packing() -> bool:
-    mode = _LINEAR["mode"]
-    return mode == "on" or (mode == "auto" and _LINEAR["loop"])
 
 
 _STORAGE = {"dtype": None}  # the storage dtype of Params made without one (weights_dtype)
@@ -322,7 +318,7 @@ class Linear:
         into out if given (kernels.linear)."""
         if self.panels is not None:
             return linear_tiles.linear(x, self.panels, self.bias, residual, out)
-        if _packing() and linear_tiles.packable(self.weight):
+        if packs_linear(_LINEAR["forwards"]) and linear_tiles.packable(self.weight):
             panels = linear_tiles.empty_panels(*self.weight.shape)
             y = linear_tiles.linear(x, panels, self.bias, residual, out, weight=self.weight)
             self.panels, self.weight = panels, None  # the panels are W now (a memory-mapped source may drop it)
