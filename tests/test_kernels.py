@@ -188,6 +188,46 @@ def test_winograd_filters_made_from_stored_weights(rng, m, dtype):
     assert rel_err(y, R.conv2d(*f64(x, full, b), stride=1, padding=1)) < TOL
 
 
+@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
+def test_winograd_filters_in_panels(rng, monkeypatch, m, dtype):
+    """Filters made in panels of PANEL output columns (winograd.filter_buffer: each point's panels contiguous, the
+    points further apart) are filter_transform's bit for bit, whole (Cout 100 -> 128: the last panel partly
+    padding, zero) or from a group's first column on; the products and the convolution from them are those from
+    filters as rows, bit for bit with the register tiles, whatever the workers, and within rounding by BLAS."""
+    from sdgen.kernels.weights import hwio, release_scratch, to_storage, widen
+
+    a2, P = (m + 2) ** 2, panels.PANEL
+    wt = (rng.standard_normal((100, 70, 3, 3)) / math.sqrt(9 * 70)).astype(np.float32)
+    stored = to_storage(wt, dtype)
+    kept = winograd.filter_transform(widen(stored), m)  # rows: (alpha^2, 128, 128)
+    as_rows = lambda u: u.transpose(0, 2, 1, 3).reshape(a2, u.shape[2], -1)  # noqa: E731
+    monkeypatch.setattr(winograd, "packs_filters", lambda cols: cols % P == 0)  # panels whatever the CPU
+    u = winograd.filter_buffer(a2, 128, 128)
+    assert u.shape == (a2, 128 // P, 128, P) and not u.flags.c_contiguous  # points POINT_GAP apart
+    u[...] = np.nan
+    winograd.FilterSource(hwio(stored), m).fill(u, 0, 128)
+    assert np.array_equal(as_rows(u), kept)
+    group = winograd.filter_buffer(a2, 128, 64, slot="test-group")  # not u's shared "winograd" buffer
+    group[...] = np.nan
+    winograd.FilterSource(hwio(stored), m).fill(group, 64, 128)
+    assert np.array_equal(as_rows(group), kept[:, :, 64:])
+    v = rng.standard_normal((a2, 40, 128), dtype=np.float32)
+    x = rng.standard_normal((2, 13, 11, 70), dtype=np.float32)
+    b = rng.standard_normal(100, dtype=np.float32)
+    for available in (panels.AVAILABLE, False):
+        monkeypatch.setattr(panels, "AVAILABLE", available)
+        mm, want = (np.zeros((a2, 40, 128), dtype=np.float32) for _ in range(2))
+        winograd.point_products(v[:, :37], u, mm[:, :37])
+        winograd.point_products(v[:, :37], kept, want[:, :37])
+        assert np.array_equal(mm, want) if available else rel_err(mm, want) < 1e-6
+        for nworkers, block in ((1, None), (2, None), (3, None), (2, 5)):
+            y = winograd.winograd_conv(x, u, m, 1, b, 100, block_tiles=block, nworkers=nworkers)
+            ref = winograd.winograd_conv(x, kept, m, 1, b, 100, block_tiles=block, nworkers=nworkers)
+            assert np.array_equal(y, ref) if available else rel_err(y, ref) < 1e-6
+    release_scratch()  # the test's own slot
+
+
 def test_variant_choice_without_cache(rng):
     """A plan without cache takes F(4,3) whatever the filters' size, F(2,3) with few F(4,3) tiles, and im2col on
     small maps unless its weights are stored in blocks (which make no (9 Cin, Cout) matrix)."""
@@ -766,20 +806,28 @@ def test_gemm_panels(rng, m, k, n):
 
 
 @pytest.mark.parametrize("m, k, n", [(1, 40, 32), (13, 600, 64), (32, 1300, 96), (7, 512, 32)])
-def test_gemm_strided(rng, m, k, n):
-    """panels.gemm_strided: B's rows where they lie (ldb > n, from an offset), the inner dimension in passes of
-    _ROWS_CHUNK (k 600, 1300: partial passes), rows of A apart, into a block of C at an offset; against float64,
-    nothing outside the block written."""
+def test_gemm_tiles(rng, m, k, n):
+    """panels.gemm_tiles: B's rows where they lie (ldb > n, from an offset), or B in panels further apart than
+    their k x PANEL floats; the inner dimension in passes of _ROWS_CHUNK (k 600, 1300: partial passes), rows of A
+    apart, into a block of C at an offset; against float64, nothing outside the block written, and the two
+    layouts of B the same numbers."""
     from sdgen.kernels import panels
 
+    P = panels.PANEL
     a_full = rng.standard_normal((m + 2, k + 5), dtype=np.float32)
     b = rng.standard_normal((k + 1, n + 40), dtype=np.float32)
-    c = np.full((m + 1, n + 8), 7.0, dtype=np.float32)
-    panels.gemm_strided(a_full.reshape(-1), (k + 5) + 2, k + 5, m, k, b.reshape(-1), (n + 40) + 8, n + 40, n,
-                        c.reshape(-1), (n + 8) + 4, n + 8)  # A = a_full[1:, 2:2 + k], B = b[1:, 8:8 + n]
+    bp = np.zeros((n // P, k * P + 24), dtype=np.float32)  # panel j: B[:, j P:(j + 1) P], rows of P, 24 floats apart
+    bp[:, :k * P] = b[1:, 8:8 + n].reshape(k, n // P, P).transpose(1, 0, 2).reshape(n // P, k * P)
     want = a_full[1:m + 1, 2:2 + k].astype(np.float64) @ b[1:, 8:8 + n].astype(np.float64)
-    assert rel_err(c[1:, 4:4 + n], want) < TOL
-    assert (c[0] == 7).all() and (c[:, :4] == 7).all() and (c[:, 4 + n:] == 7).all()
+    cs = []
+    for bf, b_off, panel_step, ldb in ((b, (n + 40) + 8, P, n + 40), (bp, 0, k * P + 24, P)):
+        c = np.full((m + 1, n + 8), 7.0, dtype=np.float32)
+        panels.gemm_tiles(a_full.reshape(-1), (k + 5) + 2, k + 5, m, k, bf.reshape(-1), b_off, panel_step, ldb,
+                          n // P, c.reshape(-1), (n + 8) + 4, n + 8)  # A = a_full[1:, 2:2 + k], into c[1:, 4:4 + n]
+        assert rel_err(c[1:, 4:4 + n], want) < TOL
+        assert (c[0] == 7).all() and (c[:, :4] == 7).all() and (c[:, 4 + n:] == 7).all()
+        cs.append(c)
+    assert np.array_equal(cs[0], cs[1])
 
 
 @pytest.mark.parametrize("n", [64, 40])

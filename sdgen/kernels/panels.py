@@ -7,14 +7,16 @@ product only 40 columns wide) at 69-84. Here a register tile of R rows x V vecto
 dimension, with R V accumulators held in vector registers throughout: at each step V vector loads of a row of B,
 R broadcasts of A's elements and R V fused multiply-adds. The Winograd products (winograd.point_products) have the
 opposite shape, a long inner dimension (1280 channels) and few rows (32 tiles), and OpenBLAS's packing weighs there
-too: 50-75 GFLOP/s a core where the same tiles reach 70-100.
+too: 50-75 GFLOP/s a core where the same tiles reach 90-110.
 
 - gemm_panels (Q K^T): B (K^T) packed once, (n / 32, k, 32): panel p holds columns 32 p .. 32 p + 31 of every row
   of B, contiguous; tiles of up to 6 rows x 4 vectors (24 accumulators). The panel (k x 128 bytes) stays in L1
   while the tiles of all the rows of A pass over it. 109-113 GFLOP/s a core for 256 x 4096 scores on heads of 40,
   64 and 80, and the same numbers as OpenBLAS's here: each sum in the same order, one fused multiply-add at a time.
-- gemm_strided (Winograd's V[p] U[p]): the same tiles reading B's rows where they lie (PANEL columns of each),
-  in passes of _ROWS_CHUNK steps of the inner dimension whose sums are added.
+- gemm_tiles (Winograd's V[p] U[p]): the same tiles, B's panels further apart (the filters made in panels,
+  winograd.filter_buffer) or B's rows read where they lie (PANEL columns of each: 20-30% slower where those rows
+  are 320-640 floats apart, as the Winograd filters of SD's 64x64 maps), in passes of _ROWS_CHUNK steps of the
+  inner dimension whose sums are added.
 - gemm_rows (P V, heads of 40, 64 and 80): B (V) as it is, rows of 40, 64 or 80 floats; tiles of 4 rows x 5
   vectors (of 6 rows x 4 512-bit vectors for 64, of 4 x 5 for 80), in passes of 512 steps of the inner dimension
   whose sums are added, as BLAS adds its blocks. 93-117 GFLOP/s a core.
@@ -130,7 +132,7 @@ ROW_WIDTHS = (40, 64, 80)
 _W40, _W40_1 = _make_tile(4, 5), _make_tile(1, 5)
 _W64_6, _W64_4, _W64_2, _W64_1 = (_make_tile(r, 4, 16) for r in (6, 4, 2, 1))
 _W80, _W80_1 = _make_tile(4, 5, 16), _make_tile(1, 5, 16)
-_ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_rows, _gemm_tiles)
+_ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_rows, gemm_tiles)
 
 
 @njit(nogil=True, cache=True)
@@ -152,11 +154,13 @@ def tile_rows(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more):
 
 
 @njit(nogil=True, cache=True)
-def _gemm_tiles(a, a_off, lda, m, k, b, b_off, panel_step, ldb, panels, c, c_off, ldc):
+def gemm_tiles(a, a_off, lda, m, k, b, b_off, panel_step, ldb, panels, c, c_off, ldc):
     """c[c_off + i ldc + p PANEL + t] = sum_e a[a_off + i lda + e] b[b_off + p panel_step + e ldb + t] for i < m,
     p < panels, t < PANEL, e < k: panel by panel of B, the rows of A in tiles of 6 (then 4, 2, 1), each tile in
     passes of _ROWS_CHUNK steps of e whose sums (in order of e) are added, as BLAS adds its blocks of the inner
-    dimension."""
+    dimension. B's panels packed (ldb = PANEL: each panel's rows contiguous, as mha._pack_keys and the Winograd
+    filters of winograd.filter_buffer lay them out) or B as it is (panel_step = PANEL, rows ldb apart). Serial;
+    releases the GIL."""
     for p in range(panels):
         bo = b_off + p * panel_step
         co = c_off + p * PANEL
@@ -172,16 +176,7 @@ def gemm_panels(a, a_off, lda, m, k, bp, b_off, panels, c, c_off, ldc):
     matrix of a (rows lda apart) times B given as `panels` packed panels from b_off on (bp[b_off + (p k + e) PANEL
     + t] = B[e, p PANEL + t]: mha._pack_keys' layout) into an m x (panels PANEL) block of c (rows ldc apart); a, bp
     and c flat float32 arrays. Panel by panel, the rows in tiles of 6 (then 4, 2, 1). Serial; releases the GIL."""
-    _gemm_tiles(a, a_off, lda, m, k, bp, b_off, k * PANEL, PANEL, panels, c, c_off, ldc)
-
-
-@njit(nogil=True, cache=True)
-def gemm_strided(a, a_off, lda, m, k, b, b_off, ldb, n, c, c_off, ldc):
-    """gemm_panels with B as it is: c[c_off + i ldc + j] = sum_e a[a_off + i lda + e] b[b_off + e ldb + j] for
-    i < m, j < n, e < k, n a multiple of PANEL (each tile reads PANEL columns of B's rows, ldb apart). For products
-    with few rows (the Winograd products of small maps: 32 tiles x 1280 channels), where OpenBLAS's packing of
-    both operands at every call weighs on few multiply-adds per element. Serial; releases the GIL."""
-    _gemm_tiles(a, a_off, lda, m, k, b, b_off, PANEL, ldb, n // PANEL, c, c_off, ldc)
+    gemm_tiles(a, a_off, lda, m, k, bp, b_off, k * PANEL, PANEL, panels, c, c_off, ldc)
 
 
 @njit(nogil=True, cache=True)

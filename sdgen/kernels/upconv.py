@@ -28,8 +28,8 @@ import numpy as np
 from numba import njit
 
 from . import _pool
-from .winograd import (_NO_RES, STREAM_FILTER_BYTES, _Buffers, channel_block, input_transform, output_transform,
-                       padded_channels, point_products, tile_block)
+from .winograd import (_NO_RES, STREAM_FILTER_BYTES, _Buffers, channel_block, filter_buffer, filter_shape,
+                       input_transform, output_transform, padded_channels, point_products, put_columns, tile_block)
 
 # F(4,2): B^T (5 x 5), G (5 x 2), A^T (4 x 5), float64, for tests; winograd.py's tile transforms write B^T and A^T
 # out (its input_transform and output_transform run F(4,2) on 25 slabs), _g52 below writes G out.
@@ -160,8 +160,6 @@ def upsample_conv3x3(x: np.ndarray, weight_blocks, cout: int, bias: np.ndarray, 
     the phase's filters (a channel block each at a time), then take blocks of tiles one at a time: input transform,
     25 GEMMs, output transform into the phase's pixels. On small maps the blocks are made small enough that every
     worker gets one."""
-    from .weights import scratch
-
     n, h, w, cin = x.shape
     nw = _pool.workers() if nworkers is None else max(1, nworkers)
     cbo = channel_block(cout)
@@ -174,14 +172,14 @@ def upsample_conv3x3(x: np.ndarray, weight_blocks, cout: int, bias: np.ndarray, 
     for g0 in range(0, coutp, group):
         gp = min(group, coutp - g0)  # a whole number of channel blocks
         blocks = weight_blocks(g0, min(cout, g0 + gp), cbo)  # (gp / cbo, 3, 3, Cin, cbo)
-        u = scratch("winograd", A2 * cinp * gp).reshape(A2, cinp, gp)
+        u = filter_buffer(A2, cinp, gp)  # in panels where the register tiles multiply
         for ph in range(4):
 
             def fill(i: int) -> None:
                 tmp = np.empty((A2, cinp, cbo), dtype=np.float32)
                 for j in range(i, len(blocks), nw):
                     make_filters(blocks[j], ph // 2, ph % 2, tmp)
-                    u[..., j * cbo:(j + 1) * cbo] = tmp
+                    put_columns(u, j * cbo, tmp)
 
             _pool.run(fill, min(nw, len(blocks)))
             _products(x, u, out, ph // 2, ph % 2, g0, cbo, bias, th, tw, ntiles, nw)
@@ -189,10 +187,10 @@ def upsample_conv3x3(x: np.ndarray, weight_blocks, cout: int, bias: np.ndarray, 
 
 
 def _products(x, u, out, pa, pc, g0, cbo, bias, th, tw, ntiles, nw) -> None:
-    """Phase (pa, pc) of the output channels from g0 on (filters u: (25, Cin', gp), gp a multiple of the channel
-    block cbo), over blocks of tiles."""
+    """Phase (pa, pc) of the output channels from g0 on (filters u: (25, Cin', gp) as rows or in panels, gp a
+    multiple of the channel block cbo), over blocks of tiles."""
     cin = x.shape[3]
-    gp = u.shape[2]
+    gp = filter_shape(u)[2]
     cinp = padded_channels(cin)
     tb = max(8, tile_block(M, cinp, gp, ntiles, nworkers=nw) * 36 // A2)  # tile_block sizes F(4,3)'s 36 slabs
     per_worker = -(-ntiles // nw)

@@ -305,11 +305,16 @@ def _filters_u16(w, bf16, table, m, u, o_lo, o_hi, c_off):
 def fill_filters(w: np.ndarray, m: int, u: np.ndarray, o_lo: int, o_hi: int, c_off: int = 0,
                  parallel: bool = True) -> None:
     """Winograd F(m,3) filters of output channels [o_lo, o_hi) of 3x3 weights stored HWIO, (3, 3, Cin, Cout) --
-    float32, float16 or bfloat16 bits -- into u[:, :, o_lo - c_off : o_hi - c_off]; u is (alpha^2, Cin', cols)
-    float32, its rows from Cin on are zeroed there (winograd.filter_transform makes its filters with it too)."""
+    float32, float16 or bfloat16 bits -- into u's columns o_lo - c_off .. o_hi - c_off; u is (alpha^2, Cin', cols)
+    float32, or C-contiguous in panels of P columns, (alpha^2, cols / P, Cin', P) (winograd.filter_buffer; o_lo -
+    c_off on a panel's bound, the rest of the last panel zeroed); its rows from Cin on are zeroed there
+    (winograd.filter_transform makes its filters with it too)."""
     if m not in (2, 4, 6):
         raise ValueError(f"no Winograd F({m},3)")
     w = w.reshape(9, w.shape[2], w.shape[3])
+    if u.ndim == 4:
+        _fill_panels(w, m, u, o_lo, o_hi, c_off, parallel)
+        return
     if w.dtype == np.float32:
         kernel = lambda lo, hi: _filters_f32(w, m, u, lo, hi, c_off)  # noqa: E731
     else:
@@ -325,6 +330,78 @@ def fill_filters(w: np.ndarray, m: int, u: np.ndarray, o_lo: int, o_hi: int, c_o
         hi = o_hi if i == nw - 1 else o_lo + (n * (i + 1) // nw) // 16 * 16
         if hi > lo:
             kernel(lo, hi)
+
+    _pool.run(part, nw)
+
+
+@njit(nogil=True, cache=True)
+def _panel_taps_f32(w, o0, nb, p, g):
+    """g[kl, i p + t] = w[kl, i, o0 + t] for t < nb, 0 for t in [nb, p) and for the rows i from Cin to g's end: the
+    float32 taps (9, Cin, Cout) of one panel of p output channels, as the flat filter transform takes them."""
+    cin = w.shape[1]
+    for kl in range(9):
+        dst = g[kl]
+        for i in range(cin):
+            src = w[kl, i, o0:o0 + nb]
+            row = dst[i * p:(i + 1) * p]
+            for t in range(nb):
+                row[t] = src[t]
+            for t in range(nb, p):
+                row[t] = np.float32(0.0)
+        for e in range(cin * p, g.shape[1]):
+            dst[e] = np.float32(0.0)
+
+
+@njit(nogil=True, cache=True)
+def _panel_taps_u16(w, bf16, table, o0, nb, p, g):
+    """_panel_taps_f32 from float16 (bf16=False: their bits, widened through table) or bfloat16 bits."""
+    cin = w.shape[1]
+    gbits = g.view(np.uint32)
+    for kl in range(9):
+        dst = g[kl]
+        dbits = gbits[kl]
+        for i in range(cin):
+            src = w[kl, i, o0:o0 + nb]
+            if bf16:
+                row = dbits[i * p:(i + 1) * p]
+                for t in range(nb):
+                    row[t] = np.uint32(src[t]) << np.uint32(16)
+            else:
+                row = dst[i * p:(i + 1) * p]
+                for t in range(nb):
+                    row[t] = table[src[t]]
+            for t in range(nb, p):
+                dst[i * p + t] = np.float32(0.0)
+        for e in range(cin * p, g.shape[1]):
+            dst[e] = np.float32(0.0)
+
+
+def _fill_panels(w: np.ndarray, m: int, u: np.ndarray, o_lo: int, o_hi: int, c_off: int, parallel: bool) -> None:
+    """fill_filters into filters in panels, u (alpha^2, cols / P, Cin', P), each point's panels contiguous (points
+    may lie further apart: winograd.filter_buffer): panel by panel, its taps gathered (_panel_taps_*: Cin' x P of
+    each of the 9) and transformed by gvec.filters as one flat row per point, the panels shared out to the workers.
+    Made from the rows of taps in pieces of 32 channels (as fill_filters makes filters laid out as rows) they took
+    2.5-4x as long: a Numba array per slice of 32 floats."""
+    a2, npan, cinp, p = u.shape
+    L = cinp * p
+    if u.strides[1:] != (4 * L, 4 * p, 4) or u.strides[0] % 4 or (o_lo - c_off) % p or L % gvec.LANES:
+        raise ValueError(f"fill_filters: filters in panels {u.shape}, strides {u.strides}, from column {o_lo - c_off}")
+    uf, ldu = flat(u), u.strides[0] // 4
+    qs = list(range((o_lo - c_off) // p, -(-(o_hi - c_off) // p)))
+    nw = _pool.workers() if parallel and (o_hi - o_lo) * w.shape[1] >= 4096 else 1
+    nw = max(1, min(nw, len(qs)))
+    half = w.dtype != np.float32
+
+    def part(i: int) -> None:
+        g = np.empty((9, L), dtype=np.float32)
+        for q in qs[i::nw]:
+            o0 = c_off + q * p
+            nb = min(p, o_hi - o0)
+            if half:
+                _panel_taps_u16(w.view(np.uint16), w.dtype == np.uint16, F16_TABLE, o0, nb, p, g)
+            else:
+                _panel_taps_f32(w, o0, nb, p, g)
+            gvec.filters(g.reshape(-1), L, L, m, uf[q * L:], ldu, L, 0, m + 2)
 
     _pool.run(part, nw)
 
@@ -356,9 +433,9 @@ _FLAT_PIECE = 1024  # elements per piece of the flat filter transform (its tempo
 
 
 @njit(nogil=True, cache=True)
-def _filters_flat(g, m, u):
-    """u[p, e] = (G g G^T)[p] of the taps g[t, e] (t = 3 k + l) for e < g.shape[1], 0 for the rest of u's row:
-    flat (9, L) float32 taps, (alpha^2, >= L) filters."""
+def _filters_flat(g, m, u, off, width):
+    """u[p, off + e] = (G g G^T)[p] of the taps g[t, e] (t = 3 k + l) for e < g.shape[1], 0 for e up to width:
+    flat (9, L) float32 taps, (alpha^2, >= off + width) filters, width >= L."""
     a = m + 2
     n_all = g.shape[1]
     t3 = np.empty((a, 3, _FLAT_PIECE), dtype=np.float32)
@@ -374,30 +451,31 @@ def _filters_flat(g, m, u):
             else:
                 _g63(g[l, s:e], g[3 + l, s:e], g[6 + l, s:e], t3[0, l], t3[1, l], t3[2, l], t3[3, l], t3[4, l],
                      t3[5, l], t3[6, l], t3[7, l], n)
+        us, ue = off + s, off + e
         for r in range(a):
             p = r * a
             if m == 2:
-                _g23(t3[r, 0], t3[r, 1], t3[r, 2], u[p, s:e], u[p + 1, s:e], u[p + 2, s:e], u[p + 3, s:e], n)
+                _g23(t3[r, 0], t3[r, 1], t3[r, 2], u[p, us:ue], u[p + 1, us:ue], u[p + 2, us:ue], u[p + 3, us:ue], n)
             elif m == 4:
-                _g43(t3[r, 0], t3[r, 1], t3[r, 2], u[p, s:e], u[p + 1, s:e], u[p + 2, s:e], u[p + 3, s:e],
-                     u[p + 4, s:e], u[p + 5, s:e], n)
+                _g43(t3[r, 0], t3[r, 1], t3[r, 2], u[p, us:ue], u[p + 1, us:ue], u[p + 2, us:ue], u[p + 3, us:ue],
+                     u[p + 4, us:ue], u[p + 5, us:ue], n)
             else:
-                _g63(t3[r, 0], t3[r, 1], t3[r, 2], u[p, s:e], u[p + 1, s:e], u[p + 2, s:e], u[p + 3, s:e],
-                     u[p + 4, s:e], u[p + 5, s:e], u[p + 6, s:e], u[p + 7, s:e], n)
+                _g63(t3[r, 0], t3[r, 1], t3[r, 2], u[p, us:ue], u[p + 1, us:ue], u[p + 2, us:ue], u[p + 3, us:ue],
+                     u[p + 4, us:ue], u[p + 5, us:ue], u[p + 6, us:ue], u[p + 7, us:ue], n)
     for p in range(u.shape[0]):
-        for e in range(n_all, u.shape[1]):
+        for e in range(off + n_all, off + width):
             u[p, e] = np.float32(0.0)
 
 
 # Floats between the points' filters in filter_block_buffer: the rows of a block's filters are otherwise a multiple
 # of 4 KB apart (Cin' x 64 floats), all in one L1 set (gvec.py).
-_POINT_GAP = 16
+POINT_GAP = 16
 
 
 def filter_block_buffer(a2: int, cinp: int, ob: int) -> np.ndarray:
     """An (a2, cinp, ob) float32 array for fill_block_filters, each point's (cinp, ob) matrix contiguous and the
-    points _POINT_GAP floats further apart than that (winograd.point_products takes it as it is)."""
-    return np.empty((a2, cinp * ob + _POINT_GAP), dtype=np.float32)[:, :cinp * ob].reshape(a2, cinp, ob)
+    points POINT_GAP floats further apart than that (winograd.point_products takes it as it is)."""
+    return np.empty((a2, cinp * ob + POINT_GAP), dtype=np.float32)[:, :cinp * ob].reshape(a2, cinp, ob)
 
 
 def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarray | None = None,
@@ -420,10 +498,10 @@ def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarra
     if n % gvec.LANES == 0 and u.strides[2] == 4 and u.strides[1] == 4 * ob and u.strides[0] % 4 == 0:
         gvec.filters(block.reshape(-1), n, n, m, flat(u), u.strides[0] // 4, cinp * ob, r0, r1)
     elif rows is None:
-        _filters_flat(block.reshape(9, n), m, u.reshape(a2, -1))
+        _filters_flat(block.reshape(9, n), m, u.reshape(a2, -1), 0, u.shape[1] * u.shape[2])
     else:
         whole = np.empty(((m + 2) ** 2, cinp * ob), dtype=np.float32)
-        _filters_flat(block.reshape(9, n), m, whole)
+        _filters_flat(block.reshape(9, n), m, whole, 0, whole.shape[1])
         u[...] = whole[r0 * (m + 2):r1 * (m + 2)].reshape(u.shape)
 
 

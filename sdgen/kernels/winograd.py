@@ -7,7 +7,7 @@ A 3x3 convolution producing an m x m output tile is computed from an (m+2) x (m+
 summed over input channels. The element-wise stage, summed over channels, is one matrix product per transform point:
 with alpha = m + 2 there are alpha^2 independent GEMMs  M[p] = V[p] @ U[p],  V[p]: (tiles, Cin), U[p]: (Cin, Cout).
 U = G g G^T is computed once per weight (filter_transform); B^T d B (input transform) and A^T m A (output transform)
-run in Numba over tiles, the GEMMs by register tiles (point_products: panels.gemm_strided; BLAS on CPUs without
+run in Numba over tiles, the GEMMs by register tiles (point_products: panels.gemm_tiles; BLAS on CPUs without
 AVX-512VL). Tiles are processed in blocks so that the transformed buffers stay bounded (and mostly in cache) whatever
 the image size.
 
@@ -702,29 +702,106 @@ class _Buffers:
 
 
 @njit(nogil=True, cache=True)
-def _tile_products(v, v_step, ldv, rows, k, u, u_step, ldu, n, mm, m_step, ldm, a2):
-    """M[p][:rows, :n] = V[p][:rows, :k] @ U[p][:k, :n] for the alpha^2 points p by panels.gemm_strided's register
-    tiles (n a multiple of panels.PANEL); flat float32 arrays, point p's matrix from p *_step on, rows ld* apart."""
+def _tile_products(v, v_step, ldv, rows, k, u, u_step, panel_step, ldu, n, mm, m_step, ldm, a2):
+    """M[p][:rows, :n] = V[p][:rows, :k] @ U[p][:k, :n] for the alpha^2 points p by panels.gemm_tiles' register
+    tiles (n a multiple of panels.PANEL); flat float32 arrays, point p's matrices from p *_step on, rows ld* apart,
+    U's panels of PANEL columns panel_step apart (PANEL for U as rows of n columns, ldu = PANEL for packed panels)."""
     for p in range(a2):
-        panels.gemm_strided(v, p * v_step, ldv, rows, k, u, p * u_step, ldu, n, mm, p * m_step, ldm)
+        panels.gemm_tiles(v, p * v_step, ldv, rows, k, u, p * u_step, panel_step, ldu, n // panels.PANEL, mm,
+                          p * m_step, ldm)
+
+
+# The filters of a point, U[p] (Cin', Cout'), are laid out as rows of Cout' columns, (alpha^2, Cin', Cout'), or --
+# those made whole at each call (filter_buffer), where the register tiles multiply -- in panels of PANEL columns,
+# (alpha^2, Cout' / PANEL, Cin', PANEL): each panel's rows contiguous, so that the tiles read them as one stream
+# instead of PANEL columns of rows Cout' apart. One thread, Zen 4, V[p] U[p] on 128 tiles: 320 -> 320 channels
+# (F(6,3)) 77 -> 101 GFLOP/s, 640 -> 640 84 -> 107, 512 -> 512 79 -> 103 (throwaway script, best of 7). The
+# convolutions whose filters are made whole (2 threads, medians of 9 alternating calls, panels / rows): SD 1.5's
+# 64x64 maps 320 -> 320 0.87, 640 -> 320 0.80, 960 -> 320 0.76, 320 -> 640 at 32x32 0.74, the VAE's 512 at 64x64
+# 0.77, at 128x128 0.82, 256 at 256x256 0.83, 128 at 256x256 0.93; the upsamplers (upconv.py) 0.75-0.89; a guided
+# SD 1.5 UNet forward 0.97, a VAE decode 0.89. The same numbers. (The filters of a block of 64 output columns,
+# winograd_conv_blocks', are rows 64 floats apart, in cache: panels there were within 2-8% in the same test.)
+
+
+def packs_filters(cols: int) -> bool:
+    """Whether filters of `cols` output columns are made in panels (where the register tiles multiply them)."""
+    return panels.AVAILABLE and cols % panels.PANEL == 0
+
+
+def filter_shape(u: np.ndarray) -> tuple[int, int, int]:
+    """(alpha^2, Cin', Cout') of filters laid out as rows or in panels."""
+    if u.ndim == 4:
+        return u.shape[0], u.shape[2], u.shape[1] * u.shape[3]
+    return u.shape
+
+
+def filter_columns(u: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The filters of output columns [lo, hi) of u, as a view in u's layout (panels: lo and hi on panel bounds, or
+    hi the end)."""
+    if u.ndim == 4:
+        return u[:, lo // panels.PANEL:-(-hi // panels.PANEL)]
+    return u[:, :, lo:hi]
+
+
+def filter_buffer(a2: int, cinp: int, cols: int, slot: str = "winograd") -> np.ndarray:
+    """Scratch for the filters of `cols` output columns: in panels where packs_filters(cols) (see above), each
+    point's panels contiguous and the points POINT_GAP floats further apart than that (a multiple of 4 KB would put
+    every point's stores in one L1 set as they are made, weights.filter_block_buffer), else as rows
+    (weights.scratch: shared, overwritten by the next user of the slot)."""
+    from .weights import POINT_GAP, scratch
+
+    if not packs_filters(cols):
+        return scratch(slot, a2 * cinp * cols).reshape(a2, cinp, cols)
+    per_point = cinp * cols + POINT_GAP
+    u = scratch(slot, a2 * per_point).reshape(a2, per_point)[:, :cinp * cols]
+    return u.reshape(a2, cols // panels.PANEL, cinp, panels.PANEL)
+
+
+def put_columns(u: np.ndarray, lo: int, f: np.ndarray) -> None:
+    """u's filters of output columns [lo, lo + w) <- f (alpha^2, Cin', w), whichever u's layout (panels: lo and w
+    whole panels)."""
+    if u.ndim == 4:
+        a2, cinp, w = f.shape
+        filter_columns(u, lo, lo + w)[...] = f.reshape(a2, cinp, w // panels.PANEL, panels.PANEL).transpose(0, 2, 1, 3)
+    else:
+        u[:, :, lo:lo + f.shape[2]] = f
+
+
+def zero_columns(u: np.ndarray, lo: int) -> None:
+    """u's filters of output columns from lo on <- 0, whichever u's layout."""
+    if u.ndim == 4:
+        q, r = divmod(lo, panels.PANEL)
+        u[:, q, :, r:] = 0.0
+        u[:, q + 1:] = 0.0
+    else:
+        u[:, :, lo:] = 0.0
 
 
 def point_products(v: np.ndarray, u: np.ndarray, mm: np.ndarray) -> None:
-    """The element-wise stage, mm[p] = v[p] @ u[p] for every point p (3-D float32 views, rows contiguous): by
-    panels.gemm_strided's register tiles where the CPU has the registers for them and u's columns fill whole
-    panels, else by BLAS (numpy's batched matmul). OpenBLAS packs both operands at each of its alpha^2 calls, which
-    weighs most where the tiles are few; the register tiles read V and U where they lie. One thread, Zen 4, the
-    products of 64 output channels at a time: 32 tiles x 1280 -> 1280 channels (SD's 16x16 maps, F(4,3)) 40.8 ms
-    against OpenBLAS's 65.5, 128 tiles x 640 -> 640 (32x32) 38.7 against 52.8, 32 tiles x 2560 -> 1280 (8x8,
-    F(2,3)) 47.1 against 72.9; the 2-thread convolutions of those layers take 0.72-0.85 of their time before.
-    With whole or kept filters (U's rows 128-1280 floats apart) the two stay within 5% of each other (medians of
-    alternating calls in one process, 2 threads: 0.95-1.05 of BLAS's time)."""
+    """The element-wise stage, mm[p] = v[p] @ u[p] for every point p (3-D float32 views, rows contiguous; u as rows,
+    or in panels: 4-D, see above): by panels.gemm_tiles' register tiles where the CPU has the registers for them and
+    u's columns fill whole panels, else by BLAS (numpy's batched matmul). OpenBLAS packs both operands at each of
+    its alpha^2 calls, which weighs most where the tiles are few; the register tiles read V and U where they lie.
+    One thread, Zen 4, the products of 64 output channels at a time: 32 tiles x 1280 -> 1280 channels (SD's 16x16
+    maps, F(4,3)) 40.8 ms against OpenBLAS's 65.5, 128 tiles x 640 -> 640 (32x32) 38.7 against 52.8, 32 tiles x
+    2560 -> 1280 (8x8, F(2,3)) 47.1 against 72.9; the 2-thread convolutions of those layers take 0.72-0.85 of their
+    time before. With whole or kept filters as rows (U's rows 128-1280 floats apart) the two stay within 5% of each
+    other (medians of alternating calls in one process, 2 threads: 0.95-1.05 of BLAS's time); filters in panels
+    (filter_buffer) take the tiles 20-30% less time than as rows."""
     a2, rows, k = v.shape
-    n = u.shape[2]
-    if panels.AVAILABLE and n % panels.PANEL == 0 and rows and all(a.strides[2] == 4 for a in (v, u, mm)):
+    n = filter_shape(u)[2]
+    if u.ndim == 4:
+        ok = panels.AVAILABLE and u.strides[3] == 4 and u.strides[2] == 4 * panels.PANEL
+        panel_step, ldu = u.strides[1] // 4, panels.PANEL
+    else:
+        ok = panels.AVAILABLE and n % panels.PANEL == 0 and u.strides[2] == 4
+        panel_step, ldu = panels.PANEL, u.strides[1] // 4
+    if ok and rows and all(a.strides[2] == 4 for a in (v, mm)):
         _tile_products(panels.flat(v), v.strides[0] // 4, v.strides[1] // 4, rows, k, panels.flat(u),
-                       u.strides[0] // 4, u.strides[1] // 4, n, panels.flat(mm), mm.strides[0] // 4,
+                       u.strides[0] // 4, panel_step, ldu, n, panels.flat(mm), mm.strides[0] // 4,
                        mm.strides[1] // 4, a2)
+    elif u.ndim == 4:
+        np.matmul(v, u.transpose(0, 2, 1, 3).reshape(a2, k, n), out=mm)
     else:
         np.matmul(v, u, out=mm)
 
@@ -759,7 +836,7 @@ def winograd_conv(
     if isinstance(u, FilterSource):
         return winograd_conv_streamed(x, u, m, pad, bias, cout, residual, budget_bytes, block_tiles, nworkers)
     n, h, w, cin = x.shape
-    a2, cinp, coutp = u.shape
+    a2, cinp, coutp = filter_shape(u)
     assert a2 == (m + 2) ** 2 and cinp == padded_channels(cin) and coutp == padded_channels(cout), (x.shape, u.shape)
     th, tw = _tiles(h, w, m, pad)
     ntiles = n * th * tw
@@ -772,7 +849,7 @@ def winograd_conv(
     if nblocks < nw:  # one block: split the tiles for the input transform, then the output channels
 
         def product(buf: _Buffers, c_lo: int, c_hi: int) -> None:
-            point_products(buf.vmat[:, :ntiles], u[:, :, c_lo:c_hi], buf.mmat[:, :ntiles, c_lo:c_hi])
+            point_products(buf.vmat[:, :ntiles], filter_columns(u, c_lo, c_hi), buf.mmat[:, :ntiles, c_lo:c_hi])
 
         return _one_block(x, m, pad, bias, cout, residual, nw, product)
 
@@ -859,7 +936,7 @@ class FilterSource:
             return
         fill_filters(self.weight, self.m, u, c_lo, min(c_hi, self.cout), c_off=c_lo, parallel=parallel)
         if c_hi > self.cout:  # channel padding of the last block
-            u[:, :, self.cout - c_lo:] = 0.0
+            zero_columns(u, self.cout - c_lo)
 
     def _fill_from_blocks(self, u, c_lo, c_hi, parallel) -> None:
         """fill() from blocked weights: each block's filters made whole (one flat transform, in cache), then its
@@ -872,12 +949,12 @@ class FilterSource:
         nw = min(len(js), _pool.workers()) if parallel else 1
 
         def part(i: int) -> None:
-            tmp = filter_block_buffer(u.shape[0], u.shape[1], ob)
+            tmp = filter_block_buffer(*filter_shape(u)[:2], ob)
             taps = None if self.blocks.dtype == np.float32 else np.empty(9 * self.cin * ob, dtype=np.float32)
             for j in js[i::nw]:
                 fill_block_filters(self.blocks[j], self.m, tmp, taps)
                 lo, hi = max(c_lo, j * ob), min(c_hi, (j + 1) * ob)
-                u[:, :, lo - c_lo:hi - c_lo] = tmp[:, :, lo - j * ob:hi - j * ob]
+                put_columns(u, lo - c_lo, tmp[:, :, lo - j * ob:hi - j * ob])
 
         _pool.run(part, nw)
 
@@ -906,9 +983,8 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
     """winograd_conv with the filters made from the stored weights during the call: from weights stored in blocks
     of output channels, a block at a time where the filters outweigh the data (winograd_conv_blocks); else whole
     (by all workers, into the shared "winograd" scratch buffer), in groups of output channels whose filters take
-    at most whole_filter_bytes(m). The numbers are those of winograd_conv with filter_transform's filters."""
-    from .weights import scratch
-
+    at most whole_filter_bytes(m), laid out in panels (filter_buffer). The numbers are those of winograd_conv with
+    filter_transform's filters."""
     n, h, w, cin = x.shape
     a2 = (m + 2) ** 2
     cinp, coutp = padded_channels(cin), padded_channels(cout)
@@ -920,17 +996,16 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
         return winograd_conv_blocks(x, src, m, pad, bias, cout, residual, nworkers)
     limit = whole_filter_bytes(m)
     if a2 * cinp * coutp * 4 <= limit:
-        u = scratch("winograd", a2 * cinp * coutp).reshape(a2, cinp, coutp)
+        u = filter_buffer(a2, cinp, coutp)
         src.fill(u, 0, coutp)
         return winograd_conv(x, u, m, pad, bias, cout, residual, budget_bytes, block_tiles, nworkers)
-    per_channel = a2 * cinp * 4
     ngroups = -(-a2 * cinp * coutp * 4 // limit)
     group = -(-(-(-cout // ngroups)) // 64) * 64  # near-equal groups, whole channel blocks
     out = np.empty((n, h + 2 * pad - 2, w + 2 * pad - 2, cout), dtype=np.float32)
     for c0 in range(0, cout, group):
         c1 = min(cout, c0 + group)
         gp = padded_channels(c1 - c0)
-        u = scratch("winograd", per_channel * gp // 4).reshape(a2, cinp, gp)
+        u = filter_buffer(a2, cinp, gp)
         src.fill(u, c0, c0 + gp)
         res = None if residual is None else np.ascontiguousarray(residual[..., c0:c1])
         out[..., c0:c1] = winograd_conv(x, u, m, pad, np.ascontiguousarray(bias[c0:c1]), c1 - c0, res,
