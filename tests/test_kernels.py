@@ -193,9 +193,10 @@ def test_winograd_filters_made_from_stored_weights(rng, m, dtype):
 def test_winograd_filters_in_panels(rng, monkeypatch, m, dtype):
     """Filters made in panels of PANEL output columns (winograd.filter_buffer: each point's panels contiguous, the
     points further apart) are filter_transform's bit for bit, whole (Cout 100 -> 128: the last panel partly
-    padding, zero) or from a group's first column on; the products and the convolution from them are those from
-    filters as rows, bit for bit with the register tiles, whatever the workers, and within rounding by BLAS."""
-    from sdgen.kernels.weights import hwio, release_scratch, to_storage, widen
+    padding, zero; from HWIO weights or from blocks of output channels) or from a group's first column on; the
+    products and the convolution from them are those from filters as rows, bit for bit with the register tiles,
+    whatever the workers, and within rounding by BLAS."""
+    from sdgen.kernels.weights import hwio, oihw_blocks, release_scratch, to_storage, widen
 
     a2, P = (m + 2) ** 2, panels.PANEL
     wt = (rng.standard_normal((100, 70, 3, 3)) / math.sqrt(9 * 70)).astype(np.float32)
@@ -205,9 +206,10 @@ def test_winograd_filters_in_panels(rng, monkeypatch, m, dtype):
     monkeypatch.setattr(winograd, "packs_filters", lambda cols: cols % P == 0)  # panels whatever the CPU
     u = winograd.filter_buffer(a2, 128, 128)
     assert u.shape == (a2, 128 // P, 128, P) and not u.flags.c_contiguous  # points POINT_GAP apart
-    u[...] = np.nan
-    winograd.FilterSource(hwio(stored), m).fill(u, 0, 128)
-    assert np.array_equal(as_rows(u), kept)
+    for src in (winograd.FilterSource(hwio(stored), m), winograd.FilterSource(None, m, oihw_blocks(stored, 64), 100)):
+        u[...] = np.nan
+        src.fill(u, 0, 128)  # from HWIO weights panel by panel, or from blocks of 64 output channels
+        assert np.array_equal(as_rows(u), kept)
     group = winograd.filter_buffer(a2, 128, 64, slot="test-group")  # not u's shared "winograd" buffer
     group[...] = np.nan
     winograd.FilterSource(hwio(stored), m).fill(group, 64, 128)
