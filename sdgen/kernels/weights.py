@@ -306,9 +306,9 @@ def fill_filters(w: np.ndarray, m: int, u: np.ndarray, o_lo: int, o_hi: int, c_o
                  parallel: bool = True) -> None:
     """Winograd F(m,3) filters of output channels [o_lo, o_hi) of 3x3 weights stored HWIO, (3, 3, Cin, Cout) --
     float32, float16 or bfloat16 bits -- into u's columns o_lo - c_off .. o_hi - c_off; u is (alpha^2, Cin', cols)
-    float32, or C-contiguous in panels of P columns, (alpha^2, cols / P, Cin', P) (winograd.filter_buffer; o_lo -
-    c_off on a panel's bound, the rest of the last panel zeroed); its rows from Cin on are zeroed there
-    (winograd.filter_transform makes its filters with it too)."""
+    float32, or in panels of P columns, (alpha^2, cols / P, Cin', P), each point's panels contiguous
+    (winograd.filter_buffer; o_lo - c_off on a panel's bound, the rest of the last panel zeroed); its rows from Cin
+    on are zeroed there (winograd.filter_transform makes its filters with it too)."""
     if m not in (2, 4, 6):
         raise ValueError(f"no Winograd F({m},3)")
     w = w.reshape(9, w.shape[2], w.shape[3])
@@ -433,9 +433,9 @@ _FLAT_PIECE = 1024  # elements per piece of the flat filter transform (its tempo
 
 
 @njit(nogil=True, cache=True)
-def _filters_flat(g, m, u, off, width):
-    """u[p, off + e] = (G g G^T)[p] of the taps g[t, e] (t = 3 k + l) for e < g.shape[1], 0 for e up to width:
-    flat (9, L) float32 taps, (alpha^2, >= off + width) filters, width >= L."""
+def _filters_flat(g, m, u):
+    """u[p, e] = (G g G^T)[p] of the taps g[t, e] (t = 3 k + l) for e < g.shape[1], 0 for the rest of u's row:
+    flat (9, L) float32 taps, (alpha^2, >= L) filters."""
     a = m + 2
     n_all = g.shape[1]
     t3 = np.empty((a, 3, _FLAT_PIECE), dtype=np.float32)
@@ -451,19 +451,18 @@ def _filters_flat(g, m, u, off, width):
             else:
                 _g63(g[l, s:e], g[3 + l, s:e], g[6 + l, s:e], t3[0, l], t3[1, l], t3[2, l], t3[3, l], t3[4, l],
                      t3[5, l], t3[6, l], t3[7, l], n)
-        us, ue = off + s, off + e
         for r in range(a):
             p = r * a
             if m == 2:
-                _g23(t3[r, 0], t3[r, 1], t3[r, 2], u[p, us:ue], u[p + 1, us:ue], u[p + 2, us:ue], u[p + 3, us:ue], n)
+                _g23(t3[r, 0], t3[r, 1], t3[r, 2], u[p, s:e], u[p + 1, s:e], u[p + 2, s:e], u[p + 3, s:e], n)
             elif m == 4:
-                _g43(t3[r, 0], t3[r, 1], t3[r, 2], u[p, us:ue], u[p + 1, us:ue], u[p + 2, us:ue], u[p + 3, us:ue],
-                     u[p + 4, us:ue], u[p + 5, us:ue], n)
+                _g43(t3[r, 0], t3[r, 1], t3[r, 2], u[p, s:e], u[p + 1, s:e], u[p + 2, s:e], u[p + 3, s:e],
+                     u[p + 4, s:e], u[p + 5, s:e], n)
             else:
-                _g63(t3[r, 0], t3[r, 1], t3[r, 2], u[p, us:ue], u[p + 1, us:ue], u[p + 2, us:ue], u[p + 3, us:ue],
-                     u[p + 4, us:ue], u[p + 5, us:ue], u[p + 6, us:ue], u[p + 7, us:ue], n)
+                _g63(t3[r, 0], t3[r, 1], t3[r, 2], u[p, s:e], u[p + 1, s:e], u[p + 2, s:e], u[p + 3, s:e],
+                     u[p + 4, s:e], u[p + 5, s:e], u[p + 6, s:e], u[p + 7, s:e], n)
     for p in range(u.shape[0]):
-        for e in range(off + n_all, off + width):
+        for e in range(n_all, u.shape[1]):
             u[p, e] = np.float32(0.0)
 
 
@@ -498,10 +497,10 @@ def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarra
     if n % gvec.LANES == 0 and u.strides[2] == 4 and u.strides[1] == 4 * ob and u.strides[0] % 4 == 0:
         gvec.filters(block.reshape(-1), n, n, m, flat(u), u.strides[0] // 4, cinp * ob, r0, r1)
     elif rows is None:
-        _filters_flat(block.reshape(9, n), m, u.reshape(a2, -1), 0, u.shape[1] * u.shape[2])
+        _filters_flat(block.reshape(9, n), m, u.reshape(a2, -1))
     else:
         whole = np.empty(((m + 2) ** 2, cinp * ob), dtype=np.float32)
-        _filters_flat(block.reshape(9, n), m, whole, 0, whole.shape[1])
+        _filters_flat(block.reshape(9, n), m, whole)
         u[...] = whole[r0 * (m + 2):r1 * (m + 2)].reshape(u.shape)
 
 
