@@ -206,14 +206,15 @@ def test_winograd_filters_in_panels(rng, monkeypatch, m, dtype):
     monkeypatch.setattr(winograd, "packs_filters", lambda cols: cols % P == 0)  # panels whatever the CPU
     u = winograd.filter_buffer(a2, 128, 128)
     assert u.shape == (a2, 128 // P, 128, P) and not u.flags.c_contiguous  # points POINT_GAP apart
+    group = winograd.filter_buffer(a2, 128, 64, slot="test-group")  # not u's shared "winograd" buffer
+    # from HWIO weights panel by panel, or from blocks of 64 output channels
     for src in (winograd.FilterSource(hwio(stored), m), winograd.FilterSource(None, m, oihw_blocks(stored, 64), 100)):
         u[...] = np.nan
-        src.fill(u, 0, 128)  # from HWIO weights panel by panel, or from blocks of 64 output channels
+        src.fill(u, 0, 128)
         assert np.array_equal(as_rows(u), kept)
-    group = winograd.filter_buffer(a2, 128, 64, slot="test-group")  # not u's shared "winograd" buffer
-    group[...] = np.nan
-    winograd.FilterSource(hwio(stored), m).fill(group, 64, 128)
-    assert np.array_equal(as_rows(group), kept[:, :, 64:])
+        group[...] = np.nan
+        src.fill(group, 64, 128)
+        assert np.array_equal(as_rows(group), kept[:, :, 64:])
     v = rng.standard_normal((a2, 40, 128), dtype=np.float32)
     x = rng.standard_normal((2, 13, 11, 70), dtype=np.float32)
     b = rng.standard_normal(100, dtype=np.float32)
