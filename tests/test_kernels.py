@@ -19,7 +19,7 @@ import pytest
 from sdgen import kernels as K
 from sdgen.kernels import reference as R
 from sdgen.kernels import panels, winograd
-from sdgen.kernels.conv import Conv2dPlan, choose_variant, conv2d
+from sdgen.kernels.conv import WINOGRAD, Conv2dPlan, choose_variant, conv2d
 from sdgen.kernels.gemm import conv_im2col, conv_kn2row
 
 TOL = 1e-5

@@ -178,7 +178,7 @@ class Conv2dPlan:
         if self.cache and v not in self._prepared:
             wt = self.weight
             if v in WINOGRAD:
-                self._prepared[v] = winograd.filter_transform(wt, WINOGRAD[v])
+                self._prepared[v] = winograd.in_panels(winograd.filter_transform(wt, WINOGRAD[v]))
             elif v == "gemm1x1":
                 self._prepared[v] = np.ascontiguousarray(wt.reshape(self.out_channels, self.in_channels).T)
             elif v == "kn2row":

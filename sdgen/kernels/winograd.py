@@ -733,6 +733,15 @@ def _tile_products(v, v_step, ldv, rows, k, u, u_step, panel_step, ldu, n, mm, m
 # winograd_conv_blocks', are rows 64 floats apart, in cache: panels there were within 2-8% in the same test.)
 
 
+def in_panels(u: np.ndarray) -> np.ndarray:
+    """Filters as rows, (alpha^2, Cin', Cout'), re-laid in panels (a new C-contiguous array) where packs_filters
+    (Cout'), else u itself: for filters kept for the whole run (--conv-filters keep), read at every step."""
+    a2, cinp, coutp = u.shape
+    if not packs_filters(coutp):
+        return u
+    return np.ascontiguousarray(u.reshape(a2, cinp, coutp // panels.PANEL, panels.PANEL).transpose(0, 2, 1, 3))
+
+
 def packs_filters(cols: int) -> bool:
     """Whether filters of `cols` output columns are made in panels (where the register tiles multiply them)."""
     return panels.AVAILABLE and cols % panels.PANEL == 0
