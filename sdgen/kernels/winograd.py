@@ -739,7 +739,9 @@ def in_panels(u: np.ndarray) -> np.ndarray:
     a2, cinp, coutp = u.shape
     if not packs_filters(coutp):
         return u
-    return np.ascontiguousarray(u.reshape(a2, cinp, coutp // panels.PANEL, panels.PANEL).transpose(0, 2, 1, 3))
+    out = np.empty((a2, coutp // panels.PANEL, cinp, panels.PANEL), dtype=np.float32)
+    put_columns(out, 0, u)
+    return out
 
 
 def packs_filters(cols: int) -> bool:
