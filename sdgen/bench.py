@@ -41,8 +41,8 @@ class BenchResult:
     vae_tiling: bool = False
     attention_slicing: str | None = None
     conv_filters: str = "make"
-    linear_panels: bool = False  # the UNet's linear layers were to run from panels (--linear-panels; auto: 10+
-    # steps); only float32 weights are packed (weights held at half precision keep OpenBLAS whatever this says)
+    linear_panels: bool = False  # linear layers were packed in panels during the run (--linear-panels; auto: the
+    # UNet's, in 10+ steps for float32 weights, in any loop for half-precision ones)
     estimate_mb: float = 0.0    # sdgen.memory's estimate of the peak, for comparison with peak_rss_mb
     stages: str = "txt2img"     # "txt2img", or "decode" (VAE decode of random latents only)
 
@@ -84,12 +84,12 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
     import numpy as np
 
     from . import memory
-    from .kernels import panels
-    from .models.layers import packs_linear, set_attention_slicing, set_conv_filters, set_linear_panels
+    from .models.layers import linear_layers_packed, set_attention_slicing, set_conv_filters, set_linear_panels
     from .pipeline import Pipeline, open_model
     from .threads import set_threads
 
     threads = set_threads(threads)
+    packed_before = linear_layers_packed()
     t_start = time.perf_counter()
     spec = registry.get_spec(model)
     if random_weights:
@@ -152,7 +152,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         first_step_s=round((t.unet_steps_s or [0.0])[0], 3), vae_decode_s=round(t.vae_decode_s, 3),
         total_s=round(total, 3), peak_rss_mb=round(peak_rss_mb(), 1), weights_dtype=weights_dtype or "auto",
         vae_tiling=bool(tiled), attention_slicing=attention_slicing, conv_filters=conv_filters,
-        linear_panels=panels.AVAILABLE and not decode_only and packs_linear(len(t.unet_steps_s)),
+        linear_panels=linear_layers_packed() > packed_before,
         estimate_mb=round(est.peak / 2**20, 1), stages="decode" if decode_only else "txt2img",
     )
 

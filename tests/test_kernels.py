@@ -480,6 +480,54 @@ def test_linear_tiles(rng, m, k, n, nworkers):
         linear_tiles.linear(x[:, :-1], wp, b)
 
 
+@pytest.mark.skipif(not panels.AVAILABLE, reason="register tiles need AVX-512VL")
+@pytest.mark.parametrize("m, k, n", [(5, 70, 96), (600, 513, 320), (77, 300, 64)])
+@pytest.mark.parametrize("storage", ["fp16", "bf16"])
+def test_linear_tiles_half_panels(rng, m, k, n, storage):
+    """Half-precision weights packed in half-precision panels (each chunk widened into float32 as the tiles need
+    it): the same numbers, bit for bit, as float32 panels of the widened weights, whatever the workers; the panels
+    hold the weights' own bits; float32 weights cannot fill half panels."""
+    from sdgen.kernels import linear_tiles
+    from sdgen.kernels.weights import STORAGE_DTYPES, to_storage, widen
+
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = to_storage(rng.standard_normal((n, k), dtype=np.float32), STORAGE_DTYPES[storage])
+    b = rng.standard_normal(n, dtype=np.float32)
+    wide = linear_tiles.empty_panels(n, k)
+    want = linear_tiles.linear(x, wide, b, weight=widen(w))
+    wp = linear_tiles.empty_panels(n, k, w.dtype)
+    assert wp.dtype == w.dtype and wp.nbytes == w.nbytes
+    assert np.array_equal(linear_tiles.linear(x, wp, b, weight=w, nworkers=2), want)
+    assert np.array_equal(linear_tiles.linear(x, wp, b, nworkers=1), want)
+    assert np.array_equal(wp.transpose(0, 2, 1).reshape(n, k), w)
+    assert rel_err(want, R.linear(*f64(x, widen(w), b))) < TOL
+    with pytest.raises(ValueError, match="weights for"):
+        linear_tiles.linear(x, linear_tiles.empty_panels(n, k, w.dtype), b, weight=widen(w))
+
+
+@pytest.mark.parametrize("half", ["fp16", "bf16"])
+def test_widen_run_every_bit_pattern(half):
+    """weights.widen_run (by vectors of the CPU's conversion, the tail by table or shift) on all 65536 bit patterns,
+    from and to odd offsets, a length not a multiple of the vector: every number exactly numpy's (float16) or the
+    bits shifted (bfloat16); float16 NaNs stay NaN (signalling ones come out quiet, as from any conversion)."""
+    from sdgen.kernels import weights as W
+
+    if not W.HAS_F16C:
+        pytest.skip("the vector conversion needs F16C")
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    out = np.full(65536 + 8, 7.0, np.float32)
+    n = 65536 - 5
+    kind = W.HALF_F16 if half == "fp16" else W.HALF_BF16
+    W.widen_run(bits, 3, out, 5, n, kind, W.F16_TABLE)
+    got = out[5:5 + n]
+    want = (bits.view(np.float16).astype(np.float32) if half == "fp16"
+            else (bits.astype(np.uint32) << np.uint32(16)).view(np.float32))[3:3 + n]
+    nan = np.isnan(want)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert np.isnan(got[nan]).all() and (half == "fp16" or np.array_equal(got.view(np.uint32), want.view(np.uint32)))
+    assert (out[:5] == 7.0).all() and (out[5 + n:] == 7.0).all()  # nothing written outside
+
+
 # cut along the longer side: rows (203 x 97), columns (37 x 161); more blocks of columns than workers, handed out
 # one at a time (40 x 600: 4 blocks of columns with 2 workers)
 @pytest.mark.parametrize("m, n", [(203, 97), (37, 161), (40, 600)])

@@ -155,9 +155,10 @@ def test_clip_text_encoder_matches_transformers(act, projection):
 def test_linear_layers_packed_at_their_first_call():
     """With linear_panels on, a float32 Linear whose outputs fill 32-wide panels re-lays its weight in panels
     during its first call (the panels replace W) and multiplies by them at every call, on any number of rows: the
-    same numbers as a layer packed by another call (a layer's results never depend on what it ran before). Half
-    weights and other widths keep W and BLAS. Against float64. Under auto (the default) a layer is packed only
-    when called inside a denoising loop of at least AUTO_PANEL_FORWARDS forwards; with off, never."""
+    same numbers as a layer packed by another call (a layer's results never depend on what it ran before); half
+    weights in half panels, with the numbers of float32 panels of them widened. Other widths keep W and BLAS.
+    Against float64. Under auto (the default) a layer is packed only when called inside a denoising loop of at
+    least AUTO_PANEL_FORWARDS forwards, or of any length for half weights; with off, never."""
     from sdgen.models.layers import (AUTO_PANEL_FORWARDS, Linear, Params, denoising_forward, linear_panels,
                                      set_linear_panels)
 
@@ -181,6 +182,12 @@ def test_linear_layers_packed_at_their_first_call():
     with denoising_forward(AUTO_PANEL_FORWARDS):
         assert rel_err(lin(x), np.full((3, 96), 70.0)) < 1e-6
     assert lin.panels is not None and lin.weight is None
+    half = Linear(Params({"weight": np.ones((96, 70), np.float16), "bias": np.zeros(96, np.float32)}), 70, 96)
+    half(x)  # outside any loop
+    assert half.panels is None
+    with denoising_forward(1):  # half weights: any loop
+        assert rel_err(half(x), np.full((3, 96), 70.0)) < 1e-6
+    assert half.panels is not None and half.panels.dtype == np.float16
     set_linear_panels("off")
     try:
         lin = fresh()
@@ -194,13 +201,14 @@ def test_linear_layers_packed_at_their_first_call():
 
 
 def _check_linear_panels(Linear, Params):
+    from sdgen.kernels.weights import to_storage, widen
 
     rng = np.random.default_rng(0)
 
-    def layer(n, k, dtype=np.float32):
-        w = rng.standard_normal((n, k), dtype=np.float32)
+    def layer(n, k, dtype=np.float32):  # the layer, its weights widened, its bias
+        w = to_storage(rng.standard_normal((n, k), dtype=np.float32), dtype)
         b = rng.standard_normal(n, dtype=np.float32)
-        return Linear(Params({"weight": w.astype(dtype), "bias": b}), k, n), w.astype(dtype).astype(np.float32), b
+        return Linear(Params({"weight": w, "bias": b}), k, n), widen(w), b
 
     def ref(x, w, b):
         return x.astype(np.float64) @ w.T.astype(np.float64) + b
@@ -216,8 +224,14 @@ def _check_linear_panels(Linear, Params):
     assert rel_err(y_many, ref(many, w, b)) < 1e-5
     assert np.array_equal(twin(many), y_many) and np.array_equal(twin(few), y_few)  # packed by the other call
 
-    for n, dtype in ((40, np.float32), (96, np.float16)):
-        lin, w, b = layer(n, 70, dtype)
-        y = lin(few)
-        assert lin.panels is None and lin.weight is not None and lin.out_features == n
-        assert rel_err(y, ref(few, w, b)) < 1e-5
+    lin, w, b = layer(40, 70)  # outputs that do not fill panels
+    y = lin(few)
+    assert lin.panels is None and lin.weight is not None and lin.out_features == 40
+    assert rel_err(y, ref(few, w, b)) < 1e-5
+    for dtype in (np.float16, np.uint16):  # half weights: half panels, the numbers of float32 panels of them widened
+        lin, w, b = layer(96, 70, dtype)
+        assert lin.weight.dtype == dtype
+        wide = Linear(Params({"weight": w.copy(), "bias": b}), 70, 96)
+        y = lin(many)
+        assert lin.panels is not None and lin.panels.dtype == dtype and lin.weight is None
+        assert np.array_equal(y, wide(many)) and rel_err(y, ref(many, w, b)) < 1e-5

@@ -17,7 +17,9 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from . import _pool, gvec
 from .panels import flat
@@ -77,6 +79,74 @@ def _widen_bf16(src, dst, lo, hi):
         dst[i] = np.uint32(src[i]) << np.uint32(16)
 
 
+HALF_F16, HALF_BF16 = 1, 2  # what 16-bit weight bits are, for widen_run
+
+
+def _has_f16c() -> bool:
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except Exception:  # noqa: BLE001 (any failure to tell: the table)
+        return False
+
+
+# whether widen_run may be compiled: it widens float16 by the CPU's vcvtph2ps (F16C, which every CPU with AVX-512
+# has); without it LLVM would call a helper that Numba does not link
+HAS_F16C = _has_f16c()
+WIDEN_LANES = 16
+
+
+@intrinsic
+def _widen_vector(typingctx, dst, d_off, src, s_off, f16):
+    """dst[d_off + j] = src[s_off + j] widened to float32 for j < WIDEN_LANES: float16 bits (vcvtph2ps) where f16
+    is non-zero, else bfloat16 bits (shifted into the high half); dst float32, src uint16, 1-D with unit strides
+    (C-contiguous, or slices of such rows); no bounds check."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
+            and src.dtype == types.uint16 and dst.ndim == src.ndim == 1 and {dst.layout, src.layout} <= {"C", "A"}):
+        return None
+    sig = types.void(dst, types.intp, src, types.intp, types.boolean)
+
+    def codegen(context, builder, signature, args):
+        dv, do, sv, so, is_f16 = args
+        lanes = WIDEN_LANES
+        dp = context.make_array(signature.args[0])(context, builder, dv).data
+        sp = context.make_array(signature.args[2])(context, builder, sv).data
+        vec = ir.VectorType(ir.FloatType(), lanes)
+        raw = builder.load(builder.bitcast(builder.gep(sp, [so]), ir.VectorType(ir.IntType(16), lanes).as_pointer()),
+                           align=2)
+        target = builder.bitcast(builder.gep(dp, [do]), vec.as_pointer())
+        with builder.if_else(is_f16) as (f16, bf16):
+            with f16:
+                builder.store(builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), lanes)), vec), target,
+                              align=4)
+            with bf16:
+                wide = builder.zext(raw, ir.VectorType(ir.IntType(32), lanes))
+                builder.store(builder.bitcast(builder.shl(wide, ir.Constant(wide.type, [16] * lanes)), vec), target,
+                              align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def widen_run(src, s_off, dst, d_off, n, half, table):
+    """dst[d_off + i] = src[s_off + i] widened to float32 for i < n: float16 bits where half is HALF_F16, bfloat16
+    bits where HALF_BF16 (src uint16, dst float32, 1-D, unit strides). By vectors of WIDEN_LANES (to be compiled
+    only where HAS_F16C), the last few by F16_TABLE (table) or a shift. Exact (float16's signalling NaNs come out
+    quiet, as from any CPU's conversion); serial."""
+    f16 = half == HALF_F16
+    i = 0
+    while i + WIDEN_LANES <= n:
+        _widen_vector(dst, d_off + i, src, s_off + i, f16)
+        i += WIDEN_LANES
+    for j in range(i, n):
+        if f16:
+            dst[d_off + j] = table[src[s_off + j]]
+        else:
+            dst[d_off + j] = np.uint32(np.uint32(src[s_off + j]) << np.uint32(16)).view(np.float32)
+
+
 def widen(w: np.ndarray, out: np.ndarray | None = None, parallel: bool = True) -> np.ndarray:
     """float32 copy of a stored weight (float32, float16 or bfloat16 bits), into ``out`` (C-contiguous float32 of
     w's size) when given. Large weights are widened on the kernel workers, unless parallel is False (a caller that
@@ -98,7 +168,9 @@ def widen(w: np.ndarray, out: np.ndarray | None = None, parallel: bool = True) -
 
     def part(i: int) -> None:
         lo, hi = n * i // nw, n * (i + 1) // nw
-        if w.dtype == np.float16:
+        if w.dtype == np.float16 and HAS_F16C:
+            widen_run(src, lo, flat, lo, hi - lo, HALF_F16, F16_TABLE)
+        elif w.dtype == np.float16:
             _widen_f16(src, flat, F16_TABLE, lo, hi)
         else:
             _widen_bf16(src, flat.view(np.uint32), lo, hi)
@@ -366,10 +438,8 @@ def _panel_taps_u16(w, bf16, table, o0, nb, p, g):
                 row = dbits[i * p:(i + 1) * p]
                 for t in range(nb):
                     row[t] = np.uint32(src[t]) << np.uint32(16)
-            else:
-                row = dst[i * p:(i + 1) * p]
-                for t in range(nb):
-                    row[t] = table[src[t]]
+            else:  # (gvec: AVX-512 CPUs, which have F16C)
+                widen_run(src, 0, dst, i * p, nb, HALF_F16, table)
             for t in range(nb, p):
                 dst[i * p + t] = np.float32(0.0)
         for e in range(cin * p, g.shape[1]):

@@ -80,18 +80,23 @@ def conv_filters() -> str:
     return _CONV["filters"]
 
 
-# linear_panels: how the float32 linear layers multiply. From their weights re-laid in panels (kernels.linear_tiles,
+# linear_panels: how the linear layers multiply. From their weights re-laid in panels (kernels.linear_tiles,
 # 0.95 of OpenBLAS's time on SD 1.5's guided UNet forward, 0.90-0.93 on SDXL-Turbo's), packed during each layer's
-# first call, which costs a pass over the weights into new memory (the first step of SD 1.5: +1.2-1.6 s; of SDXL
-# at 512x512: ~+5 s, 8.9 GB), or by OpenBLAS from W as it is. "auto" (the default): the UNet's layers are packed
-# during a denoising loop of at least AUTO_PANEL_FORWARDS UNet forwards, where the later steps repay the packing
-# (at ~0.3 s a step for SD 1.5 with guidance, ~0.6 s for SDXL-Turbo: after 6-9 steps); everything else -- text
-# encoders and the VAE, which run once, and short loops such as the turbo models' 1-4 steps -- keeps OpenBLAS.
-# "on": every layer packed at its first call (long batch jobs with short loops). "off": none. A layer once packed
-# stays packed.
+# first call, which costs a pass over the weights into new memory (float32: the first step of SD 1.5 +1.2-1.6 s,
+# of SDXL at 512x512 ~+5 s, 8.9 GB), or by OpenBLAS from W as it is (half-precision W widened into a scratch
+# buffer first, at every call). "auto" (the default): the UNet's layers are packed during a denoising loop of at
+# least AUTO_PANEL_FORWARDS UNet forwards where their weights are float32, where the later steps repay the packing
+# (at ~0.3 s a step for SD 1.5 with guidance, ~0.6 s for SDXL-Turbo: after 6-9 steps), and during any denoising
+# loop where they are half precision (float16, bfloat16): panels of half the size, which the tiles widen chunk by
+# chunk, cost less than widening W for OpenBLAS even at the first call (SDXL-Turbo's float16 UNet at 512x512:
+# first step 8.1 s against 8.8, later steps 6.7 against 7.8); everything else -- text encoders and the VAE, which
+# run once, and float32 UNets in short loops such as the turbo models' 1-4 steps -- keeps OpenBLAS. "on": every
+# layer packed at its first call (long batch jobs with short loops). "off": none. A layer once packed stays
+# packed.
 LINEAR_PANELS = ("auto", "on", "off")
 AUTO_PANEL_FORWARDS = 10
-_LINEAR = {"mode": "auto", "forwards": 0}  # forwards: of the denoising loop being run (0: outside any)
+_LINEAR = {"mode": "auto", "forwards": 0, "packed": 0}  # forwards: of the denoising loop being run (0: outside
+# any); packed: the layers packed in this process so far
 
 
 def set_linear_panels(value: "str | bool | None") -> None:
@@ -119,11 +124,16 @@ def denoising_forward(forwards: int):
         _LINEAR["forwards"] = before
 
 
-def packs_linear(forwards: int) -> bool:
-    """Whether a layer called in a denoising loop of `forwards` UNet forwards (0: outside any) packs its float32
-    weights in panels."""
+def packs_linear(forwards: int, half: bool = False) -> bool:
+    """Whether a layer called in a denoising loop of `forwards` UNet forwards (0: outside any) packs its weights,
+    float32 or (half) float16 / bfloat16, in panels."""
     mode = _LINEAR["mode"]
-    return mode == "on" or (mode == "auto" and forwards >= AUTO_PANEL_FORWARDS)
+    return mode == "on" or (mode == "auto" and (forwards >= AUTO_PANEL_FORWARDS or (half and forwards > 0)))
+
+
+def linear_layers_packed() -> int:
+    """How many linear layers this process has packed in panels so far."""
+    return _LINEAR["packed"]
 
 
 _STORAGE = {"dtype": None}  # the storage dtype of Params made without one (weights_dtype)
@@ -278,9 +288,9 @@ def _f32(a: np.ndarray | None) -> np.ndarray | None:
 class Linear:
     """x @ W^T + b; W (out, in) held at the storage dtype, widened into a scratch buffer at each call if half.
 
-    Where linear_panels says so (on; auto: in a long enough denoising loop), float32 weights whose outputs fill
-    32-wide panels are re-laid in them (kernels.linear_tiles) during the layer's first call; the panels then
-    replace W (no second copy) and every later call multiplies by them."""
+    Where linear_panels says so (on; auto: in a long enough denoising loop, or any for half weights), weights whose
+    outputs fill 32-wide panels are re-laid in them at their own precision (kernels.linear_tiles) during the
+    layer's first call; the panels then replace W (no second copy) and every later call multiplies by them."""
 
     def __init__(self, p: Params, in_features: int, out_features: int, bias: bool = True):
         self.weight = p.stored("weight", p.matrix("weight", out_features, in_features))
@@ -318,10 +328,11 @@ class Linear:
         into out if given (kernels.linear)."""
         if self.panels is not None:
             return linear_tiles.linear(x, self.panels, self.bias, residual, out)
-        if packs_linear(_LINEAR["forwards"]) and linear_tiles.packable(self.weight):
-            panels = linear_tiles.empty_panels(*self.weight.shape)
+        if packs_linear(_LINEAR["forwards"], self.weight.dtype != np.float32) and linear_tiles.packable(self.weight):
+            panels = linear_tiles.empty_panels(*self.weight.shape, dtype=self.weight.dtype)
             y = linear_tiles.linear(x, panels, self.bias, residual, out, weight=self.weight)
             self.panels, self.weight = panels, None  # the panels are W now (a memory-mapped source may drop it)
+            _LINEAR["packed"] += 1
             if self._release_weight is not None:
                 self._release_weight()
             return y
