@@ -485,3 +485,39 @@ def test_linear_panels_same_images(sd1_folder, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(args[:-1] + ["always"] + ["--overwrite"])
     assert e.value.code == 2
+
+
+def test_half_weights_pack_in_any_loop(sd1_folder, capsys):
+    """Under auto, half-precision UNet weights are packed in half-precision panels in a run of any length (their
+    panels cost less than widening them at every call): a 2-step fp16 run's image within a grey level of the same
+    run with --linear-panels off, and `sdgen bench --json` says which runs packed (fp32 in 2 steps: none), with the
+    fields the issue names."""
+    import json
+
+    from sdgen.cli import main
+    from sdgen.kernels import panels
+    from sdgen.models.layers import set_linear_panels
+    from sdgen.pipeline import Pipeline
+
+    set_linear_panels("off")
+    try:
+        want = Pipeline.load(sd1_folder, weights_dtype="fp16").txt2img("a red circle", seed=3, steps=2).astype(int)
+    finally:
+        set_linear_panels(None)
+    pipe = Pipeline.load(sd1_folder, weights_dtype="fp16")
+    got = pipe.txt2img("a red circle", seed=3, steps=2).astype(int)
+    ff = pipe.unet.down_blocks[0].attentions[0].blocks[0].ff_in
+    assert (ff.panels is not None and ff.panels.dtype == np.float16 and ff.weight is None) == panels.AVAILABLE
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99, (diff.max(), (diff == 0).mean())
+    for dtype, packed in (("fp32", False), ("fp16", panels.AVAILABLE)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--model", str(sd1_folder), "--steps", "2", "--threads", "1", "--json",
+                  "--weights-dtype", dtype])
+        assert e.value.code == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["linear_panels"] is packed and report["weights_dtype"] == dtype
+        assert report["weights"] == "file" and report["steps"] == 2 and report["threads"] == 1
+        for key in ("load_s", "text_encode_s", "unet_step_s", "vae_decode_s", "total_s", "peak_rss_mb"):
+            assert report[key] > 0, key
