@@ -17,8 +17,9 @@ from sdgen import memory
 from sdgen.errors import OutOfMemoryError
 from sdgen.image import to_uint8
 from sdgen.kernels import Conv2dPlan, attention, conv2d
+from sdgen.kernels import panels
 from sdgen.kernels import weights as W
-from sdgen.models.layers import Params, set_attention_slicing, weights_dtype
+from sdgen.models.layers import Params, set_attention_slicing, set_linear_panels, weights_dtype
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig
 from tiny_models import SD1_UNET, SD1_VAE, build_sd_folder, make_unet, make_vae, state_dict_numpy
@@ -140,7 +141,8 @@ def test_widen_exact(dtype):
 @pytest.mark.parametrize("name", ["fp16", "bf16"])
 def test_half_weights_are_the_rounded_model(name):
     """A UNet held in fp16/bf16 computes exactly what the fp32 UNet of the rounded weights computes (weights are
-    widened exactly), and holds about half the bytes."""
+    widened exactly), and holds about half the bytes; with its linear layers in panels too (half-precision panels
+    against float32 ones)."""
     ref = make_unet(SD1_UNET, seed=3)
     tensors = state_dict_numpy(ref)
     dtype = memory.weights_dtype(name)
@@ -153,6 +155,14 @@ def test_half_weights_are_the_rounded_model(name):
     ctx = RNG.standard_normal((2, 7, 32), dtype=np.float32)
     assert np.abs(half(x, 500, ctx) - full(x, 500, ctx)).max() < 1e-5
     assert half.conv_in.plan.hwio.dtype == dtype and half.time_linear_1.weight.dtype == dtype
+    set_linear_panels(True)
+    try:
+        assert np.abs(half(x, 500, ctx) - full(x, 500, ctx)).max() < 1e-5
+    finally:
+        set_linear_panels(None)
+    ff = half.down_blocks[0].attentions[0].blocks[0].ff_in
+    assert ff.panels is None or (ff.panels.dtype == dtype and ff.panels.nbytes == ff.panels.size * 2)
+    assert (ff.panels is not None) == panels.AVAILABLE
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
