@@ -6,6 +6,10 @@ sdgen / diffusers (below 1 means sdgen is faster), plus peak memory of each side
 
     python scripts/bench_vs_diffusers.py --model sd15 --what unet,vae,txt2img --threads 2
     python scripts/bench_vs_diffusers.py --model sdxl --what unet --threads 2
+    python scripts/bench_vs_diffusers.py --model sdxl-turbo --what unet --steps 1 --weights-dtype fp16
+
+--weights-dtype fp16 holds sdgen's weights at fp16, as when its files are fp16 (the usual SDXL and turbo
+checkpoints); diffusers stays fp32, as it loads fp16 files unless told a torch_dtype.
 
 --what unet: one UNet forward on a batch of 2 different latents (SDXL: 1); unet_guided: the forward each side's
 pipeline makes at a step with guidance (SD 1.x/2.x: batch 2 of the same latents with two contexts; sdgen passes the
@@ -166,7 +170,7 @@ def load_side(side: str, args) -> tuple[float, dict]:
         set_threads(args.threads)
         set_conv_filters(args.conv_filters)
         set_linear_panels(args.linear_panels)
-        pipe = Pipeline.load(folder)
+        pipe = Pipeline.load(folder, weights_dtype=args.weights_dtype)
         load_s = time.perf_counter() - t0
 
         def forward():  # a whole forward: the cross-attention keys of ctx made again, as diffusers does
@@ -288,7 +292,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
     ap.add_argument("--memory", action="store_true", help="peak RSS of one whole run per side (see above)")
     ap.add_argument("--batch", type=int, default=1, help="--memory: images per run")
-    ap.add_argument("--weights-dtype", default=None, help="--memory: sdgen's --weights-dtype")
+    ap.add_argument("--weights-dtype", default=None,
+                    help="sdgen's --weights-dtype (default: the folder's fp32); diffusers stays fp32, as it loads "
+                         "fp16 files by default")
     ap.add_argument("--torch-dtype", default="float32", help="--memory: diffusers' torch_dtype")
     ap.add_argument("--vae-tiling", action="store_true", help="--memory: tiled VAE decode on both sides")
     ap.add_argument("--vae-slicing", action="store_true", help="--memory: diffusers' enable_slicing (sdgen: always)")
@@ -351,7 +357,8 @@ def main() -> None:
         return [sys.executable, __file__, mode, side, "--folder", str(folder), "--model", args.model,
                 "--size", str(args.size), "--what", ",".join(what), "--steps", str(args.steps),
                 "--threads", str(args.threads), "--repeat", str(args.repeat), "--conv-filters", args.conv_filters,
-                "--linear-panels", args.linear_panels]
+                "--linear-panels", args.linear_panels] + (["--weights-dtype", args.weights_dtype] if args.weights_dtype
+                                                         else [])
 
     interleave = args.interleave == "on" or (args.interleave == "auto" and not args.model.startswith("sdxl"))
     step_what = [w for w in args.what if w != "txt2img"] if interleave else []
@@ -390,8 +397,10 @@ def main() -> None:
                 for k in keys if k in res["diffusers"] and k in res["sdgen"]), flush=True)
     print(f"{args.model} (random weights), {args.size}x{args.size}, {args.threads} threads, "
           f"{'interleaved' if step_what else 'one process per side'}; command: python scripts/bench_vs_diffusers.py "
-          f"--model {args.model} --what {','.join(args.what)} --threads {args.threads} --repeat {args.repeat} "
-          f"--rounds {args.rounds} --conv-filters {args.conv_filters} --linear-panels {args.linear_panels}")
+          f"--model {args.model} --what {','.join(args.what)} --steps {args.steps} --threads {args.threads} "
+          f"--repeat {args.repeat} "
+          f"--rounds {args.rounds} --conv-filters {args.conv_filters} --linear-panels {args.linear_panels}"
+          + (f" --weights-dtype {args.weights_dtype}" if args.weights_dtype else ""))
     if args.rounds > 1:
         print(f"best of {args.rounds} rounds per side (peak RSS: the largest); range: the rounds' own ratios")
     print(f"{'':14s} {'diffusers':>10s} {'sdgen':>10s} {'ratio':>7s}" + ("  range" if args.rounds > 1 else ""))
