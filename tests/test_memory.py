@@ -138,6 +138,29 @@ def test_widen_exact(dtype):
     assert np.array_equal(W.widen(stored), want)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.uint16])
+def test_narrow_rounds_as_numpy_and_torch(dtype):
+    """weights.narrow (float32 -> float16 by the CPU's conversion, -> bfloat16 bits by a vectorised loop; on the
+    kernel workers above a million elements) gives numpy's astype(float16) / PyTorch's .to(bfloat16) bit for bit:
+    random magnitudes from 1e-12 to 1e7, halfway cases, subnormal results, overflow to infinity, signed zeros,
+    infinities, every bfloat16 bit pattern; NaN stays NaN. An odd length, so the last elements take the tail path."""
+    a = (RNG.standard_normal(1 << 20) * 10.0 ** RNG.integers(-12, 8, 1 << 20)).astype(np.float32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, -65520, 2.0 ** -24, 2.0 ** -25,
+                        2.0 ** -25 * 1.0001, 2.0 ** -14, 6e-8, 1e-45, 3.4e38, -3.4e38, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11,
+                        1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8], np.float32)
+    patterns = (np.arange(65536, dtype=np.uint32) << np.uint32(16)).view(np.float32)
+    a = np.concatenate([a, special, patterns])[:-3]
+    got = W.narrow(a, dtype)
+    with np.errstate(over="ignore"):
+        want = a.astype(np.float16) if dtype == np.float16 else \
+            torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(a)
+    assert got.dtype == dtype and got.shape == a.shape
+    assert np.array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    assert np.isnan(W.widen(got[nan])).all()
+    assert np.array_equal(W.to_storage(a[:1000], dtype).view(np.uint16), got[:1000].view(np.uint16))
+
+
 @pytest.mark.parametrize("name", ["fp16", "bf16"])
 def test_half_weights_are_the_rounded_model(name):
     """A UNet held in fp16/bf16 computes exactly what the fp32 UNet of the rounded weights computes (weights are
