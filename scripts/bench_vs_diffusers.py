@@ -6,7 +6,7 @@ sdgen / diffusers (below 1 means sdgen is faster), plus peak memory of each side
 
     python scripts/bench_vs_diffusers.py --model sd15 --what unet,vae,txt2img --threads 2
     python scripts/bench_vs_diffusers.py --model sdxl --what unet --threads 2
-    python scripts/bench_vs_diffusers.py --model sdxl-turbo --what unet --steps 1 --weights-dtype fp16
+    python scripts/bench_vs_diffusers.py --model sdxl-turbo --what unet --weights-dtype fp16
 
 --weights-dtype fp16 holds sdgen's weights at fp16, as when its files are fp16 (the usual SDXL and turbo
 checkpoints); diffusers stays fp32, as it loads fp16 files unless told a torch_dtype.
@@ -162,7 +162,7 @@ def load_side(side: str, args) -> tuple[float, dict]:
                  width=args.size, height=args.size, generator=torch.Generator().manual_seed(0), output_type="np")
     else:
         from sdgen.memory import keep_freed_memory
-        from sdgen.models.layers import denoising_forward, set_conv_filters, set_linear_panels
+        from sdgen.models.layers import set_conv_filters, set_linear_panels
         from sdgen.pipeline import Pipeline
         from sdgen.threads import set_threads
 
@@ -175,13 +175,11 @@ def load_side(side: str, args) -> tuple[float, dict]:
 
         def forward():  # a whole forward: the cross-attention keys of ctx made again, as diffusers does
             pipe.unet.forget_context()
-            with denoising_forward(args.steps):  # as a forward of a --steps-step run (linear panels)
-                return pipe.unet(unet_x, 500, ctx, **extra_np)
+            return pipe.unet(unet_x, 500, ctx, **extra_np)
 
         def guided():  # the latents once, both contexts (Pipeline.generate_latents)
             pipe.unet.forget_context()
-            with denoising_forward(args.steps):
-                return pipe.unet(unet_x[:1], 500, ctx, **extra_np)
+            return pipe.unet(unet_x[:1], 500, ctx, **extra_np)
 
         jobs.update(unet_s=forward, unet_guided_s=guided, vae_s=lambda: pipe.vae.decode(z))
 
@@ -304,8 +302,8 @@ def main() -> None:
     ap.add_argument("--sides", default="diffusers,sdgen", help="--memory: which sides to run")
     ap.add_argument("--conv-filters", default="make", choices=["make", "keep"], help="sdgen's --conv-filters")
     ap.add_argument("--linear-panels", default="auto", choices=["auto", "on", "off"],
-                    help="sdgen's --linear-panels; the UNet forwards are timed as those of a --steps-step run (auto: "
-                         "from panels from 10 steps on; the best of --repeat, as the first forward packs them)")
+                    help="sdgen's --linear-panels (on: the layers packed at the first forward, which the best of "
+                         "--repeat leaves out)")
     ap.add_argument("--interleave", default="auto", choices=["auto", "on", "off"],
                     help="time unet/unet_guided/vae with both sides loaded at once, alternating job by job (auto: "
                          "not for SDXL, whose two fp32 copies would not fit in 24 GB); off: one process per side")

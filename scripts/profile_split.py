@@ -130,7 +130,6 @@ def diffusers_side(folder: Path, size: int, threads: int) -> dict:
 def sdgen_side(folder: Path, size: int, threads: int) -> dict:
     from sdgen import kernels
     from sdgen.kernels import linear_tiles
-    from sdgen.models.layers import denoising_forward
     from sdgen.pipeline import Pipeline
     from sdgen.threads import set_threads
 
@@ -141,8 +140,7 @@ def sdgen_side(folder: Path, size: int, threads: int) -> dict:
 
     def forward():
         unet.forget_context()  # the cross-attention keys made again, as diffusers does at every forward
-        with denoising_forward(20):  # as a forward of a 20-step run (linear panels: sdgen.models.layers)
-            return unet(x["sample"], 500, x["context"], **extra)
+        return unet(x["sample"], 500, x["context"], **extra)
 
     def conv_kind(args, out):  # (input NHWC, Conv2dPlan)
         if (args[1].kh, args[1].kw) == (1, 1):

@@ -41,8 +41,8 @@ class BenchResult:
     vae_tiling: bool = False
     attention_slicing: str | None = None
     conv_filters: str = "make"
-    linear_panels: bool = False  # linear layers were packed in panels during the run (--linear-panels; auto: the
-    # UNet's, in 10+ steps for float32 weights, in any loop for half-precision ones)
+    linear_panels: bool = False  # linear layers were packed in panels for the run (--linear-panels on; auto
+    # packs each chunk of the weights for its use only)
     estimate_mb: float = 0.0    # sdgen.memory's estimate of the peak, for comparison with peak_rss_mb
     stages: str = "txt2img"     # "txt2img", or "decode" (VAE decode of random latents only)
 

@@ -54,11 +54,9 @@ _ATTENTION_SLICING_HELP = ("diffusers' attention slicing: auto (half the heads a
 _CONV_FILTERS_HELP = ("What the 3x3 convolutions keep: make (only the weights; the Winograd filters are made at each "
                       "step: least memory) or keep (the filters too, made once: faster, more memory; see the README's "
                       "Speed section). [default: make]")
-_LINEAR_PANELS_HELP = ("How the linear layers multiply: from their weights re-laid in panels for sdgen's register "
-                       "tiles (made during the first step, in place of the weights: for float32 weights a slower "
-                       "first step, then steps ~0.9-0.95 of the time) or by OpenBLAS: on, off, or auto (the UNet's "
-                       "layers in panels when a run denoises in 10 steps or more, or in any number of steps when "
-                       "its weights are half precision). [default: auto]")
+_LINEAR_PANELS_HELP = ("How the linear layers multiply: auto, by sdgen's register tiles from the weights as they lie "
+                       "(each chunk packed for its use); on, from the weights re-laid in panels during the first "
+                       "step (a slower first step, then about as fast as auto); off, by OpenBLAS. [default: auto]")
 _NO_MEMORY_CHECK_HELP = ("Run even when the estimated peak memory exceeds the memory available (otherwise: an error "
                          "naming the estimate and the options that help). [default: off]")
 

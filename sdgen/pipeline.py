@@ -26,7 +26,7 @@ from .lora import merge_loras
 from .image import to_uint8
 from .models.clip import CLIPTextConfig, CLIPTextModel
 from . import memory
-from .models.layers import RandomParams, conv_filters, denoising_forward
+from .models.layers import RandomParams, conv_filters
 from .models.layers import weights_dtype as _weights_dtype
 from .models.unet import UNet, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
@@ -384,8 +384,7 @@ class Pipeline:
                 x = np.concatenate([x, unet_extra], axis=1)
             # with guidance the latents once, the contexts twice (negative rows first): the UNet gives diffusers'
             # result on the latents doubled, running the layers before the first cross-attention once
-            with denoising_forward(len(timesteps)):  # linear panels: packed for long loops (layers.py)
-                noise = self.unet(x, t, cond.context, **extra)
+            noise = self.unet(x, t, cond.context, **extra)
             if cond.guided:
                 uncond, text = np.split(noise, 2)
                 noise = uncond + np.float32(guidance) * (text - uncond)

@@ -455,9 +455,9 @@ def test_linear_into_out_with_residual_after_the_bias(rng):
 @pytest.mark.parametrize("nworkers", [1, 2])
 def test_linear_tiles(rng, m, k, n, nworkers):
     """Linear layers from weights packed in panels (linear_tiles): the first call packs W while it multiplies, later
-    calls use the panels; both against float64, the same numbers (each sum in the same order: also whatever the
-    workers), with the bias and the residual added after (bit-identical to adding the residual afterwards), into
-    out. Shapes: inner dimensions over and not a multiple of KC (513: two equal passes of 257), rows over ROW_BLOCK
+    calls use the panels, and calls from W as it lies pack each chunk for its use only; all against float64, the
+    same numbers (each sum in the same order: also whatever the workers), with the bias and the residual added
+    after (bit-identical to adding the residual afterwards), into out. Shapes: inner dimensions over and not a multiple of KC (513: two equal passes of 257), rows over ROW_BLOCK
     (600) and in tiles of 6 with every remainder, fewer panels than GROUP and more (320 outputs: 10 panels), no
     rows (the call packs W and returns an empty result)."""
     from sdgen.kernels import linear_tiles
@@ -474,6 +474,9 @@ def test_linear_tiles(rng, m, k, n, nworkers):
     assert later is out and np.array_equal(first, later)
     assert np.array_equal(wp.transpose(0, 2, 1).reshape(n, k), w)  # panel p holds outputs 32 p .. 32 p + 31
     assert np.array_equal(later, linear_tiles.linear(x, wp, b) + res)
+    # from W as it lies, each chunk packed for its use (8 x 8 blocks transposed in registers, the last inner steps
+    # one by one): the same numbers
+    assert np.array_equal(linear_tiles.linear(x, None, b, res, weight=w, nworkers=nworkers), later)
     if m:
         assert rel_err(later, ref) < TOL
     with pytest.raises(ValueError):
@@ -485,8 +488,9 @@ def test_linear_tiles(rng, m, k, n, nworkers):
 @pytest.mark.parametrize("storage", ["fp16", "bf16"])
 def test_linear_tiles_half_panels(rng, m, k, n, storage):
     """Half-precision weights packed in half-precision panels (each chunk widened into float32 as the tiles need
-    it): the same numbers, bit for bit, as float32 panels of the widened weights, whatever the workers; the panels
-    hold the weights' own bits; float32 weights cannot fill half panels."""
+    it), or used as they lie (each chunk widened as it is packed for its use): the same numbers, bit for bit, as
+    float32 panels of the widened weights, whatever the workers; the panels hold the weights' own bits; float32
+    weights cannot fill half panels."""
     from sdgen.kernels import linear_tiles
     from sdgen.kernels.weights import STORAGE_DTYPES, to_storage, widen
 
@@ -499,6 +503,7 @@ def test_linear_tiles_half_panels(rng, m, k, n, storage):
     assert wp.dtype == w.dtype and wp.nbytes == w.nbytes
     assert np.array_equal(linear_tiles.linear(x, wp, b, weight=w, nworkers=2), want)
     assert np.array_equal(linear_tiles.linear(x, wp, b, nworkers=1), want)
+    assert np.array_equal(linear_tiles.linear(x, None, b, weight=w, nworkers=2), want)  # chunks widened as packed
     assert np.array_equal(wp.transpose(0, 2, 1).reshape(n, k), w)
     assert rel_err(want, R.linear(*f64(x, widen(w), b))) < TOL
     with pytest.raises(ValueError, match="weights for"):

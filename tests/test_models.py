@@ -157,10 +157,12 @@ def test_linear_layers_packed_at_their_first_call():
     during its first call (the panels replace W) and multiplies by them at every call, on any number of rows: the
     same numbers as a layer packed by another call (a layer's results never depend on what it ran before); half
     weights in half panels, with the numbers of float32 panels of them widened. Other widths keep W and BLAS.
-    Against float64. Under auto (the default) a layer is packed only when called inside a denoising loop of at
-    least AUTO_PANEL_FORWARDS forwards, or of any length for half weights; with off, never."""
-    from sdgen.models.layers import (AUTO_PANEL_FORWARDS, Linear, Params, denoising_forward, linear_panels,
-                                     set_linear_panels)
+    Against float64. Under auto (the default) no layer is packed for good: calls of UNPACKED_MIN_ROWS rows and more
+    multiply by the tiles from W as it lies, with the numbers of the packed panels bit for bit (float32 and half
+    weights), fewer rows by OpenBLAS; with off, every call by OpenBLAS (kernels.linear's numbers)."""
+    from sdgen import kernels
+    from sdgen.kernels.weights import widen
+    from sdgen.models.layers import UNPACKED_MIN_ROWS, Linear, Params, linear_panels, set_linear_panels
 
     assert linear_panels() == "auto"
     set_linear_panels(True)
@@ -170,32 +172,35 @@ def test_linear_layers_packed_at_their_first_call():
     finally:
         set_linear_panels(None)
 
-    def fresh():
-        return Linear(Params({"weight": np.ones((96, 70), np.float32), "bias": np.zeros(96, np.float32)}), 70, 96)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 40, 70), dtype=np.float32)
+    few = x[0, :UNPACKED_MIN_ROWS - 1]
+    b = rng.standard_normal(96, dtype=np.float32)
+    for dtype in (np.float32, np.float16):
+        w = rng.standard_normal((96, 70), dtype=np.float32).astype(dtype)
 
-    x = np.ones((3, 70), np.float32)
-    lin = fresh()
-    with denoising_forward(AUTO_PANEL_FORWARDS - 1):  # a loop too short to repay the packing
-        assert rel_err(lin(x), np.full((3, 96), 70.0)) < 1e-6
-    assert rel_err(lin(x), np.full((3, 96), 70.0)) < 1e-6  # outside any loop
-    assert lin.panels is None and lin.weight is not None
-    with denoising_forward(AUTO_PANEL_FORWARDS):
-        assert rel_err(lin(x), np.full((3, 96), 70.0)) < 1e-6
-    assert lin.panels is not None and lin.weight is None
-    half = Linear(Params({"weight": np.ones((96, 70), np.float16), "bias": np.zeros(96, np.float32)}), 70, 96)
-    half(x)  # outside any loop
-    assert half.panels is None
-    with denoising_forward(1):  # half weights: any loop
-        assert rel_err(half(x), np.full((3, 96), 70.0)) < 1e-6
-    assert half.panels is not None and half.panels.dtype == np.float16
-    set_linear_panels("off")
-    try:
+        def fresh():
+            return Linear(Params({"weight": w.copy(), "bias": b}), 70, 96)
+
         lin = fresh()
-        with denoising_forward(1000):
-            lin(x)
-        assert lin.panels is None and lin.weight is not None
-    finally:
-        set_linear_panels(None)
+        y, y_few = lin(x), lin(few)
+        assert lin.panels is None and lin.weight is not None  # auto: nothing kept
+        assert rel_err(y, x.astype(np.float64) @ widen(w).T.astype(np.float64) + b) < 1e-5
+        assert np.array_equal(y_few, kernels.linear(few, widen(w), b))  # few rows: OpenBLAS
+        set_linear_panels("on")
+        try:
+            packed = fresh()
+            assert np.array_equal(packed(x), y)  # the same sums as the panels kept for the run
+            assert packed.panels is not None and packed.panels.dtype == dtype
+        finally:
+            set_linear_panels(None)
+        set_linear_panels("off")
+        try:
+            lin = fresh()
+            assert np.array_equal(lin(x), kernels.linear(x, widen(w), b))
+            assert lin.panels is None and lin.weight is not None
+        finally:
+            set_linear_panels(None)
     with pytest.raises(ValueError, match="auto, on or off"):
         set_linear_panels("sometimes")
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from . import _pool, panels
 from .gemm import _NO_BIAS, _NO_RES2, add_bias_residual, linear_operands
@@ -70,6 +71,121 @@ def _chunk_numba(wp, off, n, buf, half):
         return buf, 0
 
     return widened
+
+
+@intrinsic
+def _transpose8(typingctx, dst, d_off, ldd, src, s_off, lds, half):
+    """dst[d_off + j ldd + i] = src[s_off + i lds + j] for i, j < 8: an 8 x 8 block transposed in registers (8
+    loads, 24 shuffles, 8 stores); dst float32; src float32, or uint16 bits of float16 (half = HALF_F16) or bfloat16
+    (HALF_BF16) widened as they are loaded; 1-D arrays, no bounds check."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == types.float32
+            and src.dtype in (types.float32, types.uint16) and dst.ndim == src.ndim == 1):
+        return None
+    sig = types.void(dst, types.intp, types.intp, src, types.intp, types.intp, types.intp)
+    bits = src.dtype == types.uint16
+
+    def codegen(context, builder, signature, args):
+        dv, do, ld, sv, so, ls, hv = args
+        dp = context.make_array(signature.args[0])(context, builder, dv).data
+        sp = context.make_array(signature.args[3])(context, builder, sv).data
+        vec = ir.VectorType(ir.FloatType(), 8)
+        i64 = do.type
+
+        def shuffle(a, b, idx):
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 8), idx))
+
+        def row(i, widen):
+            ptr = builder.gep(sp, [builder.add(so, builder.mul(ir.Constant(i64, i), ls))])
+            if widen is None:
+                return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+            raw = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(16), 8).as_pointer()), align=2)
+            if widen == HALF_F16:
+                return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), 8)), vec)
+            wide = builder.zext(raw, ir.VectorType(ir.IntType(32), 8))
+            return builder.bitcast(builder.shl(wide, ir.Constant(wide.type, [16] * 8)), vec)
+
+        def block(widen):
+            r = [row(i, widen) for i in range(8)]
+            # pairs of rows interleaved, then pairs of pairs, then the 128-bit halves: column j in vector j
+            t = [shuffle(r[q], r[q + 1], idx) for q in range(0, 8, 2)
+                 for idx in ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15])]
+            lo, hi = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+            u = [shuffle(t[a], t[a + 2], idx) for a in (0, 1, 4, 5) for idx in (lo, hi)]
+            first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+            cols = [shuffle(u[j], u[j + 4], first) for j in range(4)] + [shuffle(u[j], u[j + 4], second)
+                                                                          for j in range(4)]
+            for j in range(8):
+                at = builder.gep(dp, [builder.add(do, builder.mul(ir.Constant(i64, j), ld))])
+                builder.store(cols[j], builder.bitcast(at, vec.as_pointer()), align=4)
+
+        if not bits:
+            block(None)
+        else:
+            with builder.if_else(builder.icmp_signed("==", hv, ir.Constant(hv.type, HALF_F16))) as (f16, bf16):
+                with f16:
+                    block(HALF_F16)
+                with bf16:
+                    block(HALF_BF16)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _pack_widened(w, k, buf, p, e0, kk, half):
+    """buf[e PANEL + t] = W[32 p + t, e0 + e] as float32 for e < kk, t < PANEL: panel p's chunk of inner steps
+    [e0, e0 + kk) from the flat (N, K) weights w (float32, or half-precision bits, half as for _transpose8), in 8 x 8
+    blocks transposed in registers (~4-8x the scalar copy's speed)."""
+    base = p * PANEL * k + e0
+    e = 0
+    while e + 8 <= kk:
+        for t0 in range(0, PANEL, 8):
+            _transpose8(buf, e * PANEL + t0, PANEL, w, base + t0 * k + e, k, half)
+        e += 8
+    if e < kk:
+        for t in range(PANEL):
+            widen_tail(w, base + t * k + e, buf, e * PANEL + t, PANEL, kk - e, half)
+
+
+@njit(inline="always")
+def widen_tail(w, s_off, buf, d_off, step, n, half):
+    """buf[d_off + i step] = w[s_off + i] as float32 for i < n (the last few inner steps of a chunk)."""
+    for i in range(n):
+        buf[d_off + i * step] = _as_f32(w[s_off + i], half)
+
+
+def _as_f32(v, half):
+    """One element of a weight as float32: itself, or float16 / bfloat16 bits widened (Numba picks by type)."""
+
+
+@overload(_as_f32, jit_options={"nogil": True})
+def _as_f32_numba(v, half):
+    if v == types.float32:
+        return lambda v, half: v
+
+    def widened(v, half):
+        if half == HALF_F16:
+            return F16_TABLE[v]
+        return np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+
+    return widened
+
+
+@njit(nogil=True, cache=True)
+def products_unpacked(a, m, k, w, n, c, g0, g1, r_lo, r_hi, half):
+    """c[i, 32 g0 : 32 g1] = a[i] @ W^T for r_lo <= i < r_hi (a block of at most a few ROW_BLOCK rows), from W
+    (flat (n, k): float32, or the bits of half-precision weights, half as in products) as it lies, each panel's
+    chunk of inner steps packed (and widened) into a 64 KB buffer right before the block's tiles use it, then
+    dropped: no memory kept and no first call that costs more, for layers run once or a few times. Chunk by chunk
+    of the inner steps, panel by panel; the same sums as products from packed panels. Serial; releases the GIL."""
+    step = -(-k // -(-k // KC))
+    buf = np.empty(step * PANEL, dtype=np.float32)
+    for e0 in range(0, k, step):
+        kk = min(step, k - e0)
+        more = 1 if e0 > 0 else 0
+        for p in range(g0, g1):
+            _pack_widened(w, k, buf, p, e0, kk, half)
+            tile_rows(c, r_lo * n + p * PANEL, n, a, r_lo * k + e0, k, r_hi - r_lo, buf, 0, PANEL, kk, more)
 
 
 @njit(nogil=True, cache=True)
@@ -118,26 +234,35 @@ def _jobs(m: int, npan: int, nw: int, pack: bool) -> list[tuple[int, int, int, i
     return [(g, min(npan, g + gp), r0, r1) for r0, r1 in blocks for g in range(0, npan, gp)]
 
 
-def linear(x: np.ndarray, wp: np.ndarray, bias: np.ndarray | None, residual: np.ndarray | None = None,
+def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residual: np.ndarray | None = None,
            out: np.ndarray | None = None, weight: np.ndarray | None = None, nworkers: int | None = None) -> np.ndarray:
     """x @ W^T + bias (+ residual) over the last axis of x, as gemm.linear, with W packed in wp ((N / 32, K, 32),
     empty_panels); weight: W itself (N, K) of wp's dtype, to pack into wp during this call (wp is then complete).
-    Half-precision panels give the numbers of float32 panels of the same weights widened. Bias and
-    residual are added by each worker to its outputs while they are in cache. nworkers: threads (default
-    _pool.workers()); the numbers do not depend on it."""
-    npan, k, _ = wp.shape
-    n = npan * PANEL
+    wp None: from weight as it lies (float32, float16 or bfloat16 bits; packable), each chunk packed for its use
+    only (products_unpacked). Half-precision weights give the numbers of float32 ones widened, and all three ways
+    the same numbers. Bias and residual are added by each worker to its outputs while they are in cache.
+    nworkers: threads (default _pool.workers()); the numbers do not depend on it."""
+    unpacked = wp is None
+    if unpacked:
+        n, k = weight.shape
+        npan, dtype = n // PANEL, weight.dtype
+        if not packable(weight):
+            raise ValueError(f"linear: {weight.dtype} {weight.shape} weights do not fill panels")
+    else:
+        npan, k, _ = wp.shape
+        n, dtype = npan * PANEL, wp.dtype
     a, y, res2, lead = linear_operands(x, k, n, residual, out)
     m = a.shape[0]
     has_bias = bias is not None
     bb = np.asarray(bias, dtype=np.float32) if has_bias else _NO_BIAS
-    half = _HALF[wp.dtype]
-    bits = np.float32 if half == 0 else np.uint16  # what the kernel sees of the panels (Numba has no float16)
-    pack = weight is not None
-    if pack and weight.dtype != wp.dtype:
-        raise ValueError(f"linear: {weight.dtype} weights for {wp.dtype} panels")
-    wf = np.ascontiguousarray(weight).reshape(-1).view(bits) if pack else np.zeros(1, dtype=bits)
-    af, wpf, yf = a.reshape(-1), wp.reshape(-1).view(bits), y.reshape(-1)
+    half = _HALF[dtype]
+    bits = np.float32 if half == 0 else np.uint16  # what the kernel sees of the weights (Numba has no float16)
+    pack = weight is not None and not unpacked
+    if weight is not None and weight.dtype != dtype:
+        raise ValueError(f"linear: {weight.dtype} weights for {dtype} panels")
+    wf = np.ascontiguousarray(weight).reshape(-1).view(bits) if weight is not None else np.zeros(1, dtype=bits)
+    af, yf = a.reshape(-1), y.reshape(-1)
+    wpf = wf if unpacked else wp.reshape(-1).view(bits)
     nw = _pool.workers() if nworkers is None else max(1, nworkers)
     jobs = _jobs(m, npan, nw, pack)
     nxt = itertools.count()  # jobs handed out one at a time: a worker slowed down by a busy machine takes fewer
@@ -145,7 +270,10 @@ def linear(x: np.ndarray, wp: np.ndarray, bias: np.ndarray | None, residual: np.
     def part(_: int) -> None:
         while (i := next(nxt)) < len(jobs):
             g0, g1, r0, r1 = jobs[i]
-            products(af, m, k, wpf, n, yf, g0, g1, wf, pack, r0, r1, half)
+            if unpacked:
+                products_unpacked(af, m, k, wf, n, yf, g0, g1, r0, r1, half)
+            else:
+                products(af, m, k, wpf, n, yf, g0, g1, wf, pack, r0, r1, half)
             if r1 > r0 and (has_bias or res2 is not None):
                 add_bias_residual(y[r0:r1], bb, has_bias, _NO_RES2 if res2 is None else res2[r0:r1],
                                   res2 is not None, g0 * PANEL, g1 * PANEL)

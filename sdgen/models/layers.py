@@ -80,23 +80,20 @@ def conv_filters() -> str:
     return _CONV["filters"]
 
 
-# linear_panels: how the linear layers multiply. From their weights re-laid in panels (kernels.linear_tiles,
-# 0.95 of OpenBLAS's time on SD 1.5's guided UNet forward, 0.90-0.93 on SDXL-Turbo's), packed during each layer's
-# first call, which costs a pass over the weights into new memory (float32: the first step of SD 1.5 +1.2-1.6 s,
-# of SDXL at 512x512 ~+5 s, 8.9 GB), or by OpenBLAS from W as it is (half-precision W widened into a scratch
-# buffer first, at every call). "auto" (the default): the UNet's layers are packed during a denoising loop of at
-# least AUTO_PANEL_FORWARDS UNet forwards where their weights are float32, where the later steps repay the packing
-# (at ~0.3 s a step for SD 1.5 with guidance, ~0.6 s for SDXL-Turbo: after 6-9 steps), and during any denoising
-# loop where they are half precision (float16, bfloat16): panels of half the size, which the tiles widen chunk by
-# chunk, cost less than widening W for OpenBLAS even at the first call (SDXL-Turbo's float16 UNet at 512x512:
-# first step 8.1 s against 8.8, later steps 6.7 against 7.8); everything else -- text encoders and the VAE, which
-# run once, and float32 UNets in short loops such as the turbo models' 1-4 steps -- keeps OpenBLAS. "on": every
-# layer packed at its first call (long batch jobs with short loops). "off": none. A layer once packed stays
-# packed.
+# linear_panels: how the linear layers multiply. "auto" (the default): by the register tiles of kernels.linear_tiles
+# from W as it lies, each 64 KB chunk of it packed in a panel (and widened, for half-precision weights) right before
+# the tiles use it and then dropped -- no memory kept, no first call that costs more, for the text encoders and the
+# VAE as for the UNet -- on calls of at least UNPACKED_MIN_ROWS rows whose outputs fill 32-wide panels; OpenBLAS
+# for the rest (the time embeddings' one or two rows), which packs too, but more slowly (one thread, Zen 4,
+# GFLOP/s, OpenBLAS / tiles: 77 x 768 x 320 77 / 98, 256 x 1280 x 10240 94 / 105, 1024 x 640 x 5120 98 / 108,
+# 4096 x 1280 x 320 99 / 102; half weights widened chunk by chunk instead of whole at every call). Forwards
+# alternating in one process: SDXL-Turbo's fp32 UNet 0.934 of its time with OpenBLAS, SD 1.5's 0.99; against
+# weights packed once for the run ("on") 0.995-0.999, without the first step's packing (SD 1.5 +2.5 s, SDXL ~+5 s:
+# a pass over the weights into new memory). "on": every layer's weights re-laid in panels during its first call,
+# which then replace W. "off": OpenBLAS everywhere (half weights widened into a scratch buffer at every call).
 LINEAR_PANELS = ("auto", "on", "off")
-AUTO_PANEL_FORWARDS = 10
-_LINEAR = {"mode": "auto", "forwards": 0, "packed": 0}  # forwards: of the denoising loop being run (0: outside
-# any); packed: the layers packed in this process so far
+UNPACKED_MIN_ROWS = 16
+_LINEAR = {"mode": "auto", "packed": 0}  # packed: the layers packed in this process so far ("on")
 
 
 def set_linear_panels(value: "str | bool | None") -> None:
@@ -112,27 +109,8 @@ def linear_panels() -> str:
     return _LINEAR["mode"]
 
 
-@contextlib.contextmanager
-def denoising_forward(forwards: int):
-    """Around each UNet forward of a denoising loop of `forwards` forwards: under "auto", its linear layers are
-    packed in panels (at the first such forward) when the loop is long enough to repay it."""
-    before = _LINEAR["forwards"]
-    _LINEAR["forwards"] = forwards
-    try:
-        yield
-    finally:
-        _LINEAR["forwards"] = before
-
-
-def packs_linear(forwards: int, half: bool = False) -> bool:
-    """Whether a layer called in a denoising loop of `forwards` UNet forwards (0: outside any) packs its weights,
-    float32 or (half) float16 / bfloat16, in panels."""
-    mode = _LINEAR["mode"]
-    return mode == "on" or (mode == "auto" and (forwards >= AUTO_PANEL_FORWARDS or (half and forwards > 0)))
-
-
 def linear_layers_packed() -> int:
-    """How many linear layers this process has packed in panels so far."""
+    """How many linear layers this process has packed in panels so far (--linear-panels on)."""
     return _LINEAR["packed"]
 
 
@@ -288,9 +266,10 @@ def _f32(a: np.ndarray | None) -> np.ndarray | None:
 class Linear:
     """x @ W^T + b; W (out, in) held at the storage dtype, widened into a scratch buffer at each call if half.
 
-    Where linear_panels says so (on; auto: in a long enough denoising loop, or any for half weights), weights whose
-    outputs fill 32-wide panels are re-laid in them at their own precision (kernels.linear_tiles) during the
-    layer's first call; the panels then replace W (no second copy) and every later call multiplies by them."""
+    Under linear_panels auto, calls of enough rows multiply by kernels.linear_tiles' register tiles from W as it
+    lies (each chunk packed for its use); under on, weights whose outputs fill 32-wide panels are re-laid in them at
+    their own precision during the layer's first call, and the panels then replace W (no second copy); under off
+    (and for the rest), OpenBLAS."""
 
     def __init__(self, p: Params, in_features: int, out_features: int, bias: bool = True):
         self.weight = p.stored("weight", p.matrix("weight", out_features, in_features))
@@ -328,7 +307,7 @@ class Linear:
         into out if given (kernels.linear)."""
         if self.panels is not None:
             return linear_tiles.linear(x, self.panels, self.bias, residual, out)
-        if packs_linear(_LINEAR["forwards"], self.weight.dtype != np.float32) and linear_tiles.packable(self.weight):
+        if _LINEAR["mode"] == "on" and linear_tiles.packable(self.weight):
             panels = linear_tiles.empty_panels(*self.weight.shape, dtype=self.weight.dtype)
             y = linear_tiles.linear(x, panels, self.bias, residual, out, weight=self.weight)
             self.panels, self.weight = panels, None  # the panels are W now (a memory-mapped source may drop it)
@@ -336,6 +315,9 @@ class Linear:
             if self._release_weight is not None:
                 self._release_weight()
             return y
+        if (_LINEAR["mode"] != "off" and x.size >= UNPACKED_MIN_ROWS * x.shape[-1]
+                and linear_tiles.packable(self.weight)):  # the tiles from W as it lies, each chunk packed for its use
+            return linear_tiles.linear(x, None, self.bias, residual, out, weight=self.weight)
         return kernels.linear(x, _weights.as_float32(self.weight, "linear"), self.bias, residual, out)
 
 
