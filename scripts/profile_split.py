@@ -147,12 +147,13 @@ def sdgen_side(folder: Path, size: int, threads: int) -> dict:
             return "linear", 2.0 * out.size * args[0].shape[-1]
         return "conv3x3", 0.0
 
-    # the models call the kernels through the package (and packed linear layers through linear_tiles), by name
+    # the models call the kernels through the package (and the linear layers' tiles through linear_tiles), by name
     return split(forward, [(kernels, {"linear": lambda args, out: ("linear", 2.0 * out.size * args[1].shape[1]),
                                       "conv2d": conv_kind,
                                       "upsample_conv2d": lambda args, out: ("conv3x3", 0.0),
                                       "attention": lambda args, out: ("attention", 0.0)}),
-                           (linear_tiles, {"linear": lambda args, out: ("linear", 2.0 * out.size * args[1].shape[1])})])
+                           (linear_tiles, {"linear": lambda args, out: ("linear",
+                                                                        2.0 * out.size * args[0].shape[-1])})])
 
 
 def main() -> None:
@@ -161,7 +162,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--linear-panels", default="auto", choices=["auto", "on", "off"],
-                    help="sdgen's --linear-panels (the forward as one of a 20-step run's: auto packs them)")
+                    help="sdgen's --linear-panels")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
     ap.add_argument("--side", choices=["diffusers", "sdgen"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)

@@ -457,9 +457,10 @@ def test_linear_tiles(rng, m, k, n, nworkers):
     """Linear layers from weights packed in panels (linear_tiles): the first call packs W while it multiplies, later
     calls use the panels, and calls from W as it lies pack each chunk for its use only; all against float64, the
     same numbers (each sum in the same order: also whatever the workers), with the bias and the residual added
-    after (bit-identical to adding the residual afterwards), into out. Shapes: inner dimensions over and not a multiple of KC (513: two equal passes of 257), rows over ROW_BLOCK
-    (600) and in tiles of 6 with every remainder, fewer panels than GROUP and more (320 outputs: 10 panels), no
-    rows (the call packs W and returns an empty result)."""
+    after (bit-identical to adding the residual afterwards), into out. Shapes: inner dimensions over and not a
+    multiple of KC (513: two equal passes of 257), rows over ROW_BLOCK (600) and in tiles of 6 with every
+    remainder, fewer panels than GROUP and more (320 outputs: 10 panels), no rows (the call packs W and returns an
+    empty result)."""
     from sdgen.kernels import linear_tiles
 
     x = rng.standard_normal((m, k), dtype=np.float32)

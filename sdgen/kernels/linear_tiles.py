@@ -1,6 +1,6 @@
-"""Linear layers by panels.py's register tiles, from weights packed once in panels of 32 output channels.
+"""Linear layers by panels.py's register tiles, from weights in panels of 32 output channels.
 
-y = x W^T + b with W (N, K) as PyTorch stores it, packed as (N / 32, K, 32): panel p holds the 32 outputs
+y = x W^T + b with W (N, K) as PyTorch stores it, in panels (N / 32, K, 32): panel p holds the 32 outputs
 32 p .. 32 p + 31 of every input, contiguous. The product runs panel group by panel group (GROUP panels, 256
 outputs), over the inner dimension in equal chunks of at most KC steps (a panel's chunk, up to 64 KB, stays in L2
 beside the rows' chunk while the tiles of all the rows pass over it), each chunk's sums added to the last's, as BLAS
@@ -8,16 +8,17 @@ adds its blocks; the groups are shared out to the kernel workers. Chunks of 512 
 ones (SD 1.5's 320 inputs: one chunk, not 256 + 64) took every SD layer shape past OpenBLAS (2 threads, Zen 4,
 GFLOP/s, OpenBLAS / chunks of 256 / equal chunks of 512: 8192 x 320 x 1280 190 / 173-182 / 195-201, 8192 x 1280 x
 320 198 / 188-215 / 215-218, 2048 x 640 x 5120 186 / 185-187 / 199-203, 256 x 1280 x 10240 182 / 211-215 /
-215-222); SD 1.5's guided UNet forward from panels then took 0.954 of its time with OpenBLAS (alternating forwards).
+215-222).
 
-Why: OpenBLAS packs the weights again at every call, which weighs most where the rows are few (SDXL's 256-token
-layers above; the text's 77 tokens, 77 x 2048 x 2560: 125 -> 182 GFLOP/s with chunks of 256). Where
-sdgen.models.layers' linear_panels says so (--linear-panels; by default the UNet's layers in denoising loops of 10
-forwards and more), a layer's weights are packed at its first call, each chunk of W right before its tiles use it,
-and replace W; every call of the layer then multiplies by the panels, whatever its rows, so that its numbers never
-depend on what it ran before. Isolated, that first call costs 1.3-1.4x a packed one; in a whole forward it costs
-the new memory too (8.9 GB of weights for SDXL: the first forward at 512x512 ~14.5 s instead of ~9.4; SD 1.5's
-+1.2-1.6 s), which short runs would not win back.
+Two ways to the panels (sdgen.models.layers' linear_panels): from W as it lies (products_unpacked, the default),
+each chunk packed into a 64 KB buffer right before the tiles of a block of rows use it (8 x 8 blocks transposed in
+registers, half-precision weights widened as they are loaded), then dropped; or packed once, at the layer's first
+call, into panels that replace W (products, --linear-panels on; half-precision weights in half-precision panels,
+each chunk widened as it is used). Both give the same sums. Packing at every use costs little where the rows are
+many and OpenBLAS's packing (which also runs at every call, and more slowly) weighs most where they are few: the
+text's 77 tokens, SDXL's 256-token layers; the panels kept for the run cost a pass over the weights into new
+memory at the first call (8.9 GB for SDXL: its first forward at 512x512 ~14.5 s instead of ~9.4; SD 1.5's
++2.5 s) and then gain 0-1% a forward.
 
 The tile needs 32 vector registers (panels.AVAILABLE: AVX-512VL); elsewhere the layers keep BLAS.
 """
