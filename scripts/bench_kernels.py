@@ -1,6 +1,7 @@
 """Benchmark sdgen's kernels against PyTorch (fp32, CPU) on Stable Diffusion's layer shapes, in one process.
 
-    python scripts/bench_kernels.py [--threads 2] [--repeat 3] [--only conv|upsample|last|attention|norm] [--quick]
+    python scripts/bench_kernels.py [--threads 2] [--repeat 3] [--only conv|upsample|last|attention|norm|linear]
+                                    [--quick]
 
 Each case runs every implementation `repeat` times, interleaved (ours, torch, ours, torch, ...), and keeps the
 minimum, so that a busy machine disturbs both sides alike. Ratios are ours / torch (below 1: we are faster).
@@ -39,6 +40,17 @@ ATTN_SHAPES = [  # (batch, Lq, Lk, C, heads)
     (2, 4096, 4096, 320, 5),  # SD2 / SDXL: head dim 64
     (2, 4096, 77, 320, 5),
     (2, 1024, 77, 640, 10),
+]
+LINEAR_SHAPES = [  # (rows M, inputs K, outputs N): SD 1.5 with guidance, SDXL at 512x512, the text's 77 tokens
+    (8192, 320, 2560),
+    (8192, 1280, 320),
+    (2048, 640, 5120),
+    (512, 1280, 10240),
+    (1024, 640, 5120),
+    (256, 1280, 10240),
+    (256, 5120, 1280),
+    (77, 768, 3072),
+    (77, 1280, 1280),
 ]
 
 
@@ -130,6 +142,39 @@ def bench_attention(torch, repeat: int, quick: bool) -> None:
         print(f"{b:>2} {lq:>5} {lk:>5} {c:>5} {hd:>5} {tt * 1e3:>8.1f} {to * 1e3:>8.1f} {to / tt:>6.2f}", flush=True)
 
 
+def bench_linear(torch, repeat: int, quick: bool) -> None:
+    from sdgen.kernels import linear, linear_tiles, panels
+    from sdgen.kernels.weights import to_storage
+
+    if not panels.AVAILABLE:
+        print("\nlinear: the register tiles need AVX-512VL; skipped")
+        return
+    print("\nlinear (ms; ratio = ours / torch F.linear fp32): OpenBLAS (--linear-panels off), the tiles from W as it "
+          "lies (auto; fp32 and fp16 weights), from panels kept for the run (on)")
+    print(f"{'M':>5} {'K':>5} {'N':>6} {'torch':>8} {'openblas':>15} {'auto':>15} {'auto fp16':>15} {'on':>15}")
+    rng = np.random.default_rng(0)
+    for m, k, n in LINEAR_SHAPES:
+        if quick and m * k * n > 2e9:
+            continue
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        w = rng.standard_normal((n, k), dtype=np.float32) / np.float32(np.sqrt(k))
+        b = rng.standard_normal(n, dtype=np.float32)
+        w16 = to_storage(w, np.float16)
+        wp = linear_tiles.empty_panels(n, k)
+        linear_tiles.linear(x, wp, b, weight=w)
+        xt, wt, bt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+        fns = {"torch": lambda: torch.nn.functional.linear(xt, wt, bt), "openblas": lambda: linear(x, w, b),
+               "auto": lambda: linear_tiles.linear(x, None, b, weight=w),
+               "auto fp16": lambda: linear_tiles.linear(x, None, b, weight=w16),
+               "on": lambda: linear_tiles.linear(x, wp, b)}
+        with torch.no_grad():
+            best = timed_min(fns, repeat)
+        t = best["torch"]
+        print(f"{m:>5} {k:>5} {n:>6} {t * 1e3:>8.2f}" + "".join(
+            f" {best[v] * 1e3:>8.2f} ({best[v] / t:.2f})" for v in ("openblas", "auto", "auto fp16", "on")),
+            flush=True)
+
+
 def bench_norm(torch, repeat: int) -> None:
     from sdgen.kernels import geglu, group_norm, layer_norm
 
@@ -216,7 +261,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["conv", "upsample", "last", "attention", "norm"], action="append")
+    ap.add_argument("--only", choices=["conv", "upsample", "last", "attention", "norm", "linear"], action="append")
     ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
     ap.add_argument("--variants", default="im2col,f23,f43,f63,model",
                     help="conv paths to time, comma separated: im2col, f23, f43, f63 (transformed weights kept), "
@@ -232,7 +277,7 @@ def main() -> None:
     set_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, torch {torch.__version__}, numpy {np.__version__}; minimum of {args.repeat} runs")
-    only = args.only or ["conv", "upsample", "last", "attention", "norm"]
+    only = args.only or ["conv", "upsample", "last", "attention", "norm", "linear"]
     if "conv" in only:
         bench_conv(torch, args.repeat, args.quick, args.variants.split(","))
     if "upsample" in only:
@@ -243,6 +288,8 @@ def main() -> None:
         bench_attention(torch, args.repeat, args.quick)
     if "norm" in only:
         bench_norm(torch, args.repeat)
+    if "linear" in only:
+        bench_linear(torch, args.repeat, args.quick)
 
 
 if __name__ == "__main__":
