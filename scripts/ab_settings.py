@@ -1,0 +1,103 @@
+"""Two sdgen settings side by side in one process: UNet forwards (or VAE decodes) alternating between them.
+
+For changes that move a forward's time by a few percent on a machine whose speed changes from minute to minute:
+both settings run in the same process, one right after the other, the order alternating each round; printed are
+each side's times, their medians (the first round left out: it includes Numba's cache loads and first-touch
+memory) and the ratio b / a. The model is the random-weight folder of scripts/bench_vs_diffusers.py (built there,
+or here if missing; diffusers is needed only then).
+
+    python scripts/ab_settings.py --model sdxl-turbo --linear-panels off,auto
+    python scripts/ab_settings.py --model sd15 --weights-dtype fp32,fp16 --rounds 7
+    python scripts/ab_settings.py --model sd15 --weights-dtype fp32,fp16 --what vae
+
+--linear-panels A,B: one model, the setting switched before each forward (`on` packs its layers for good at the
+first forward, so it gets a model of its own). --weights-dtype A,B: two models, one per precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="sd15", help="an architecture in sdgen/data/configs (sd15, sdxl-turbo, ...)")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--what", choices=["unet", "vae"], default="unet",
+                    help="unet: a forward as a guided step's (SD 1.x/2.x: the latents once, two contexts; SDXL: "
+                         "batch 1); vae: a decode")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--linear-panels", help="two --linear-panels values, a,b")
+    group.add_argument("--weights-dtype", help="two --weights-dtype values, a,b")
+    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
+    args = ap.parse_args()
+
+    from compare_full_size import build_random_model
+
+    from sdgen.memory import keep_freed_memory
+    from sdgen.models.layers import set_linear_panels
+    from sdgen.pipeline import Pipeline
+    from sdgen.threads import set_threads
+
+    folder = build_random_model(args.model, args.workdir / args.model)
+    keep_freed_memory()  # as the sdgen command does
+    set_threads(args.threads)
+    values = (args.linear_panels or args.weights_dtype).split(",")
+    if len(values) != 2:
+        ap.error("two values, comma separated")
+    if args.weights_dtype:
+        sides = {v: (Pipeline.load(folder, weights_dtype=v), "auto") for v in values}
+    else:
+        shared = Pipeline.load(folder)
+        sides = {v: (Pipeline.load(folder) if v == "on" else shared, v) for v in values}
+
+    rng = np.random.default_rng(0)
+    pipe0 = next(iter(sides.values()))[0]
+    xl = pipe0.family == "sdxl"
+    lat = args.size // 8
+    x = rng.standard_normal((1, 4, lat, lat), dtype=np.float32)
+    ctx = rng.standard_normal((1 if xl else 2, 77, pipe0.unet.cfg.cross_attention_dim), dtype=np.float32)
+    extra = {}
+    if xl:
+        extra = {"text_embeds": rng.standard_normal((1, 1280), dtype=np.float32),
+                 "time_ids": np.array([[args.size, args.size, 0, 0, args.size, args.size]], np.float32)}
+
+    def run(pipe):
+        if args.what == "vae":
+            return pipe.vae.decode(x)
+        pipe.unet.forget_context()  # the cross-attention keys made again at each forward
+        return pipe.unet(x, 500, ctx, **extra)
+
+    times = {v: [] for v in values}
+    for r in range(args.rounds):
+        for v in (values if r % 2 == 0 else values[::-1]):
+            pipe, mode = sides[v]
+            set_linear_panels(mode)
+            t0 = time.perf_counter()
+            run(pipe)
+            times[v].append(time.perf_counter() - t0)
+    set_linear_panels(None)
+    med = {v: float(np.median(times[v][1:] if len(times[v]) > 1 else times[v])) for v in values}
+    what = "--linear-panels" if args.linear_panels else "--weights-dtype"
+    print(f"{args.model} (random weights), {args.size}x{args.size}, {args.what}, {args.threads} threads; command: "
+          f"python scripts/ab_settings.py --model {args.model} --size {args.size} --what {args.what} {what} "
+          f"{','.join(values)} --rounds {args.rounds}")
+    for v in values:
+        print(f"{v:>6}: " + " ".join(f"{t:6.2f}" for t in times[v]) + f"   median of rounds 2-: {med[v]:.3f} s")
+    print(f"{values[1]} / {values[0]}: {med[values[1]] / med[values[0]]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
