@@ -145,11 +145,11 @@ def _pack_widened(w, k, buf, p, e0, kk, half):
         e += 8
     if e < kk:
         for t in range(PANEL):
-            widen_tail(w, base + t * k + e, buf, e * PANEL + t, PANEL, kk - e, half)
+            _widen_tail(w, base + t * k + e, buf, e * PANEL + t, PANEL, kk - e, half)
 
 
 @njit(inline="always")
-def widen_tail(w, s_off, buf, d_off, step, n, half):
+def _widen_tail(w, s_off, buf, d_off, step, n, half):
     """buf[d_off + i step] = w[s_off + i] as float32 for i < n (the last few inner steps of a chunk)."""
     for i in range(n):
         buf[d_off + i * step] = _as_f32(w[s_off + i], half)

@@ -264,7 +264,7 @@ def _f32(a: np.ndarray | None) -> np.ndarray | None:
 
 
 class Linear:
-    """x @ W^T + b; W (out, in) held at the storage dtype, widened into a scratch buffer at each call if half.
+    """x @ W^T + b; W (out, in) held at the storage dtype (half precision widened as the kernels read it).
 
     Under linear_panels auto, calls of enough rows multiply by kernels.linear_tiles' register tiles from W as it
     lies (each chunk packed for its use); under on, weights whose outputs fill 32-wide panels are re-laid in them at
