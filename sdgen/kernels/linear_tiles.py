@@ -35,7 +35,7 @@ from numba.extending import intrinsic, overload
 from . import _pool, panels
 from .gemm import _NO_BIAS, _NO_RES2, add_bias_residual, linear_operands
 from .panels import PANEL, tile_rows
-from .weights import F16_TABLE, HALF_BF16, HALF_F16, HAS_F16C, widen_run
+from .weights import F16_TABLE, HALF_BF16, HALF_F16, HAS_F16C, widen_bits_ir, widen_one, widen_run
 
 KC = 512  # inner-dimension steps per pass of the tiles at most (a panel's chunk: 64 KB)
 GROUP = 8  # panels per job (256 outputs)
@@ -57,18 +57,18 @@ def empty_panels(out_features: int, in_features: int, dtype=np.float32) -> np.nd
     return np.empty((out_features // PANEL, in_features, PANEL), dtype=dtype)
 
 
-def _chunk(wp, off, n, buf, half):
+def _chunk(wp, off, n, buf, half, table):
     """(array, offset) where the float32 values of the panels' elements wp[off : off + n] lie: wp itself when it is
-    float32, else buf, into which they are widened (Numba picks the version by wp's dtype)."""
+    float32, else buf, into which they are widened (table: F16_TABLE; Numba picks the version by wp's dtype)."""
 
 
 @overload(_chunk, jit_options={"nogil": True})
-def _chunk_numba(wp, off, n, buf, half):
+def _chunk_numba(wp, off, n, buf, half, table):
     if wp.dtype == types.float32:
-        return lambda wp, off, n, buf, half: (wp, off)
+        return lambda wp, off, n, buf, half, table: (wp, off)
 
-    def widened(wp, off, n, buf, half):
-        widen_run(wp, off, buf, 0, n, half, F16_TABLE)
+    def widened(wp, off, n, buf, half, table):
+        widen_run(wp, off, buf, 0, n, half, table)
         return buf, 0
 
     return widened
@@ -100,10 +100,7 @@ def _transpose8(typingctx, dst, d_off, ldd, src, s_off, lds, half):
             if widen is None:
                 return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
             raw = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(16), 8).as_pointer()), align=2)
-            if widen == HALF_F16:
-                return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), 8)), vec)
-            wide = builder.zext(raw, ir.VectorType(ir.IntType(32), 8))
-            return builder.bitcast(builder.shl(wide, ir.Constant(wide.type, [16] * 8)), vec)
+            return widen_bits_ir(builder, raw, widen)
 
         def block(widen):
             r = [row(i, widen) for i in range(8)]
@@ -133,10 +130,10 @@ def _transpose8(typingctx, dst, d_off, ldd, src, s_off, lds, half):
 
 
 @njit(nogil=True, cache=True)
-def _pack_widened(w, k, buf, p, e0, kk, half):
+def _pack_widened(w, k, buf, p, e0, kk, half, table):
     """buf[e PANEL + t] = W[32 p + t, e0 + e] as float32 for e < kk, t < PANEL: panel p's chunk of inner steps
-    [e0, e0 + kk) from the flat (N, K) weights w (float32, or half-precision bits, half as for _transpose8), in 8 x 8
-    blocks transposed in registers (~4-8x the scalar copy's speed)."""
+    [e0, e0 + kk) from the flat (N, K) weights w (float32, or half-precision bits, half as for _transpose8; table:
+    F16_TABLE, for the last steps), in 8 x 8 blocks transposed in registers (~4-8x the scalar copy's speed)."""
     base = p * PANEL * k + e0
     e = 0
     while e + 8 <= kk:
@@ -145,47 +142,43 @@ def _pack_widened(w, k, buf, p, e0, kk, half):
         e += 8
     if e < kk:
         for t in range(PANEL):
-            _widen_tail(w, base + t * k + e, buf, e * PANEL + t, PANEL, kk - e, half)
+            _widen_tail(w, base + t * k + e, buf, e * PANEL + t, PANEL, kk - e, half, table)
 
 
 @njit(inline="always")
-def _widen_tail(w, s_off, buf, d_off, step, n, half):
+def _widen_tail(w, s_off, buf, d_off, step, n, half, table):
     """buf[d_off + i step] = w[s_off + i] as float32 for i < n (the last few inner steps of a chunk)."""
     for i in range(n):
-        buf[d_off + i * step] = _as_f32(w[s_off + i], half)
+        buf[d_off + i * step] = _as_f32(w[s_off + i], half, table)
 
 
-def _as_f32(v, half):
-    """One element of a weight as float32: itself, or float16 / bfloat16 bits widened (Numba picks by type)."""
+def _as_f32(v, half, table):
+    """One element of a weight as float32: itself, or float16 / bfloat16 bits widened (weights.widen_one; Numba
+    picks the version by type)."""
 
 
 @overload(_as_f32, jit_options={"nogil": True})
-def _as_f32_numba(v, half):
+def _as_f32_numba(v, half, table):
     if v == types.float32:
-        return lambda v, half: v
-
-    def widened(v, half):
-        if half == HALF_F16:
-            return F16_TABLE[v]
-        return np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
-
-    return widened
+        return lambda v, half, table: v
+    return lambda v, half, table: widen_one(v, half, table)
 
 
 @njit(nogil=True, cache=True)
-def products_unpacked(a, m, k, w, n, c, g0, g1, r_lo, r_hi, half):
+def products_unpacked(a, m, k, w, n, c, g0, g1, r_lo, r_hi, half, table):
     """c[i, 32 g0 : 32 g1] = a[i] @ W^T for r_lo <= i < r_hi (a block of at most a few ROW_BLOCK rows), from W
     (flat (n, k): float32, or the bits of half-precision weights, half as in products) as it lies, each panel's
     chunk of inner steps packed (and widened) into a 64 KB buffer right before the block's tiles use it, then
     dropped: no memory kept and no first call that costs more, for layers run once or a few times. Chunk by chunk
-    of the inner steps, panel by panel; the same sums as products from packed panels. Serial; releases the GIL."""
+    of the inner steps, panel by panel; the same sums as products from packed panels. table: F16_TABLE. Serial;
+    releases the GIL."""
     step = -(-k // -(-k // KC))
     buf = np.empty(step * PANEL, dtype=np.float32)
     for e0 in range(0, k, step):
         kk = min(step, k - e0)
         more = 1 if e0 > 0 else 0
         for p in range(g0, g1):
-            _pack_widened(w, k, buf, p, e0, kk, half)
+            _pack_widened(w, k, buf, p, e0, kk, half, table)
             tile_rows(c, r_lo * n + p * PANEL, n, a, r_lo * k + e0, k, r_hi - r_lo, buf, 0, PANEL, kk, more)
 
 
@@ -201,13 +194,13 @@ def _pack_chunk(w, k, wp, p, e0, kk):
 
 
 @njit(nogil=True, cache=True)
-def products(a, m, k, wp, n, c, g0, g1, w, pack, r_lo, r_hi, half):
+def products(a, m, k, wp, n, c, g0, g1, w, pack, r_lo, r_hi, half, table):
     """c[i, 32 g0 : 32 g1] = a[i] @ W^T for r_lo <= i < r_hi, from the packed panels g0 .. g1 - 1 of wp; flat
     arrays, a (m, k) and c (m, n) float32, wp float32 or the bits (uint16) of half-precision panels (half: HALF_F16
     or HALF_BF16), each chunk of those widened once per block of rows, into a buffer that stays in L1/L2 while the
-    block's tiles use it. pack: first make those panels from w (flat (n, k), wp's dtype), each chunk right before
-    its use (then r_lo must be 0). Rows in blocks of ROW_BLOCK; per block, chunk by chunk of the inner steps
-    (equal chunks of at most KC), panel by panel. Serial; releases the GIL."""
+    block's tiles use it (table: F16_TABLE). pack: first make those panels from w (flat (n, k), wp's dtype), each
+    chunk right before its use (then r_lo must be 0). Rows in blocks of ROW_BLOCK; per block, chunk by chunk of the
+    inner steps (equal chunks of at most KC), panel by panel. Serial; releases the GIL."""
     step = -(-k // -(-k // KC))  # the inner dimension in equal chunks of at most KC
     buf = np.empty(step * PANEL if half else 1, dtype=np.float32)
     for r0 in range(r_lo, max(r_hi, r_lo + 1), ROW_BLOCK):  # (no rows: the packing only)
@@ -219,7 +212,7 @@ def products(a, m, k, wp, n, c, g0, g1, w, pack, r_lo, r_hi, half):
                 if pack and r0 == r_lo:
                     _pack_chunk(w, k, wp, p, e0, kk)
                 if mr > 0:
-                    b, b_off = _chunk(wp, p * k * PANEL + e0 * PANEL, kk * PANEL, buf, half)
+                    b, b_off = _chunk(wp, p * k * PANEL + e0 * PANEL, kk * PANEL, buf, half, table)
                     tile_rows(c, r0 * n + p * PANEL, n, a, r0 * k + e0, k, mr, b, b_off, PANEL, kk, more)
 
 
@@ -272,9 +265,9 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
         while (i := next(nxt)) < len(jobs):
             g0, g1, r0, r1 = jobs[i]
             if unpacked:
-                products_unpacked(af, m, k, wf, n, yf, g0, g1, r0, r1, half)
+                products_unpacked(af, m, k, wf, n, yf, g0, g1, r0, r1, half, F16_TABLE)
             else:
-                products(af, m, k, wpf, n, yf, g0, g1, wf, pack, r0, r1, half)
+                products(af, m, k, wpf, n, yf, g0, g1, wf, pack, r0, r1, half, F16_TABLE)
             if r1 > r0 and (has_bias or res2 is not None):
                 add_bias_residual(y[r0:r1], bb, has_bias, _NO_RES2 if res2 is None else res2[r0:r1],
                                   res2 is not None, g0 * PANEL, g1 * PANEL)

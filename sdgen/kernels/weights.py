@@ -94,6 +94,26 @@ HAS_F16C = _has_f16c()
 WIDEN_LANES = 16
 
 
+def widen_bits_ir(builder, raw, half: int):
+    """LLVM IR: a vector of 16-bit weight bits (<L x i16>) as float32 (<L x float>): float16 by fpext (vcvtph2ps
+    with F16C), bfloat16 by a shift into the high half (the intrinsics here and in linear_tiles)."""
+    lanes = raw.type.count
+    vec = ir.VectorType(ir.FloatType(), lanes)
+    if half == HALF_F16:
+        return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), lanes)), vec)
+    wide = builder.zext(raw, ir.VectorType(ir.IntType(32), lanes))
+    return builder.bitcast(builder.shl(wide, ir.Constant(wide.type, [16] * lanes)), vec)
+
+
+@njit(inline="always")
+def widen_one(v, half, table):
+    """One weight's 16-bit bits v (uint16) as float32: float16 through table (F16_TABLE) where half is HALF_F16,
+    else bfloat16 (a shift)."""
+    if half == HALF_F16:
+        return table[v]
+    return np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+
+
 @intrinsic
 def _widen_vector(typingctx, dst, d_off, src, s_off, f16):
     """dst[d_off + j] = src[s_off + j] widened to float32 for j < WIDEN_LANES: float16 bits (vcvtph2ps) where f16
@@ -115,12 +135,9 @@ def _widen_vector(typingctx, dst, d_off, src, s_off, f16):
         target = builder.bitcast(builder.gep(dp, [do]), vec.as_pointer())
         with builder.if_else(is_f16) as (f16, bf16):
             with f16:
-                builder.store(builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), lanes)), vec), target,
-                              align=4)
+                builder.store(widen_bits_ir(builder, raw, HALF_F16), target, align=4)
             with bf16:
-                wide = builder.zext(raw, ir.VectorType(ir.IntType(32), lanes))
-                builder.store(builder.bitcast(builder.shl(wide, ir.Constant(wide.type, [16] * lanes)), vec), target,
-                              align=4)
+                builder.store(widen_bits_ir(builder, raw, HALF_BF16), target, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -138,10 +155,7 @@ def widen_run(src, s_off, dst, d_off, n, half, table):
         _widen_vector(dst, d_off + i, src, s_off + i, f16)
         i += WIDEN_LANES
     for j in range(i, n):
-        if f16:
-            dst[d_off + j] = table[src[s_off + j]]
-        else:
-            dst[d_off + j] = np.uint32(np.uint32(src[s_off + j]) << np.uint32(16)).view(np.float32)
+        dst[d_off + j] = widen_one(src[s_off + j], half, table)
 
 
 @intrinsic
