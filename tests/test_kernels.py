@@ -485,6 +485,34 @@ def test_linear_tiles(rng, m, k, n, nworkers):
 
 
 @pytest.mark.skipif(not panels.AVAILABLE, reason="register tiles need AVX-512VL")
+@pytest.mark.parametrize("storage", ["fp32", "fp16"])
+@pytest.mark.parametrize("m, k, sizes", [(600, 320, (320, 320, 320)), (77, 70, (64, 32, 96)), (5, 513, (32,))])
+def test_linear_tiles_blocks_of_rows(rng, m, k, sizes, storage):
+    """W given as blocks of its rows (a fused layer's q, k and v weights where they lie, never joined): the same
+    numbers, bit for bit, as W joined, from the blocks as they lie and packed into panels (whatever the workers),
+    with bias and residual; blocks of outputs that are not whole panels, or of two dtypes, are refused."""
+    from sdgen.kernels import linear_tiles
+    from sdgen.kernels.weights import STORAGE_DTYPES, to_storage
+
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    dtype = STORAGE_DTYPES[storage]
+    blocks = [to_storage(rng.standard_normal((n, k), dtype=np.float32), dtype) for n in sizes]
+    w = np.concatenate(blocks)
+    b = rng.standard_normal(w.shape[0], dtype=np.float32)
+    res = rng.standard_normal((m, w.shape[0]), dtype=np.float32)
+    want = linear_tiles.linear(x, None, b, res, weight=w)
+    for nworkers in (1, 2):
+        assert np.array_equal(linear_tiles.linear(x, None, b, res, weight=blocks, nworkers=nworkers), want)
+        wp = linear_tiles.empty_panels(*w.shape, dtype=w.dtype)
+        assert np.array_equal(linear_tiles.linear(x, wp, b, res, weight=blocks, nworkers=nworkers), want)
+        assert np.array_equal(wp.transpose(0, 2, 1).reshape(w.shape), w)  # the blocks' panels one after another
+    with pytest.raises(ValueError, match="fill panels"):
+        linear_tiles.linear(x, None, None, weight=[w, np.zeros((40, k), w.dtype)])
+    with pytest.raises(ValueError, match="fill panels"):
+        linear_tiles.linear(x, None, None, weight=[w, w.astype(np.float32 if storage == "fp16" else np.float16)])
+
+
+@pytest.mark.skipif(not panels.AVAILABLE, reason="register tiles need AVX-512VL")
 @pytest.mark.parametrize("m, k, n", [(5, 70, 96), (600, 513, 320), (77, 300, 64)])
 @pytest.mark.parametrize("storage", ["fp16", "bf16"])
 def test_linear_tiles_half_panels(rng, m, k, n, storage):

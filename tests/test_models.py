@@ -205,6 +205,49 @@ def test_linear_layers_packed_at_their_first_call():
         set_linear_panels("sometimes")
 
 
+def test_fused_linear_reads_its_layers_weights_in_place():
+    """Linear.fused (q, k and v sharing an input) multiplies by its layers' weights where they lie, no copy, under
+    every --linear-panels: the numbers of the layers one by one (bit for bit from the tiles; within fp32 rounding
+    from OpenBLAS), the biases joined (a missing one as zeros); OpenBLAS's path, and blocks that do not fill
+    panels, join the weights once; "on" packs them into one set of panels."""
+    from sdgen.models.layers import Linear, Params, set_linear_panels
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 40, 70), dtype=np.float32)
+
+    def layers(sizes, twins=1):  # twins: that many sets of layers of the same weights
+        tensors = [{"weight": rng.standard_normal((n, 70), dtype=np.float32),
+                    "bias": rng.standard_normal(n, dtype=np.float32)} for n in sizes]
+        sets = [[Linear(Params(dict(t)), 70, t["weight"].shape[0], bias=i != 1) for i, t in enumerate(tensors)]
+                for _ in range(twins)]
+        return sets if twins > 1 else sets[0]
+
+    for mode in ("auto", "on", "off"):
+        set_linear_panels(mode)
+        try:
+            parts, alone = layers((64, 32, 96), twins=2)
+            want = np.concatenate([lin(x) for lin in alone], axis=-1)
+            fused = Linear.fused(parts)
+            assert fused.out_features == 192 and all(f is p.blocks[0] for f, p in zip(fused.blocks, parts))
+            y = fused(x)
+            if mode == "off" or not panels.AVAILABLE:
+                assert rel_err(y, want) < 1e-6 and len(fused.blocks) == 1 and fused.weight.shape == (192, 70)
+            else:
+                assert np.array_equal(y, want)
+                assert fused.panels is not None if mode == "on" else len(fused.blocks) == 3
+            assert np.array_equal(fused(x), y) and fused.out_features == 192
+
+            parts = layers((40, 24))  # 64 outputs, neither block of whole panels
+            w = np.concatenate([lin.weight for lin in parts])
+            bias = np.concatenate([parts[0].bias, np.zeros(24, np.float32)])
+            odd = Linear.fused(parts)
+            y = odd(x)
+            assert len(odd.blocks) == (0 if odd.panels is not None else 1) and odd.out_features == 64
+            assert rel_err(y, x.astype(np.float64) @ w.T.astype(np.float64) + bias) < 1e-5
+        finally:
+            set_linear_panels(None)
+
+
 def _check_linear_panels(Linear, Params):
     from sdgen.kernels.weights import to_storage, widen
 

@@ -165,13 +165,14 @@ def _as_f32_numba(v, half, table):
 
 
 @njit(nogil=True, cache=True)
-def products_unpacked(a, m, k, w, n, c, g0, g1, r_lo, r_hi, half, table):
-    """c[i, 32 g0 : 32 g1] = a[i] @ W^T for r_lo <= i < r_hi (a block of at most a few ROW_BLOCK rows), from W
-    (flat (n, k): float32, or the bits of half-precision weights, half as in products) as it lies, each panel's
-    chunk of inner steps packed (and widened) into a 64 KB buffer right before the block's tiles use it, then
-    dropped: no memory kept and no first call that costs more, for layers run once or a few times. Chunk by chunk
-    of the inner steps, panel by panel; the same sums as products from packed panels. table: F16_TABLE. Serial;
-    releases the GIL."""
+def products_unpacked(a, m, k, w, ldc, c, c_p0, g0, g1, r_lo, r_hi, half, table):
+    """c[i, 32 (c_p0 + g0) : 32 (c_p0 + g1)] = a[i] @ W[32 g0 : 32 g1]^T for r_lo <= i < r_hi (a block of at most
+    a few ROW_BLOCK rows; c's rows ldc apart), from W (flat (n, k): float32, or the bits of half-precision weights,
+    half as in products) as it lies, each panel's chunk of inner steps packed (and widened) into a 64 KB buffer
+    right before the block's tiles use it, then dropped: no memory kept and no first call that costs more, for
+    layers run once or a few times. c_p0: the panel of c where W's outputs begin (a block of a fused layer's
+    outputs). Chunk by chunk of the inner steps, panel by panel; the same sums as products from packed panels.
+    table: F16_TABLE. Serial; releases the GIL."""
     step = -(-k // -(-k // KC))
     buf = np.empty(step * PANEL, dtype=np.float32)
     for e0 in range(0, k, step):
@@ -179,13 +180,14 @@ def products_unpacked(a, m, k, w, n, c, g0, g1, r_lo, r_hi, half, table):
         more = 1 if e0 > 0 else 0
         for p in range(g0, g1):
             _pack_widened(w, k, buf, p, e0, kk, half, table)
-            tile_rows(c, r_lo * n + p * PANEL, n, a, r_lo * k + e0, k, r_hi - r_lo, buf, 0, PANEL, kk, more)
+            tile_rows(c, r_lo * ldc + (c_p0 + p) * PANEL, ldc, a, r_lo * k + e0, k, r_hi - r_lo, buf, 0, PANEL, kk,
+                      more)
 
 
 @njit(nogil=True, cache=True)
-def _pack_chunk(w, k, wp, p, e0, kk):
-    """Panel p's inner steps [e0, e0 + kk) from the flat (N, K) weights w into the flat packed wp."""
-    base = p * k * PANEL + e0 * PANEL
+def _pack_chunk(w, k, wp, p, q, e0, kk):
+    """Panel p's inner steps [e0, e0 + kk) from the flat (N, K) weights w into panel q of the flat packed wp."""
+    base = q * k * PANEL + e0 * PANEL
     for t in range(PANEL):
         src = w[(p * PANEL + t) * k + e0:(p * PANEL + t) * k + e0 + kk]  # indexed from 0 (Numba's wraparound)
         dst = wp[base + t:base + t + kk * PANEL]
@@ -194,13 +196,14 @@ def _pack_chunk(w, k, wp, p, e0, kk):
 
 
 @njit(nogil=True, cache=True)
-def products(a, m, k, wp, n, c, g0, g1, w, pack, r_lo, r_hi, half, table):
+def products(a, m, k, wp, n, c, g0, g1, w, w_p0, pack, r_lo, r_hi, half, table):
     """c[i, 32 g0 : 32 g1] = a[i] @ W^T for r_lo <= i < r_hi, from the packed panels g0 .. g1 - 1 of wp; flat
     arrays, a (m, k) and c (m, n) float32, wp float32 or the bits (uint16) of half-precision panels (half: HALF_F16
     or HALF_BF16), each chunk of those widened once per block of rows, into a buffer that stays in L1/L2 while the
-    block's tiles use it (table: F16_TABLE). pack: first make those panels from w (flat (n, k), wp's dtype), each
-    chunk right before its use (then r_lo must be 0). Rows in blocks of ROW_BLOCK; per block, chunk by chunk of the
-    inner steps (equal chunks of at most KC), panel by panel. Serial; releases the GIL."""
+    block's tiles use it (table: F16_TABLE). pack: first make those panels from w (flat (n_w, k), wp's dtype, whose
+    panel 0 is wp's panel w_p0: a block of a fused layer's outputs), each chunk right before its use (then r_lo
+    must be 0). Rows in blocks of ROW_BLOCK; per block, chunk by chunk of the inner steps (equal chunks of at most
+    KC), panel by panel. Serial; releases the GIL."""
     step = -(-k // -(-k // KC))  # the inner dimension in equal chunks of at most KC
     buf = np.empty(step * PANEL if half else 1, dtype=np.float32)
     for r0 in range(r_lo, max(r_hi, r_lo + 1), ROW_BLOCK):  # (no rows: the packing only)
@@ -210,67 +213,87 @@ def products(a, m, k, wp, n, c, g0, g1, w, pack, r_lo, r_hi, half, table):
             more = 1 if e0 > 0 else 0
             for p in range(g0, g1):
                 if pack and r0 == r_lo:
-                    _pack_chunk(w, k, wp, p, e0, kk)
+                    _pack_chunk(w, k, wp, p - w_p0, p, e0, kk)
                 if mr > 0:
                     b, b_off = _chunk(wp, p * k * PANEL + e0 * PANEL, kk * PANEL, buf, half, table)
                     tile_rows(c, r0 * n + p * PANEL, n, a, r0 * k + e0, k, mr, b, b_off, PANEL, kk, more)
 
 
-def _jobs(m: int, npan: int, nw: int, pack: bool) -> list[tuple[int, int, int, int]]:
-    """(first panel, end panel, first row, end row) of each job: groups of up to GROUP panels, times blocks of
-    ROW_BLOCK rows (one block of all the rows when packing, so that each panel is packed once, before its use);
-    groups made smaller while there are fewer than 4 jobs per worker (so the workers finish together: SD 1.5's
-    320-output layers, 10 panels, in groups of 8 and 2 ran 1.5x behind BLAS)."""
+def _jobs(m: int, part_panels: list[int], nw: int, pack: bool) -> list[tuple[int, int, int, int, int]]:
+    """(block of W, first panel, end panel, first row, end row) of each job, panels counted within the block:
+    each block's panels in groups of up to GROUP (equal but for one; a group never spans two blocks, e.g. the q,
+    k and v weights of a fused layer), times blocks of ROW_BLOCK rows (one block of all the rows when packing, so
+    that each panel is packed once, before its use); groups made smaller while there are fewer than 4 jobs per
+    worker (so the workers finish together: SD 1.5's 320-output layers, 10 panels, in groups of 8 and 2 ran 1.5x
+    behind BLAS)."""
     blocks = [(0, m)] if pack else [(r, min(m, r + ROW_BLOCK)) for r in range(0, max(m, 1), ROW_BLOCK)]
+
+    def groups(gp: int) -> list[tuple[int, int, int]]:
+        out = []
+        for j, npan in enumerate(part_panels):
+            ng = -(-npan // gp)
+            cuts = [npan * i // ng for i in range(ng + 1)]
+            out += [(j, g0, g1) for g0, g1 in zip(cuts, cuts[1:])]
+        return out
+
     gp = GROUP
-    while gp > 1 and -(-npan // gp) * len(blocks) < 4 * nw:
+    while gp > 1 and len(groups(gp)) * len(blocks) < 4 * nw:
         gp //= 2
-    return [(g, min(npan, g + gp), r0, r1) for r0, r1 in blocks for g in range(0, npan, gp)]
+    return [(j, g0, g1, r0, r1) for r0, r1 in blocks for j, g0, g1 in groups(gp)]
 
 
 def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residual: np.ndarray | None = None,
-           out: np.ndarray | None = None, weight: np.ndarray | None = None, nworkers: int | None = None) -> np.ndarray:
+           out: np.ndarray | None = None, weight=None, nworkers: int | None = None) -> np.ndarray:
     """x @ W^T + bias (+ residual) over the last axis of x, as gemm.linear, with W packed in wp ((N / 32, K, 32),
     empty_panels); weight: W itself (N, K) of wp's dtype, to pack into wp during this call (wp is then complete).
     wp None: from weight as it lies (float32, float16 or bfloat16 bits; packable), each chunk packed for its use
-    only (products_unpacked). Half-precision weights give the numbers of float32 ones widened, and all three ways
-    the same numbers. Bias and residual are added by each worker to its outputs while they are in cache.
-    nworkers: threads (default _pool.workers()); the numbers do not depend on it."""
+    only (products_unpacked). weight may also be a list of blocks of W's rows (each (N_i, K), packable, one dtype:
+    a fused layer's q, k and v weights where they lie), which are read in place, never joined. Half-precision
+    weights give the numbers of float32 ones widened, and all three ways the same numbers. Bias and residual are
+    added by each worker to its outputs while they are in cache. nworkers: threads (default _pool.workers()); the
+    numbers do not depend on it."""
     unpacked = wp is None
+    parts = [] if weight is None else [weight] if isinstance(weight, np.ndarray) else list(weight)
     if unpacked:
-        n, k = weight.shape
-        npan, dtype = n // PANEL, weight.dtype
-        if not packable(weight):
-            raise ValueError(f"linear: {weight.dtype} {weight.shape} weights do not fill panels")
+        if not parts or any(not packable(w) or w.shape[1] != parts[0].shape[1] or w.dtype != parts[0].dtype
+                            for w in parts):
+            raise ValueError(f"linear: weights {[(w.dtype, w.shape) for w in parts]} do not fill panels")
+        k, dtype = parts[0].shape[1], parts[0].dtype
+        n = sum(w.shape[0] for w in parts)
     else:
         npan, k, _ = wp.shape
         n, dtype = npan * PANEL, wp.dtype
+        if parts and sum(w.shape[0] for w in parts) != n:
+            raise ValueError(f"linear: weights of {[w.shape for w in parts]} for {n}-output panels")
     a, y, res2, lead = linear_operands(x, k, n, residual, out)
     m = a.shape[0]
     has_bias = bias is not None
     bb = np.asarray(bias, dtype=np.float32) if has_bias else _NO_BIAS
     half = _HALF[dtype]
     bits = np.float32 if half == 0 else np.uint16  # what the kernel sees of the weights (Numba has no float16)
-    pack = weight is not None and not unpacked
-    if weight is not None and weight.dtype != dtype:
-        raise ValueError(f"linear: {weight.dtype} weights for {dtype} panels")
-    wf = np.ascontiguousarray(weight).reshape(-1).view(bits) if weight is not None else np.zeros(1, dtype=bits)
+    pack = bool(parts) and not unpacked
+    if any(w.dtype != dtype for w in parts):
+        raise ValueError(f"linear: {parts[0].dtype} weights for {dtype} panels")
+    wfs = [np.ascontiguousarray(w).reshape(-1).view(bits) for w in parts] or [np.zeros(1, dtype=bits)]
+    part_panels = [w.shape[0] // PANEL for w in parts] if parts else [npan]
+    p0s = [sum(part_panels[:j]) for j in range(len(part_panels))]  # where each block's panels begin
     af, yf = a.reshape(-1), y.reshape(-1)
-    wpf = wf if unpacked else wp.reshape(-1).view(bits)
+    wpf = None if unpacked else wp.reshape(-1).view(bits)
     nw = _pool.workers() if nworkers is None else max(1, nworkers)
-    jobs = _jobs(m, npan, nw, pack)
+    jobs = _jobs(m, part_panels, nw, pack)
     nxt = itertools.count()  # jobs handed out one at a time: a worker slowed down by a busy machine takes fewer
 
     def part(_: int) -> None:
         while (i := next(nxt)) < len(jobs):
-            g0, g1, r0, r1 = jobs[i]
+            j, g0, g1, r0, r1 = jobs[i]
+            p0 = p0s[j]
             if unpacked:
-                products_unpacked(af, m, k, wf, n, yf, g0, g1, r0, r1, half, F16_TABLE)
+                products_unpacked(af, m, k, wfs[j], n, yf, p0, g0, g1, r0, r1, half, F16_TABLE)
             else:
-                products(af, m, k, wpf, n, yf, g0, g1, wf, pack, r0, r1, half, F16_TABLE)
+                products(af, m, k, wpf, n, yf, p0 + g0, p0 + g1, wfs[j], p0, pack, r0, r1, half, F16_TABLE)
             if r1 > r0 and (has_bias or res2 is not None):
                 add_bias_residual(y[r0:r1], bb, has_bias, _NO_RES2 if res2 is None else res2[r0:r1],
-                                  res2 is not None, g0 * PANEL, g1 * PANEL)
+                                  res2 is not None, (p0 + g0) * PANEL, (p0 + g1) * PANEL)
 
     _pool.run(part, min(nw, len(jobs)))
     return y.reshape(*lead, n) if out is None else out

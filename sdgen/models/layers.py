@@ -269,36 +269,57 @@ class Linear:
     Under linear_panels auto, calls of enough rows multiply by kernels.linear_tiles' register tiles from W as it
     lies (each chunk packed for its use); under on, weights whose outputs fill 32-wide panels are re-laid in them at
     their own precision during the layer's first call, and the panels then replace W (no second copy); under off
-    (and for the rest), OpenBLAS."""
+    (and for the rest), OpenBLAS. A fused layer (q, k and v sharing an input) holds W as the blocks of its layers,
+    where they lie: the tiles read them in place; they are joined into one array only for OpenBLAS."""
 
     def __init__(self, p: Params, in_features: int, out_features: int, bias: bool = True):
-        self.weight = p.stored("weight", p.matrix("weight", out_features, in_features))
+        self.blocks = [p.stored("weight", p.matrix("weight", out_features, in_features))]  # W's rows, in blocks
         self.bias = p.f32("bias", p.shaped("bias", (out_features,))) if bias else None
         self.panels = None
-        # until fused: how to release the source of the weights once copied (the weight's: once in panels)
-        self._release = [r for r in (p.releaser("weight"), p.releaser("bias")) if r is not None]
-        self._release_weight = p.releaser("weight")
+        # how to release the sources of W once its values are copied (into panels, or joined), and of the bias
+        # once a fused layer has joined the biases
+        self._release = [r for r in (p.releaser("weight"),) if r is not None]
+        self._release_bias = p.releaser("bias")
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0] if self.panels is None else self.panels.shape[0] * self.panels.shape[2]
+        return sum(w.shape[0] for w in self.blocks) if self.panels is None else self.panels.shape[0] * self.panels.shape[2]
+
+    @property
+    def weight(self) -> np.ndarray | None:
+        """W as one array (a fused layer's blocks joined into new memory, once, at the first request), or None
+        once in panels."""
+        if self.panels is not None:
+            return None
+        if len(self.blocks) > 1:
+            self.blocks = [np.concatenate(self.blocks, axis=0)]
+            self._drop_sources()
+        return self.blocks[0]
+
+    def _drop_sources(self) -> None:
+        for release in self._release:  # a memory-mapped source may drop the pages it no longer needs
+            release()
+        self._release = []
 
     @classmethod
     def fused(cls, layers: list["Linear"]) -> "Linear":
-        """One Linear computing several that share an input (e.g. q, k and v): one GEMM instead of three."""
+        """One Linear computing several that share an input (e.g. q, k and v): one product instead of three, from
+        their weights where they lie (no copy)."""
+        if any(layer.panels is not None for layer in layers):
+            raise ValueError("Linear.fused: a layer already in panels")
         fused = cls.__new__(cls)
-        fused.weight = np.ascontiguousarray(np.concatenate([l.weight for l in layers], axis=0))
-        for layer in layers:  # the parts are copied: a memory-mapped source may drop them
-            for release in getattr(layer, "_release", ()):
-                release()
+        fused.blocks = [w for layer in layers for w in layer.blocks]
+        fused._release = [r for layer in layers for r in layer._release]
+        fused._release_bias = None
         biases = [l.bias for l in layers]
         if all(b is None for b in biases):
             fused.bias = None
         else:
-            fused.bias = np.concatenate([np.zeros(l.weight.shape[0], np.float32) if b is None else b
+            fused.bias = np.concatenate([np.zeros(l.out_features, np.float32) if b is None else b
                                          for l, b in zip(layers, biases)])
-        fused._release = []
-        fused._release_weight = None  # a copy
+            for layer in layers:  # the biases are copied
+                if layer._release_bias is not None:
+                    layer._release_bias()
         fused.panels = None
         return fused
 
@@ -307,17 +328,19 @@ class Linear:
         into out if given (kernels.linear)."""
         if self.panels is not None:
             return linear_tiles.linear(x, self.panels, self.bias, residual, out)
-        if _LINEAR["mode"] == "on" and linear_tiles.packable(self.weight):
-            panels = linear_tiles.empty_panels(*self.weight.shape, dtype=self.weight.dtype)
-            y = linear_tiles.linear(x, panels, self.bias, residual, out, weight=self.weight)
-            self.panels, self.weight = panels, None  # the panels are W now (a memory-mapped source may drop it)
+        tiles = all(linear_tiles.packable(w) for w in self.blocks) and len({w.dtype for w in self.blocks}) == 1
+        if not tiles and len(self.blocks) > 1:  # blocks that do not fill panels (or mixed dtypes): joined, once
+            tiles = linear_tiles.packable(self.weight)
+        if _LINEAR["mode"] == "on" and tiles:
+            panels = linear_tiles.empty_panels(self.out_features, self.blocks[0].shape[1], dtype=self.blocks[0].dtype)
+            y = linear_tiles.linear(x, panels, self.bias, residual, out, weight=self.blocks)
+            self.panels, self.blocks = panels, []  # the panels are W now
             _LINEAR["packed"] += 1
-            if self._release_weight is not None:
-                self._release_weight()
+            self._drop_sources()
             return y
-        if (_LINEAR["mode"] != "off" and x.size >= UNPACKED_MIN_ROWS * x.shape[-1]
-                and linear_tiles.packable(self.weight)):  # the tiles from W as it lies, each chunk packed for its use
-            return linear_tiles.linear(x, None, self.bias, residual, out, weight=self.weight)
+        if _LINEAR["mode"] != "off" and x.size >= UNPACKED_MIN_ROWS * x.shape[-1] and tiles:
+            # the tiles from W as it lies, each chunk packed for its use
+            return linear_tiles.linear(x, None, self.bias, residual, out, weight=self.blocks)
         return kernels.linear(x, _weights.as_float32(self.weight, "linear"), self.bias, residual, out)
 
 
