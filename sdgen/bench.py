@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import registry
+from . import registry, relaid_cache
 from .errors import ModelNotFoundError, UsageError
 
 CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
@@ -43,6 +43,8 @@ class BenchResult:
     conv_filters: str = "make"
     linear_panels: bool = False  # linear layers were packed in panels for the run (--linear-panels on; auto
     # packs each chunk of the weights for its use only)
+    relaid_cached: int = 0      # convolutions whose re-laid weights came from sdgen.relaid_cache's files
+    relaid_made: int = 0        # ... and those re-laid in this run (0 and 0: the cache is off or not used)
     estimate_mb: float = 0.0    # sdgen.memory's estimate of the peak, for comparison with peak_rss_mb
     stages: str = "txt2img"     # "txt2img", or "decode" (VAE decode of random latents only)
 
@@ -90,6 +92,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
 
     threads = set_threads(threads)
     packed_before = linear_layers_packed()
+    relaid_before = dict(relaid_cache.TOTALS)
     t_start = time.perf_counter()
     spec = registry.get_spec(model)
     if random_weights:
@@ -153,7 +156,8 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         total_s=round(total, 3), peak_rss_mb=round(peak_rss_mb(), 1), weights_dtype=weights_dtype or "auto",
         vae_tiling=bool(tiled), attention_slicing=attention_slicing, conv_filters=conv_filters,
         linear_panels=linear_layers_packed() > packed_before,
-        estimate_mb=round(est.peak / 2**20, 1), stages="decode" if decode_only else "txt2img",
+        relaid_cached=relaid_cache.TOTALS["hits"] - relaid_before["hits"],
+        relaid_made=relaid_cache.TOTALS["made"] - relaid_before["made"], estimate_mb=round(est.peak / 2**20, 1), stages="decode" if decode_only else "txt2img",
     )
 
 

@@ -26,7 +26,7 @@ from .lora import merge_loras
 from .image import to_uint8
 from .models.clip import CLIPTextConfig, CLIPTextModel
 from . import memory
-from .models.layers import RandomParams, conv_filters
+from .models.layers import RandomParams, conv_filters, relaid_weights
 from .models.layers import weights_dtype as _weights_dtype
 from .models.unet import UNet, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
@@ -261,11 +261,11 @@ class Pipeline:
             vae_cfg, vae_tensors = checkpoint.load_vae_file(Path(vae), config=vae_cfg)
 
         def build_unet():
-            with _weights_dtype(dtype):
+            with _weights_dtype(dtype), relaid_weights():
                 return UNet(UNetConfig.from_dict(unet_cfg), unet_tensors, source=f"{path}:unet")
 
         def build_vae():
-            with _weights_dtype(dtype):
+            with _weights_dtype(dtype), relaid_weights():
                 return AutoencoderKL(VAEConfig.from_dict(vae_cfg), vae_tensors, source=f"{vae or path}:vae",
                                      encoder=random_weights is None)
 

@@ -16,6 +16,7 @@ import math
 import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 from typing import Iterator, NoReturn
 
@@ -102,6 +103,9 @@ class SafetensorsFile:
                 self._parse_header(header_bytes)
                 # mmap cannot map an empty file; size >= 8 here.
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                st = os.fstat(f.fileno())
+                _register_map(self._mm, f"{os.path.realpath(self.path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|"
+                                        f"{st.st_mtime_ns}", size)
         except FileNotFoundError:
             raise BadModelFileError(f"{self.path}: file not found") from None
         except IsADirectoryError:
@@ -285,6 +289,66 @@ class SafetensorsFile:
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({str(self.path)!r}, {len(self._infos)} tensors)"
+
+
+# id(map) -> (weak reference to the map, the file's identity, its size): which file a view's bytes come from
+_MAPS: dict[int, tuple[weakref.ref, str, int]] = {}
+
+
+def _register_map(mm: mmap.mmap, identity: str, size: int) -> None:
+    key = id(mm)
+    _MAPS[key] = (weakref.ref(mm, lambda _ref, key=key: _MAPS.pop(key, None)), identity, size)
+
+
+def file_origin(arr: np.ndarray) -> tuple[str, int, int] | None:
+    """(identity of the file, byte offset in it, file size) where the bytes of arr lie, when arr is a C-contiguous
+    view of a SafetensorsFile's map, i.e. the file's own bytes as stored; None for anything else (a converted or
+    computed array, a copy). The identity names the file's real path, device, inode, size and modification time,
+    so a file changed since (or another file at that path) has another identity."""
+    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous or arr.size == 0:
+        return None
+    owner = arr
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    if isinstance(owner, memoryview):
+        owner = owner.obj
+    entry = _MAPS.get(id(owner)) if isinstance(owner, mmap.mmap) else None
+    if entry is None or entry[0]() is not owner:
+        return None
+    start = np.frombuffer(owner, dtype=np.uint8, count=1).__array_interface__["data"][0]
+    return entry[1], arr.__array_interface__["data"][0] - start, entry[2]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write float32, float16 and bfloat16 (as uint16 bits) tensors as a .safetensors file at path, atomically (a
+    temporary file in the same folder, renamed over path), each tensor's bytes written from the array as it lies
+    (no copy of the whole). The data block starts on a 64-byte boundary and the tensors follow one another widest
+    dtype first, so that each maps aligned to its elements."""
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16"}
+    order = sorted(tensors, key=lambda name: -tensors[name].dtype.itemsize)
+    header: dict = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name in order:
+        arr = tensors[name]
+        if arr.dtype not in names:
+            raise ValueError(f"write_safetensors: {name} is {arr.dtype}")
+        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 64)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for name in order:
+                f.write(memoryview(np.ascontiguousarray(tensors[name])).cast("B"))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:

@@ -108,7 +108,9 @@ class Conv2dPlan:
 
     variant: force a path (one of VARIANTS) instead of choosing per input size; for tests and benchmarks.
     cache: keep each path's transformed weights (beside the float32 weights) once made. False: keep only the weights
-    as given -- float32, float16, or bfloat16 bits as uint16 -- and make the transformed ones at each call.
+    as given -- float32, float16, or bfloat16 bits as uint16 -- re-laid out, and make the transformed ones at each
+    call. relaid: a function (layout name, make) -> make(), the weights re-laid out, or the same numbers from
+    elsewhere (sdgen.relaid_cache); None: make().
     """
 
     def __init__(
@@ -119,8 +121,10 @@ class Conv2dPlan:
         padding: int = 0,
         variant: str | None = None,
         cache: bool = True,
+        relaid=None,
     ):
         self.cache = bool(cache)
+        relaid = relaid or (lambda layout, make: make())
         self.out_channels, self.in_channels, self.kh, self.kw = weight.shape
         self.stride = int(stride)
         self.winograd_ok = (self.kh, self.kw) == (3, 3) and self.stride == 1
@@ -133,9 +137,10 @@ class Conv2dPlan:
             self.weight = None
             if self.winograd_ok and blocked_weights(self.in_channels, self.out_channels):
                 # in blocks of output channels instead (winograd.winograd_conv_blocks)
-                self.blocks = _weights.oihw_blocks(weight, winograd.channel_block(self.out_channels))
+                ob = winograd.channel_block(self.out_channels)
+                self.blocks = relaid(f"blocks{ob}", lambda: _weights.oihw_blocks(weight, ob))
             else:
-                self.hwio = _weights.hwio(weight)
+                self.hwio = relaid("hwio", lambda: _weights.hwio(weight))
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(self.out_channels)
         self.padding = int(padding)
         if variant is not None and variant not in VARIANTS:

@@ -129,6 +129,23 @@ def weights_dtype(dtype):
         _STORAGE["dtype"] = before
 
 
+@contextlib.contextmanager
+def relaid_weights(cache=None):
+    """Within the block, the convolutions built take their re-laid weights from a sdgen.relaid_cache.RelaidCache
+    (a new one by default: the cache on disk), which makes and keeps those it lacks; its files are written when the
+    block ends without an error. Yields the cache (its hits and made counts)."""
+    from ..relaid_cache import RelaidCache
+
+    store = RelaidCache() if cache is None else cache
+    before = _CONV.get("relaid")
+    _CONV["relaid"] = store
+    try:
+        yield store
+    finally:
+        _CONV["relaid"] = before
+    store.close()
+
+
 class Params:
     """The tensors of one model, seen from a name prefix: ``p.sub("down_blocks.0")["conv1.weight"]``.
 
@@ -358,7 +375,9 @@ class Conv2d:
         keep = _CONV["filters"] == "keep"
         if keep and weight.dtype != np.float32:
             weight = _weights.widen(weight)  # float16 / bfloat16 bits -> float32 (exact)
-        self.plan = kernels.Conv2dPlan(weight, bias, stride=stride, padding=padding, cache=keep)
+        store = _CONV.get("relaid")  # re-laid weights from the cache on disk where it has them (relaid_weights)
+        relaid = None if store is None or keep else (lambda layout, make: store.get(weight, layout, make))
+        self.plan = kernels.Conv2dPlan(weight, bias, stride=stride, padding=padding, cache=keep, relaid=relaid)
         p.release("weight")
         self.out_channels = out_channels
 
