@@ -100,10 +100,13 @@ class RelaidCache:
                 f = SafetensorsFile(self._path(identity))
                 if f.metadata.get("source") != identity or f.metadata.get("layout_version") != LAYOUT_VERSION:
                     f = None
-                else:
-                    os.utime(self._path(identity))  # recently used
             except Exception:  # noqa: BLE001 (missing, unreadable or foreign: rebuilt)
                 f = None
+            if f is not None:
+                try:
+                    os.utime(self._path(identity))  # recently used (kept longest by _trim)
+                except OSError:  # a cache folder shared read-only: used as it is
+                    pass
             self._files[identity] = f
         return self._files[identity]
 

@@ -703,7 +703,8 @@ def _oihw_to_blocks(w, out):
 
 
 def _relayout(w: np.ndarray, ob: int | None) -> np.ndarray:
-    """OIHW -> (blocks, kh, kw, Cin, ob) (ob None: one block, HWIO, returned without its leading axis)."""
+    """OIHW -> (blocks, kh, kw, Cin, ob) (ob None: one block, HWIO, returned without its leading axis). What it
+    makes is kept on disk between runs (sdgen.relaid_cache): a change to it must raise LAYOUT_VERSION there."""
     w = np.asarray(w)
     cout, cin, kh, kw = w.shape
     blocked = ob is not None
