@@ -157,7 +157,8 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         vae_tiling=bool(tiled), attention_slicing=attention_slicing, conv_filters=conv_filters,
         linear_panels=linear_layers_packed() > packed_before,
         relaid_cached=relaid_cache.TOTALS["hits"] - relaid_before["hits"],
-        relaid_made=relaid_cache.TOTALS["made"] - relaid_before["made"], estimate_mb=round(est.peak / 2**20, 1), stages="decode" if decode_only else "txt2img",
+        relaid_made=relaid_cache.TOTALS["made"] - relaid_before["made"],
+        estimate_mb=round(est.peak / 2**20, 1), stages="decode" if decode_only else "txt2img",
     )
 
 

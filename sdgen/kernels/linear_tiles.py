@@ -221,7 +221,7 @@ def products(a, m, k, wp, n, c, g0, g1, w, w_p0, pack, r_lo, r_hi, half, table):
 
 def _jobs(m: int, part_panels: list[int], nw: int, pack: bool) -> list[tuple[int, int, int, int, int]]:
     """(block of W, first panel, end panel, first row, end row) of each job, panels counted within the block:
-    each block's panels in groups of up to GROUP (equal but for one; a group never spans two blocks, e.g. the q,
+    each block's panels in near-equal groups of up to GROUP (a group never spans two blocks, e.g. the q,
     k and v weights of a fused layer), times blocks of ROW_BLOCK rows (one block of all the rows when packing, so
     that each panel is packed once, before its use); groups made smaller while there are fewer than 4 jobs per
     worker (so the workers finish together: SD 1.5's 320-output layers, 10 panels, in groups of 8 and 2 ran 1.5x

@@ -300,7 +300,9 @@ class Linear:
 
     @property
     def out_features(self) -> int:
-        return sum(w.shape[0] for w in self.blocks) if self.panels is None else self.panels.shape[0] * self.panels.shape[2]
+        if self.panels is not None:
+            return self.panels.shape[0] * self.panels.shape[2]
+        return sum(w.shape[0] for w in self.blocks)
 
     @property
     def weight(self) -> np.ndarray | None:
