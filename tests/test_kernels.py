@@ -134,26 +134,6 @@ def test_winograd_filters_made_by_blocks(rng, m, nworkers, dtype):
     assert rel_err(y, ref) < TOL
 
 
-@pytest.mark.parametrize("m", [2, 4])
-def test_winograd_blocks_by_ranges_of_inputs(rng, m, monkeypatch):
-    """With many input channels (1100: passes of 512, 512 and 76 + padding) winograd_conv_blocks makes and uses each
-    group's filters BLOCK_CHANNELS inputs at a time, the products of each range added to the last's: the numbers
-    of the filters made for all the inputs at once, bit for bit (the tiles split their sums there anyway), within
-    float32 rounding of float64; 1 and 2 workers."""
-    x = rng.standard_normal((1, 4, 5, 1100), dtype=np.float32)
-    wt = (rng.standard_normal((64, 1100, 3, 3)) / math.sqrt(9 * 1100)).astype(np.float32)
-    b = rng.standard_normal(64, dtype=np.float32)
-    from sdgen.kernels.weights import oihw_blocks
-
-    src = winograd.FilterSource(None, m, oihw_blocks(wt, 64), 64)
-    assert winograd.padded_channels(1100) >= winograd.BLOCK_CHANNELS_FROM
-    ys = [winograd.winograd_conv_blocks(x, src, m, 1, b, 64, nworkers=nw) for nw in (1, 2)]
-    monkeypatch.setattr(winograd, "BLOCK_CHANNELS_FROM", 1 << 30)  # all the inputs at once
-    whole = winograd.winograd_conv_blocks(x, src, m, 1, b, 64)
-    assert np.array_equal(ys[0], whole) and np.array_equal(ys[1], whole)
-    assert rel_err(whole, R.conv2d(*f64(x, wt, b), stride=1, padding=1)) < TOL
-
-
 @pytest.mark.parametrize("m", [2, 4, 6])
 def test_block_filters_by_rows_of_the_tile(rng, m):
     """gvec's filters (all of a step's 16 filters in registers), made for groups of the tile's rows into a buffer
@@ -182,11 +162,6 @@ def test_block_filters_by_rows_of_the_tile(rng, m):
                 made[r0 * a:r1 * a] = u
             assert np.array_equal(whole, kept[:, :, j * ob:(j + 1) * ob])
             assert np.array_equal(made, whole)
-            for c0, c1 in ((0, 1), (1, cin - 1), (cin - 1, cinp)):  # by ranges of input channels (and padding)
-                u = filter_block_buffer(a * a, c1 - c0, ob)
-                u[...] = np.nan
-                fill_block_filters(blocks[j], m, u, channels=(c0, c1))
-                assert np.array_equal(u, whole[:, c0:c1])
             real = min(cout, (j + 1) * ob) - j * ob
             assert not made[:, cin:].any()
             assert rel_err(made[:, :cin, :real], exact[:, :, j * ob:j * ob + real]) < 1e-6

@@ -161,19 +161,13 @@ def gemm_tiles(a, a_off, lda, m, k, b, b_off, panel_step, ldb, panels, c, c_off,
     dimension. B's panels packed (ldb = PANEL: each panel's rows contiguous, as mha._pack_keys and the Winograd
     filters of winograd.filter_buffer lay them out) or B as it is (panel_step = PANEL, rows ldb apart). Serial;
     releases the GIL."""
-    gemm_tiles_added(a, a_off, lda, m, k, b, b_off, panel_step, ldb, panels, c, c_off, ldc, 0)
-
-
-@njit(nogil=True, cache=True)
-def gemm_tiles_added(a, a_off, lda, m, k, b, b_off, panel_step, ldb, panels, c, c_off, ldc, more):
-    """gemm_tiles, its sums added to c's values if more is non-zero (the next stretch of a longer inner dimension,
-    beginning on a multiple of _ROWS_CHUNK: the sums of the whole, as gemm_tiles makes them, bit for bit)."""
     for p in range(panels):
         bo = b_off + p * panel_step
         co = c_off + p * PANEL
         for e0 in range(0, k, _ROWS_CHUNK):
             kk = min(_ROWS_CHUNK, k - e0)
-            tile_rows(c, co, ldc, a, a_off + e0, lda, m, b, bo + e0 * ldb, ldb, kk, 1 if e0 > 0 or more else 0)
+            more = 1 if e0 > 0 else 0
+            tile_rows(c, co, ldc, a, a_off + e0, lda, m, b, bo + e0 * ldb, ldb, kk, more)
 
 
 @njit(nogil=True, cache=True)

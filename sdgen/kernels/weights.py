@@ -644,36 +644,30 @@ def filter_block_buffer(a2: int, cinp: int, ob: int) -> np.ndarray:
 
 
 def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarray | None = None,
-                       rows: tuple[int, int] | None = None, channels: tuple[int, int] | None = None) -> None:
+                       rows: tuple[int, int] | None = None) -> None:
     """The Winograd F(m,3) filters of one block of output channels (block_outputs' (3, 3, Cin, ob), float32,
     float16 or bfloat16 bits) into u (alpha^2, Cin', ob) float32 (each point's matrix contiguous; best from
     filter_block_buffer), rows from Cin on zero; the same numbers as fill_filters. taps: a float32 buffer of at
-    least 9 Cin ob elements for half weights. rows: only the points of the tile's rows [r0, r1) (u then holds
-    (r1 - r0) alpha points). channels: only the input channels [c0, c1) (c1 up to Cin'; u's rows 0 .. c1 - c0 then
-    hold them). Serial. By gvec.filters (all 16 filters of a step in registers) where the block's size allows,
-    else in two passes (_filters_flat)."""
+    least 9 Cin ob elements for half weights. Serial. By gvec.filters (all 16 filters of a step in registers) where
+    the block's size allows, else in two passes (_filters_flat)."""
     if m not in (2, 4, 6):
         raise ValueError(f"no Winograd F({m},3)")
     kh, kw, cin, ob = block.shape
     a2, cinp = u.shape[0], u.shape[1]
     if block.dtype != np.float32:
         block = widen(block, taps[: block.size], parallel=False)
+    n = cin * ob
     r0, r1 = (0, m + 2) if rows is None else rows
-    c0, c1 = (0, cinp) if channels is None else channels
-    nc = min(c1, cin) - c0  # real channels of the range (the rest: padding, zeros)
-    if (not (0 <= r0 < r1 <= m + 2) or u.shape[0] != (r1 - r0) * (m + 2) or u.shape[2] != ob
-            or not 0 <= c0 < min(c1, cin) or u.shape[1] < max(c1 - c0, cin if channels is None else 0)):
-        raise ValueError(f"fill_block_filters: u {u.shape} for rows {r0}..{r1}, channels {c0}..{c1} of F({m},3) "
-                         f"filters, Cin {cin}, {ob}")
-    n = nc * ob
+    if not (0 <= r0 < r1 <= m + 2) or u.shape[0] != (r1 - r0) * (m + 2) or u.shape[1] < cin or u.shape[2] != ob:
+        raise ValueError(f"fill_block_filters: u {u.shape} for rows {r0}..{r1} of F({m},3) filters, Cin {cin}, {ob}")
     if n % gvec.LANES == 0 and u.strides[2] == 4 and u.strides[1] == 4 * ob and u.strides[0] % 4 == 0:
-        gvec.filters(block.reshape(-1)[c0 * ob:], cin * ob, n, m, flat(u), u.strides[0] // 4,
-                     (c1 - c0 if channels is not None else cinp) * ob, r0, r1)
-        return
-    part = block if channels is None else np.ascontiguousarray(block[:, :, c0:c0 + nc])
-    whole = np.zeros(((m + 2) ** 2, u.shape[1] * ob), dtype=np.float32)
-    _filters_flat(part.reshape(9, n), m, whole)
-    u[...] = whole[r0 * (m + 2):r1 * (m + 2)].reshape(u.shape)
+        gvec.filters(block.reshape(-1), n, n, m, flat(u), u.strides[0] // 4, cinp * ob, r0, r1)
+    elif rows is None:
+        _filters_flat(block.reshape(9, n), m, u.reshape(a2, -1))
+    else:
+        whole = np.empty(((m + 2) ** 2, cinp * ob), dtype=np.float32)
+        _filters_flat(block.reshape(9, n), m, whole)
+        u[...] = whole[r0 * (m + 2):r1 * (m + 2)].reshape(u.shape)
 
 
 _T_BLOCK = 64  # output and input channels per tile of the OIHW -> HWIO re-layout

@@ -712,14 +712,13 @@ class _Buffers:
 
 
 @njit(nogil=True, cache=True)
-def _tile_products(v, v_step, ldv, rows, k, u, u_step, panel_step, ldu, n, mm, m_step, ldm, a2, more):
-    """M[p][:rows, :n] (+)= V[p][:rows, :k] @ U[p][:k, :n] for the alpha^2 points p by panels.gemm_tiles' register
-    tiles (n a multiple of panels.PANEL; added to M where more); flat float32 arrays, point p's matrices from p
-    *_step on, rows ld* apart, U's panels of PANEL columns panel_step apart (PANEL for U as rows of n columns, ldu =
-    PANEL for packed panels)."""
+def _tile_products(v, v_step, ldv, rows, k, u, u_step, panel_step, ldu, n, mm, m_step, ldm, a2):
+    """M[p][:rows, :n] = V[p][:rows, :k] @ U[p][:k, :n] for the alpha^2 points p by panels.gemm_tiles' register
+    tiles (n a multiple of panels.PANEL); flat float32 arrays, point p's matrices from p *_step on, rows ld* apart,
+    U's panels of PANEL columns panel_step apart (PANEL for U as rows of n columns, ldu = PANEL for packed panels)."""
     for p in range(a2):
-        panels.gemm_tiles_added(v, p * v_step, ldv, rows, k, u, p * u_step, panel_step, ldu, n // panels.PANEL, mm,
-                                p * m_step, ldm, more)
+        panels.gemm_tiles(v, p * v_step, ldv, rows, k, u, p * u_step, panel_step, ldu, n // panels.PANEL, mm,
+                          p * m_step, ldm)
 
 
 # The filters of a point, U[p] (Cin', Cout'), are laid out as rows of Cout' columns, (alpha^2, Cin', Cout'), or --
@@ -799,7 +798,7 @@ def zero_columns(u: np.ndarray, lo: int) -> None:
         u[:, :, lo:] = 0.0
 
 
-def point_products(v: np.ndarray, u: np.ndarray, mm: np.ndarray, added: bool = False) -> None:
+def point_products(v: np.ndarray, u: np.ndarray, mm: np.ndarray) -> None:
     """The element-wise stage, mm[p] = v[p] @ u[p] for every point p (3-D float32 views, rows contiguous; u as rows,
     or in panels: 4-D, see above): by panels.gemm_tiles' register tiles where the CPU has the registers for them and
     u's columns fill whole panels, else by BLAS (numpy's batched matmul). OpenBLAS packs both operands at each of
@@ -809,8 +808,7 @@ def point_products(v: np.ndarray, u: np.ndarray, mm: np.ndarray, added: bool = F
     2560 -> 1280 (8x8, F(2,3)) 47.1 against 72.9; the 2-thread convolutions of those layers take 0.72-0.85 of their
     time before. With whole or kept filters as rows (U's rows 128-1280 floats apart) the two stay within 5% of each
     other (medians of alternating calls in one process, 2 threads: 0.95-1.05 of BLAS's time); filters in panels
-    (filter_buffer) take the tiles 20-30% less time than as rows. added: add the products to mm's values (by the
-    tiles only: the next stretch of the inner dimension, from a multiple of panels' passes)."""
+    (filter_buffer) take the tiles 20-30% less time than as rows."""
     a2, rows, k = v.shape
     n = filter_shape(u)[2]
     if u.ndim == 4:
@@ -822,9 +820,7 @@ def point_products(v: np.ndarray, u: np.ndarray, mm: np.ndarray, added: bool = F
     if ok and rows and all(a.strides[2] == 4 for a in (v, mm)):
         _tile_products(panels.flat(v), v.strides[0] // 4, v.strides[1] // 4, rows, k, panels.flat(u),
                        u.strides[0] // 4, panel_step, ldu, n, panels.flat(mm), mm.strides[0] // 4,
-                       mm.strides[1] // 4, a2, 1 if added else 0)
-    elif added:
-        mm += np.matmul(v, u.transpose(0, 2, 1, 3).reshape(a2, k, n) if u.ndim == 4 else u)
+                       mm.strides[1] // 4, a2)
     elif u.ndim == 4:
         np.matmul(v, u.transpose(0, 2, 1, 3).reshape(a2, k, n), out=mm)
     else:
@@ -1045,13 +1041,6 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
 # 16x16 (batch 2) 0.90, 2560 -> 1280 0.85, 1920 -> 1280 0.86, 640 at 32x32 0.90, 1920 -> 640 0.98; single rows
 # 0.83-0.98. F(2,3)'s (5-10 MB) in halves: 1.00 with guidance, 1.25 at batch 1; whole.
 BLOCK_ROW_GROUPS = {2: ((0, 4),), 4: ((0, 2), (2, 4), (4, 6)), 6: ((0, 8),)}
-# ... and from this many input channels on, of each group's filters those of BLOCK_CHANNELS input channels at a
-# time (a multiple of the tiles' passes, panels._ROWS_CHUNK: the same sums), made and multiplied while in L2 (1.6
-# MB for F(4,3)'s 12 points, against 3.9-7.9 MB for 1280-2560 inputs). One thread, Zen 4, a block's filters and
-# products, 32 tiles (SD 1.5's 16x16 and 8x8 maps with guidance), medians of 15: F(4,3) 1280 inputs 0.78 of the
-# time, 2560 0.84; F(2,3) 1280 0.97, 2560 0.90; F(4,3) 640 at 32x32 1.04 (so not below BLOCK_CHANNELS_FROM).
-BLOCK_CHANNELS = 512
-BLOCK_CHANNELS_FROM = 1024
 
 
 def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None, nworkers=None) -> np.ndarray:
@@ -1059,9 +1048,8 @@ def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None
     channels (FilterSource with blocks): all workers transform the tiles (one block holding them all); then each
     worker, for each block of its share of the output channels and each group of the tile's rows
     (BLOCK_ROW_GROUPS), makes the filters of those points (rows x alpha x Cin' x 64, a few MB, from contiguous
-    weights; from BLOCK_CHANNELS_FROM inputs on, BLOCK_CHANNELS of them at a time) and multiplies V @ U into M
-    while they are in cache, then inverse-transforms its channels. The filters are never whole, and no sum is split
-    other than where the tiles split it anyway: the same numbers as winograd_conv with filter_transform's filters,
+    weights) and multiplies V @ U into M while they are in cache, then inverse-transforms its channels. The filters
+    are never whole, and no sum is split: the same numbers as winograd_conv with filter_transform's filters,
     whatever the number of workers."""
     from . import _pool
     from .weights import fill_block_filters, filter_block_buffer, widen
@@ -1074,22 +1062,15 @@ def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None
     ntiles = n * th * tw
     groups = BLOCK_ROW_GROUPS[m]
 
-    cinp = padded_channels(cin)
-    step = BLOCK_CHANNELS if cinp >= BLOCK_CHANNELS_FROM else cinp
-
     def product(buf: _Buffers, c_lo: int, c_hi: int) -> None:
-        u = filter_block_buffer(max(r1 - r0 for r0, r1 in groups) * a, step, ob)
+        u = filter_block_buffer(max(r1 - r0 for r0, r1 in groups) * a, padded_channels(cin), ob)
         taps = None if src.blocks.dtype == np.float32 else np.empty(src.blocks[0].shape, dtype=np.float32)
         for j in range(c_lo // ob, c_hi // ob):
             block = src.blocks[j] if taps is None else widen(src.blocks[j], taps, parallel=False)
             for r0, r1 in groups:
                 p0, p1 = r0 * a, r1 * a
-                for k0 in range(0, cinp, step):
-                    k1 = min(cinp, k0 + step)
-                    uk = u[:p1 - p0, :k1 - k0]
-                    fill_block_filters(block, m, uk, rows=(r0, r1), channels=(k0, k1))
-                    point_products(buf.vmat[p0:p1, :ntiles, k0:k1], uk,
-                                   buf.mmat[p0:p1, :ntiles, j * ob:(j + 1) * ob], added=k0 > 0)
+                fill_block_filters(block, m, u[:p1 - p0], rows=(r0, r1))
+                point_products(buf.vmat[p0:p1, :ntiles], u[:p1 - p0], buf.mmat[p0:p1, :ntiles, j * ob:(j + 1) * ob])
 
     return _one_block(x, m, pad, bias, cout, residual, _pool.workers() if nworkers is None else max(1, nworkers),
                       product)
