@@ -65,7 +65,6 @@ class RelaidCache:
         self._files: dict[str, SafetensorsFile | None] = {}  # source identity -> its open cache file (None: none)
         self._arrays: dict[str, dict[str, np.ndarray]] = {}  # source identity -> every array of this build
         self._made: set[str] = set()  # sources with arrays made in this build (their cache file is written)
-        self.hits = self.made = 0
 
     def get(self, weight: np.ndarray, layout: str, make: Callable[[], np.ndarray]) -> np.ndarray:
         """make() (weight re-laid in the named layout), or the same numbers from the cache file of weight's source
@@ -80,13 +79,11 @@ class RelaidCache:
         if cached is not None and name in cached:
             arr = cached.stored(name)
             arrays[name] = arr
-            self.hits += 1
             TOTALS["hits"] += 1
             return arr
         arr = make()
         arrays[name] = arr
         self._made.add(identity)
-        self.made += 1
         TOTALS["made"] += 1
         return arr
 

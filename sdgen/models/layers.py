@@ -130,17 +130,17 @@ def weights_dtype(dtype):
 
 
 @contextlib.contextmanager
-def relaid_weights(cache=None):
-    """Within the block, the convolutions built take their re-laid weights from a sdgen.relaid_cache.RelaidCache
-    (a new one by default: the cache on disk), which makes and keeps those it lacks; its files are written when the
-    block ends without an error. Yields the cache (its hits and made counts)."""
+def relaid_weights():
+    """Within the block, the convolutions built take their re-laid weights from the cache on disk
+    (sdgen.relaid_cache), which makes and keeps those it lacks; its files are written when the block ends without
+    an error."""
     from ..relaid_cache import RelaidCache
 
-    store = RelaidCache() if cache is None else cache
+    store = RelaidCache()
     before = _CONV.get("relaid")
     _CONV["relaid"] = store
     try:
-        yield store
+        yield
     finally:
         _CONV["relaid"] = before
     store.close()
