@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import registry, relaid_cache
+from . import kernel_compiles, registry, relaid_cache
 from .errors import ModelNotFoundError, UsageError
 
 CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
@@ -47,6 +47,8 @@ class BenchResult:
     relaid_made: int = 0        # ... and those re-laid in this run (0 and 0: the cache is off or not used)
     estimate_mb: float = 0.0    # sdgen.memory's estimate of the peak, for comparison with peak_rss_mb
     stages: str = "txt2img"     # "txt2img", or "decode" (VAE decode of random latents only)
+    compile_s: float = 0.0      # of total_s: Numba compiling kernels (a first run; 0 when all came from its cache)
+    compiled_kernels: int = 0   # functions it compiled (sdgen.kernel_compiles)
 
 
 def architecture_dir(name: str, spec: registry.ModelSpec | None) -> Path:
@@ -93,6 +95,8 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
     threads = set_threads(threads)
     packed_before = linear_layers_packed()
     relaid_before = dict(relaid_cache.TOTALS)
+    kernel_compiles.watch()
+    compiles_before = dict(kernel_compiles.TOTALS)
     t_start = time.perf_counter()
     spec = registry.get_spec(model)
     if random_weights:
@@ -144,6 +148,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
                 on_step()
         pipe.decode(latents)
     total = time.perf_counter() - t_start
+    compile_s, compiled = kernel_compiles.since(compiles_before)
     t = pipe.timings
     per_step = (t.unet_steps_s[1:] if len(t.unet_steps_s) > 1 else t.unet_steps_s) or [0.0]
     tiled = vae_tiling if vae_tiling is not None else memory.auto_vae_tiling(dataclasses.asdict(pipe.vae.cfg),
@@ -159,6 +164,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         relaid_cached=relaid_cache.TOTALS["hits"] - relaid_before["hits"],
         relaid_made=relaid_cache.TOTALS["made"] - relaid_before["made"],
         estimate_mb=round(est.peak / 2**20, 1), stages="decode" if decode_only else "txt2img",
+        compile_s=round(compile_s, 3), compiled_kernels=compiled,
     )
 
 

@@ -270,6 +270,10 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
 
     written = 0
     with Progress(quiet=quiet) as progress, runner or contextlib.nullcontext():
+        from . import kernel_compiles
+        compiles_before = dict(kernel_compiles.TOTALS)
+        kernel_compiles.watch(lambda: progress.message(
+            "sdgen: compiling the kernels for this CPU (a first run: Numba caches them for later runs)"))
         pipe = None
         if plan.todo:
             if runner is not None:
@@ -303,6 +307,10 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
                     print(record["path"], flush=True)
                 if record.get("warning"):
                     progress.error(f"sdgen: warning: {record['path']}: {record['warning']}")
+            compile_s, compiled = kernel_compiles.since(compiles_before)
+            if compiled:
+                progress.message(f"sdgen: compiled {compiled} kernel functions in {compile_s:.1f} s (cached now)")
+            kernel_compiles.watch()  # no notice after this run
         except KeyboardInterrupt:
             same_seed = f" --seed {first_seed}" if seed is None else ""
             raise InterruptedError_(f"interrupted: {written} of {len(plan.todo)} images written; run the same "
