@@ -52,8 +52,9 @@ _ATTENTION_SLICING_HELP = ("diffusers' attention slicing: auto (half the heads a
                            "or N heads: caps the attention scores held at once (same images). [default: off; "
                            "sdgen's attention never holds more than a few MB of scores anyway]")
 _CONV_FILTERS_HELP = ("What the 3x3 convolutions keep: make (only the weights; the Winograd filters are made at each "
-                      "step: least memory) or keep (the filters too, made once: about twice the memory, about as "
-                      "fast; see the README's Speed section). [default: make]")
+                      "step: least memory) or keep (the large layers' filters too, made at the first step: ~3-4% "
+                      "faster steps, a slower first step and much more memory, e.g. SD 1.5 11.5 GB instead of 4.1; "
+                      "for runs of several images; see the README's Speed section). [default: make]")
 _LINEAR_PANELS_HELP = ("How the linear layers multiply: auto, by sdgen's register tiles from the weights as they lie "
                        "(each chunk packed for its use); on, from the weights re-laid in panels during the first "
                        "step (a slower first step, then about as fast as auto); off, by OpenBLAS. [default: auto]")

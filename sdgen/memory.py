@@ -202,19 +202,19 @@ def count_params(component: str, config: dict) -> int:
     return sum(_shapes(component, config).values())
 
 
-def kept_filter_bytes(component: str, config: dict, bytes_per: float) -> int:
-    """What --conv-filters keep adds to a component's weights: each 3x3 convolution's float32 weights (beside
-    those held at bytes_per) and its Winograd filters, F(4,3) or F(2,3) as sdgen.kernels.conv chooses them."""
-    from .kernels.conv import F43_MAX_FILTER_BYTES
+def kept_filter_bytes(component: str, config: dict) -> int:
+    """What --conv-filters keep adds to a component's weights: the float32 F(4,3) filters of each 3x3 convolution
+    stored in blocks of output channels (sdgen.kernels.conv.blocked_weights: 640 channels and up), which a plan
+    keeps for maps up to 32x32 (KEEP_MAX_PIXELS). Counted for every such layer: an upper bound where a large image
+    gives some of them larger maps (whose filters are made at each call)."""
+    from .kernels.conv import blocked_weights
+    from .kernels.winograd import padded_channels
 
     extra = 0
     for shape in _shapes(component, config, whole=True).values():
-        if len(shape) == 4 and shape[2:] == (3, 3):
-            cout, cin = shape[:2]
-            n = cout * cin * 9
-            f43 = 36 * cin * cout * 4 <= F43_MAX_FILTER_BYTES
-            extra += n * (4 - bytes_per) + n * 4 * (36 if f43 else 16) // 9
-    return int(extra)
+        if len(shape) == 4 and shape[2:] == (3, 3) and blocked_weights(shape[1], shape[0]):
+            extra += 36 * padded_channels(shape[1]) * padded_channels(shape[0]) * 4
+    return extra
 
 
 def _shapes(component: str, config: dict, whole: bool = False) -> dict:
@@ -340,7 +340,7 @@ def estimate(components: dict, family: str, width: int, height: int, batch: int,
         per = _bytes_per(weights_dtype_name, name, stored_bytes)
         weights[name] = int(count_params(name, cfg) * per)
         if conv_filters == "keep" and name in ("unet", "vae"):
-            weights[name] += kept_filter_bytes(name, cfg, per)
+            weights[name] += kept_filter_bytes(name, cfg)
     te = sum(v for k, v in weights.items() if k.startswith("text_encoder"))
     vae_cfg = components["vae"]
     scale = 2 ** (len(vae_cfg.get("block_out_channels", [128, 256, 512, 512])) - 1)

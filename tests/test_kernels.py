@@ -239,6 +239,30 @@ def test_variant_choice_without_cache(rng):
     assert Conv2dPlan(np.zeros((64, 64, 3, 3), np.float32), None, 1, 1, cache=False).variant_for(8, 8, 2) == "im2col"
 
 
+def test_kept_filters_are_the_made_ones(rng):
+    """keep_filters (--conv-filters keep): a blocked layer (640 channels) on maps of 8x8 to 32x32 takes F(4,3) with
+    filters made at its first call and kept (36 x 640 x 640 floats), the numbers of F(4,3) with the filters made at
+    each call bit for bit (the same filters, the same sums); on larger maps it makes them at each call, as without."""
+    w = (rng.standard_normal((640, 640, 3, 3)) * 0.02).astype(np.float32)
+    b = rng.standard_normal(640).astype(np.float32)
+    keep = Conv2dPlan(w, b, 1, 1, cache=False, keep_filters=True)
+    made = Conv2dPlan(w, b, 1, 1, cache=False, variant="f43")
+    default = Conv2dPlan(w, b, 1, 1, cache=False)
+    assert keep.blocks is not None and keep.keep_filters
+    x = rng.standard_normal((2, 8, 8, 640)).astype(np.float32)
+    assert default.variant_for(8, 8, 2) == "f23" and keep.variant_for(8, 8, 2) == "f43"
+    y = conv2d(x, keep)
+    assert np.array_equal(y, conv2d(x, made))
+    kept = keep._prepared["f43"]
+    assert keep.prepared_bytes() == 36 * 640 * 640 * 4
+    assert np.array_equal(conv2d(x, keep), y) and keep._prepared["f43"] is kept  # made once
+    big = rng.standard_normal((1, 40, 40, 640)).astype(np.float32)  # over KEEP_MAX_PIXELS: made at each call
+    assert not keep.keeps(40, 40) and np.array_equal(conv2d(big, keep), conv2d(big, default))
+    assert keep.prepared_bytes() == 36 * 640 * 640 * 4
+    small = Conv2dPlan(w[:320, :320], b[:320], 1, 1, cache=False, keep_filters=True)  # not blocked: nothing kept
+    assert not small.keep_filters and not small.keeps(8, 8)
+
+
 @pytest.mark.parametrize("variant", ["f43", "f63"])
 def test_winograd_error_against_float64_with_many_channels(rng, variant):
     """F(4,3) and F(6,3) on SD-like data (Cin 640, weights scaled as in a trained net) stay within tolerance of

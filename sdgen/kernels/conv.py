@@ -96,6 +96,15 @@ def _taps_matrix(hwio: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(hwio, dtype=np.float32).transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout))
 
 
+# A plan made with keep_filters (--conv-filters keep) keeps the F(4,3) filters of its blocked weights (the 640-2560
+# channel layers of SD's UNets) for maps of 8x8 up to KEEP_MAX_PIXELS, made once at the first call, where making
+# them a block at a time at each call costs 20-40% of their products: those convolutions (2 threads, Zen 4, medians
+# of 9 alternating calls, kept / made at each call) 1280 channels at 16x16 0.68 (batch 1) and 0.78 (batch 2),
+# 2560 -> 1280 0.62, at 8x8 (batch 2, where make takes F(2,3)) 0.61, 640 at 32x32 0.83-0.87. Larger maps and the
+# other layers make theirs at each call, as without: there the filters are a small part of the work.
+KEEP_MAX_PIXELS = 32 * 32
+
+
 def blocked_weights(cin: int, cout: int) -> bool:
     """Whether a plan without cache stores these 3x3 weights in blocks of output channels: where their F(4,3)
     filters would not fit the shared buffer whole (winograd.STREAM_FILTER_BYTES: 640 x 640 channels and up), so
@@ -110,7 +119,8 @@ class Conv2dPlan:
     cache: keep each path's transformed weights (beside the float32 weights) once made. False: keep only the weights
     as given -- float32, float16, or bfloat16 bits as uint16 -- re-laid out, and make the transformed ones at each
     call. relaid: a function (layout name, make) -> make(), the weights re-laid out, or the same numbers from
-    elsewhere (sdgen.relaid_cache); None: make().
+    elsewhere (sdgen.relaid_cache); None: make(). keep_filters (with cache False): the Winograd filters of blocked
+    weights are made once, as F(4,3), and kept for the maps of `keeps` (see KEEP_MAX_PIXELS); the rest as without.
     """
 
     def __init__(
@@ -122,6 +132,7 @@ class Conv2dPlan:
         variant: str | None = None,
         cache: bool = True,
         relaid=None,
+        keep_filters: bool = False,
     ):
         self.cache = bool(cache)
         relaid = relaid or (lambda layout, make: make())
@@ -141,6 +152,7 @@ class Conv2dPlan:
                 self.blocks = relaid(f"blocks{ob}", lambda: _weights.oihw_blocks(weight, ob))
             else:
                 self.hwio = relaid("hwio", lambda: _weights.hwio(weight))
+        self.keep_filters = bool(keep_filters) and self.blocks is not None
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(self.out_channels)
         self.padding = int(padding)
         if variant is not None and variant not in VARIANTS:
@@ -151,6 +163,10 @@ class Conv2dPlan:
         self._zero_bias = None
         if self.cache and (self.is_1x1 or not self.winograd_ok):
             self.prepare()
+
+    def keeps(self, h: int, w: int) -> bool:
+        """Whether the Winograd filters used on h x w maps are kept (made once) rather than made at each call."""
+        return self.keep_filters and self.variant is None and 64 <= h * w <= KEEP_MAX_PIXELS
 
     def variant_for(self, h: int, w: int, n: int = 1) -> str:
         """The path conv2d takes for an (n, h, w, Cin) input."""
@@ -163,7 +179,9 @@ class Conv2dPlan:
             v = "im2col"
         else:
             v = self.variant or choose_variant(self.in_channels, self.out_channels, h, w, n, self.cache)
-            if self.variant is None and self.blocks is not None and v == "im2col":
+            if self.keeps(h, w):
+                v = "f43"  # kept, F(4,3)'s filters beat F(2,3)'s even with few tiles (8x8, batch 2: 0.78)
+            elif self.variant is None and self.blocks is not None and v == "im2col":
                 v = "f23"  # the blocked weights' filters beat im2col even on tiny maps (no (9 Cin, Cout) matrix)
             elif (self.variant is None and not self.cache and self.blocks is None and v in ("f43", "f23")
                     and n * (-(-h // 2)) * (-(-w // 2)) <= STREAM_IM2COL_TILES):
@@ -196,13 +214,19 @@ class Conv2dPlan:
         """Memory held by the transformed weights (besides the OIHW weight itself)."""
         return sum(a.nbytes for a in self._prepared.values())
 
-    def weights_for(self, v: str):
+    def weights_for(self, v: str, keep: bool = False):
         """What conv2d's path v multiplies by: the kept transform, or (no cache) one made now from the stored
-        weights -- a winograd.FilterSource for the Winograd paths, a float32 matrix in scratch otherwise."""
+        weights -- a winograd.FilterSource for the Winograd paths, a float32 matrix in scratch otherwise. keep
+        (a plan with keep_filters, on maps it `keeps`): the Winograd filters made at the first such call, kept."""
         if self.cache:
             return self._prepared[v]
         if v in WINOGRAD:
-            return winograd.FilterSource(self.hwio, WINOGRAD[v], self.blocks, self.out_channels)
+            src = winograd.FilterSource(self.hwio, WINOGRAD[v], self.blocks, self.out_channels)
+            if not (keep and self.keep_filters):
+                return src
+            if v not in self._prepared:
+                self._prepared[v] = winograd.kept_filters(src)
+            return self._prepared[v]
         hwio = self.hwio if self.blocks is None else _weights.unblock_outputs(self.blocks, self.out_channels)
         if v == "kn2row":  # (Cin, kh*kw*Cout): small, as this path is for few output channels
             return _taps_matrix(hwio if hwio.dtype == np.float32 else _weights.widen(hwio, parallel=False))
@@ -256,7 +280,7 @@ def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None) 
         if residual.shape != (n, ho, wo, plan.out_channels):
             raise ValueError(f"conv2d: residual shape {residual.shape} != output shape {(n, ho, wo, plan.out_channels)}")
     v = plan.prepare(h, w, n)
-    prep = plan.weights_for(v)
+    prep = plan.weights_for(v, keep=plan.keeps(h, w))
     if v in WINOGRAD:
         bias = plan.bias if plan.bias is not None else plan.zero_bias()
         y = winograd.winograd_conv(x, prep, WINOGRAD[v], plan.padding, bias, plan.out_channels, residual)

@@ -778,6 +778,19 @@ def filter_buffer(a2: int, cinp: int, cols: int, slot: str = "winograd") -> np.n
     return u.reshape(a2, cols // panels.PANEL, cinp, panels.PANEL)
 
 
+def kept_filters(src: "FilterSource") -> np.ndarray:
+    """All the filters of a FilterSource made now into an array of their own, laid out as filter_buffer lays them
+    (in panels where packs_filters), for a plan that keeps them (Conv2dPlan's keep_filters): the numbers fill
+    makes at each call."""
+    a2, cinp, coutp = (src.m + 2) ** 2, padded_channels(src.cin), padded_channels(src.cout)
+    if packs_filters(coutp):
+        u = np.empty((a2, coutp // panels.PANEL, cinp, panels.PANEL), dtype=np.float32)
+    else:
+        u = np.empty((a2, cinp, coutp), dtype=np.float32)
+    src.fill(u, 0, coutp)
+    return u
+
+
 def put_columns(u: np.ndarray, lo: int, f: np.ndarray) -> None:
     """u's filters of output columns [lo, lo + w) <- f (alpha^2, Cin', w), whichever u's layout (panels: lo and w
     whole panels)."""

@@ -62,8 +62,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, mask: np.
 
 # conv_filters: what the 3x3 convolutions keep. "make" (the default): only their weights, the Winograd filters made
 # at each call into shared scratch buffers (one copy of each weight: the memory figures of sdgen.memory). "keep":
-# the filters too, made once at the first call (float32, 16/9 or 36/9 the size of the weights, beside a float32 copy
-# of them): more memory, less work per call (scripts/bench_vs_diffusers.py --conv-filters measures both).
+# also the F(4,3) filters of the 640-2560 channel layers on maps up to 32x32, made once at the first call (float32,
+# 36/9 the size of float32 weights), where making them at each call weighs most: more memory, less work per call
+# (kernels.conv.KEEP_MAX_PIXELS; scripts/bench_vs_diffusers.py --conv-filters measures both).
 CONV_FILTERS = ("make", "keep")
 _CONV = {"filters": "make"}
 
@@ -372,14 +373,13 @@ class Conv2d:
             padding = kernel_size // 2
         weight = p.stored("weight", p.shaped("weight", (out_channels, in_channels, kernel_size, kernel_size)))
         bias = p.f32("bias", p.shaped("bias", (out_channels,))) if "bias" in p else None
-        # "make": the plan keeps the weights re-laid out (HWIO) and nothing else; "keep": float32 weights and, from
-        # the first call, each path's transformed ones. The OIHW tensor is released either way.
-        keep = _CONV["filters"] == "keep"
-        if keep and weight.dtype != np.float32:
-            weight = _weights.widen(weight)  # float16 / bfloat16 bits -> float32 (exact)
+        # the plan keeps the weights re-laid out (HWIO, or in blocks of outputs) and, with "keep", the Winograd
+        # filters of its blocked weights on small maps, from the first call (kernels.conv.KEEP_MAX_PIXELS). The
+        # OIHW tensor is released.
         store = _CONV.get("relaid")  # re-laid weights from the cache on disk where it has them (relaid_weights)
-        relaid = None if store is None or keep else (lambda layout, make: store.get(weight, layout, make))
-        self.plan = kernels.Conv2dPlan(weight, bias, stride=stride, padding=padding, cache=keep, relaid=relaid)
+        relaid = None if store is None else (lambda layout, make: store.get(weight, layout, make))
+        self.plan = kernels.Conv2dPlan(weight, bias, stride=stride, padding=padding, cache=False, relaid=relaid,
+                                       keep_filters=_CONV["filters"] == "keep")
         p.release("weight")
         self.out_channels = out_channels
 
