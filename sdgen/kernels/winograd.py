@@ -735,13 +735,21 @@ def _tile_products(v, v_step, ldv, rows, k, u, u_step, panel_step, ldu, n, mm, m
 
 def in_panels(u: np.ndarray) -> np.ndarray:
     """Filters as rows, (alpha^2, Cin', Cout'), re-laid in panels (a new C-contiguous array) where packs_filters
-    (Cout'), else u itself: for filters kept for the whole run (--conv-filters keep), read at every step."""
+    (Cout'), else u itself: for the filters a plan with cache keeps (Conv2dPlan), read at every call."""
     a2, cinp, coutp = u.shape
     if not packs_filters(coutp):
         return u
-    out = np.empty((a2, coutp // panels.PANEL, cinp, panels.PANEL), dtype=np.float32)
+    out = empty_filters(a2, cinp, coutp)
     put_columns(out, 0, u)
     return out
+
+
+def empty_filters(a2: int, cinp: int, cols: int) -> np.ndarray:
+    """A new float32 array for the filters of `cols` output columns, kept beyond one call: in panels where
+    packs_filters (C-contiguous, (alpha^2, cols / PANEL, Cin', PANEL)), else as rows (alpha^2, Cin', cols)."""
+    if packs_filters(cols):
+        return np.empty((a2, cols // panels.PANEL, cinp, panels.PANEL), dtype=np.float32)
+    return np.empty((a2, cinp, cols), dtype=np.float32)
 
 
 def packs_filters(cols: int) -> bool:
@@ -782,11 +790,8 @@ def kept_filters(src: "FilterSource") -> np.ndarray:
     """All the filters of a FilterSource made now into an array of their own, laid out as filter_buffer lays them
     (in panels where packs_filters), for a plan that keeps them (Conv2dPlan's keep_filters): the numbers fill
     makes at each call."""
-    a2, cinp, coutp = (src.m + 2) ** 2, padded_channels(src.cin), padded_channels(src.cout)
-    if packs_filters(coutp):
-        u = np.empty((a2, coutp // panels.PANEL, cinp, panels.PANEL), dtype=np.float32)
-    else:
-        u = np.empty((a2, cinp, coutp), dtype=np.float32)
+    coutp = padded_channels(src.cout)
+    u = empty_filters((src.m + 2) ** 2, padded_channels(src.cin), coutp)
     src.fill(u, 0, coutp)
     return u
 
