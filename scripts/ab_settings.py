@@ -9,9 +9,11 @@ or here if missing; diffusers is needed only then).
     python scripts/ab_settings.py --model sdxl-turbo --linear-panels off,auto
     python scripts/ab_settings.py --model sd15 --weights-dtype fp32,fp16 --rounds 7
     python scripts/ab_settings.py --model sd15 --weights-dtype fp32,fp16 --what vae
+    python scripts/ab_settings.py --model sd15 --conv-filters make,keep --rounds 7
 
 --linear-panels A,B: one model, the setting switched before each forward (`on` packs its layers for good at the
-first forward, so it gets a model of its own). --weights-dtype A,B: two models, one per precision.
+first forward, so it gets a model of its own). --weights-dtype A,B and --conv-filters A,B: two models, one per
+value (keep makes its filters in the first forward, which the medians leave out).
 """
 
 from __future__ import annotations
@@ -41,24 +43,31 @@ def main() -> None:
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--linear-panels", help="two --linear-panels values, a,b")
     group.add_argument("--weights-dtype", help="two --weights-dtype values, a,b")
+    group.add_argument("--conv-filters", help="two --conv-filters values, a,b")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
     args = ap.parse_args()
 
     from compare_full_size import build_random_model
 
     from sdgen.memory import keep_freed_memory
-    from sdgen.models.layers import set_linear_panels
+    from sdgen.models.layers import set_conv_filters, set_linear_panels
     from sdgen.pipeline import Pipeline
     from sdgen.threads import set_threads
 
     folder = build_random_model(args.model, args.workdir / args.model)
     keep_freed_memory()  # as the sdgen command does
     set_threads(args.threads)
-    values = (args.linear_panels or args.weights_dtype).split(",")
+    values = (args.linear_panels or args.weights_dtype or args.conv_filters).split(",")
     if len(values) != 2:
         ap.error("two values, comma separated")
     if args.weights_dtype:
         sides = {v: (Pipeline.load(folder, weights_dtype=v), "auto") for v in values}
+    elif args.conv_filters:
+        sides = {}
+        for v in values:
+            set_conv_filters(v)  # for the models built from now on
+            sides[v] = (Pipeline.load(folder), "auto")
+        set_conv_filters(None)
     else:
         shared = Pipeline.load(folder)
         sides = {v: (Pipeline.load(folder) if v == "on" else shared, v) for v in values}
@@ -90,7 +99,8 @@ def main() -> None:
             times[v].append(time.perf_counter() - t0)
     set_linear_panels(None)
     med = {v: float(np.median(times[v][1:] if len(times[v]) > 1 else times[v])) for v in values}
-    what = "--linear-panels" if args.linear_panels else "--weights-dtype"
+    what = ("--linear-panels" if args.linear_panels else "--weights-dtype" if args.weights_dtype
+            else "--conv-filters")
     print(f"{args.model} (random weights), {args.size}x{args.size}, {args.what}, {args.threads} threads; command: "
           f"python scripts/ab_settings.py --model {args.model} --size {args.size} --what {args.what} {what} "
           f"{','.join(values)} --rounds {args.rounds}")

@@ -99,7 +99,8 @@ def bench_conv(torch, repeat: int, quick: bool, variants: list[str]) -> None:
                 from sdgen.kernels.weights import to_storage
                 dtype = {"fp16": np.float16, "bf16": np.uint16}.get(v.split("-")[-1], np.float32)
                 forced = v.split("-")[-1] if v.split("-")[-1] in ("f23", "f43", "f63") else None
-                plan = Conv2dPlan(to_storage(wt, dtype), b, 1, 1, cache=False, variant=forced)
+                plan = Conv2dPlan(to_storage(wt, dtype), b, 1, 1, cache=False, variant=forced,
+                                  keep_filters=v == "model-keep")
             else:
                 plan = Conv2dPlan(wt, b, 1, 1, variant=v)
             plan.prepare(h, w, n)
@@ -267,7 +268,7 @@ def main() -> None:
                     help="conv paths to time, comma separated: im2col, f23, f43, f63 (transformed weights kept), "
                          "model, model-fp16, model-bf16 (what the models run: the stored weights only, at that precision, "
                          "the path chosen per size, Winograd filters made at each call), model-f23, model-f43, "
-                         "model-f63 (as model, that path forced)")
+                         "model-f63 (as model, that path forced), model-keep (as --conv-filters keep)")
     args = ap.parse_args()
 
     import torch
