@@ -100,8 +100,9 @@ def _taps_matrix(hwio: np.ndarray) -> np.ndarray:
 # channel layers of SD's UNets) for maps of 8x8 up to KEEP_MAX_PIXELS, made once at the first call, where making
 # them a block at a time at each call costs 20-40% of their products: those convolutions (2 threads, Zen 4, medians
 # of 9 alternating calls, kept / made at each call) 1280 channels at 16x16 0.68 (batch 1) and 0.78 (batch 2),
-# 2560 -> 1280 0.62, at 8x8 (batch 2, where make takes F(2,3)) 0.61, 640 at 32x32 0.83-0.87. Larger maps and the
-# other layers make theirs at each call, as without: there the filters are a small part of the work.
+# 2560 -> 1280 0.62, at 8x8 (batch 2, where make takes F(2,3)) 0.61, 640 at 32x32 0.83-0.87 (`python
+# scripts/bench_kernels.py --only conv --variants model,model-keep`: batch 2, 0.80, 0.67, 0.89). Larger maps and
+# the other layers make theirs at each call, as without: there the filters are a small part of the work.
 KEEP_MAX_PIXELS = 32 * 32
 
 
