@@ -49,13 +49,13 @@ def main() -> None:
 
     from compare_full_size import build_random_model
 
-    from sdgen.memory import keep_freed_memory
+    from sdgen.memory import fresh_memory_settings
     from sdgen.models.layers import set_conv_filters, set_linear_panels
     from sdgen.pipeline import Pipeline
     from sdgen.threads import set_threads
 
     folder = build_random_model(args.model, args.workdir / args.model)
-    keep_freed_memory()  # as the sdgen command does
+    fresh_memory_settings()  # as the sdgen command does
     set_threads(args.threads)
     values = (args.linear_panels or args.weights_dtype or args.conv_filters).split(",")
     if len(values) != 2:

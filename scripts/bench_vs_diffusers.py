@@ -161,12 +161,12 @@ def load_side(side: str, args) -> tuple[float, dict]:
             pipe("portrait photo of a old warrior chief", num_inference_steps=args.steps, guidance_scale=7.5,
                  width=args.size, height=args.size, generator=torch.Generator().manual_seed(0), output_type="np")
     else:
-        from sdgen.memory import keep_freed_memory
+        from sdgen.memory import fresh_memory_settings
         from sdgen.models.layers import set_conv_filters, set_linear_panels
         from sdgen.pipeline import Pipeline
         from sdgen.threads import set_threads
 
-        keep_freed_memory()  # as the sdgen command does
+        fresh_memory_settings()  # as the sdgen command does
         set_threads(args.threads)
         set_conv_filters(args.conv_filters)
         set_linear_panels(args.linear_panels)

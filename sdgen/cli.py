@@ -38,9 +38,9 @@ _state = {"debug": False}
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors. [default: off]",
                                      show_default=False)) -> None:
     _state["debug"] = debug
-    from .memory import keep_freed_memory
+    from .memory import fresh_memory_settings
 
-    keep_freed_memory()  # big freed blocks are reused, not re-faulted from the system (see memory.py)
+    fresh_memory_settings()  # big freed blocks reused, new ones in small pages (see memory.py)
 
 
 _WEIGHTS_DTYPE_HELP = ("Precision the weights are held at in memory: fp32, fp16, bf16 (half the memory; computation "

@@ -99,10 +99,10 @@ class Worker:
 
     def _load(self):
         if self.pipe is None:
-            from .memory import keep_freed_memory
+            from .memory import fresh_memory_settings
             from .threads import set_threads
 
-            keep_freed_memory()  # a worker process is sdgen's own, as the sdgen command's (see memory.py)
+            fresh_memory_settings()  # a worker process is sdgen's own, as the sdgen command's (see memory.py)
             set_threads(self.threads)
             path = Path(self.model_path)
             if not path.exists() and self.spec is not None:  # a registry model: this node's own copy

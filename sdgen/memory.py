@@ -131,12 +131,16 @@ _HEAP_ONLY = {"set": False}
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the system at once (the sdgen
-    command does this at start; a program importing sdgen decides for itself). By default every block above 32 MB
-    -- each feature map of a VAE decode at 512x512, each large buffer of a UNet step -- is a fresh mmap, and the
-    kernel zeroes its pages again at first touch: ~1.2 s of system time per SD1.5 VAE decode on 2 cores, ~7% of
-    its wall time (scripts/bench_vs_diffusers.py; sys time from getrusage). With mmap off and no automatic trim,
-    freed blocks are reused from the heap; peak memory is the same (measured with sdgen bench: 3980 vs 4021 MB for
-    SD1.5), and trim() still gives the free pages back where sdgen releases a model. True if set (glibc only)."""
+    command does this at start, through fresh_memory_settings; a program importing sdgen decides for itself). By
+    default every block above 32 MB -- each feature map of a VAE decode at 512x512, each large buffer of a UNet step
+    -- is a fresh mmap, and the kernel zeroes its pages again at first touch: ~1.2 s of system time per SD1.5 VAE
+    decode on 2 cores, ~7% of its wall time (scripts/bench_vs_diffusers.py; sys time from getrusage). With mmap off
+    and automatic trimming off, freed blocks are reused from the heap; peak memory is the same (measured with sdgen
+    bench: 3980 vs 4021 MB for SD1.5), and trim() still gives the free pages back where sdgen releases a model.
+    Trimming is off entirely (a threshold of -1), not merely high: the largest threshold mallopt takes, 2 GB, still
+    gave back the 3.5 GB heap top each SDXL VAE decode at 1024x1024 ends with, so that every decode after the first
+    faulted it in again (Zen 4, 2 threads: 22.5 s a decode, 5.5 s of it system time, against 19.0 s and none).
+    True if set (glibc only)."""
     if _HEAP_ONLY["set"]:
         return True
     try:
@@ -149,9 +153,33 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     m_trim_threshold, m_mmap_max = -1, -4
-    ok = mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
+    ok = mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, -1) == 1
     _HEAP_ONLY["set"] = ok
     return ok
+
+
+def small_pages() -> bool:
+    """Stop numpy from asking the kernel for transparent huge pages (madvise MADV_HUGEPAGE, which it does for every
+    array of 4 MB and up where the system leaves huge pages to madvise, the usual setting). A huge page is found at
+    first touch, and on a machine whose free memory is fragmented or taken by the page cache (the model's own
+    files, mapped), that means compacting or reclaiming memory then and there: on the Zen 4 VM (2 threads) the
+    first SDXL VAE decode at 1024x1024 took 23.2 s, 7.7 s of it system time, against 20.7 s and 1.5 with 4 KB
+    pages; SD 1.5's first decode at 512x512 5.7-5.8 s against 4.8, its first UNet forward 6.5-8.2 s against 6.3;
+    later calls, which reuse the heap's memory, the same either way. PyTorch does not ask for huge pages either.
+    True if numpy has the switch (it is numpy's private _set_madvise_hugepage; numpy 1.20 and up)."""
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    if setter is None:
+        return False
+    setter(False)
+    return True
+
+
+def fresh_memory_settings() -> None:
+    """How the sdgen command (and its workers, and the benchmarks that time it) take memory: freed blocks kept for
+    reuse (keep_freed_memory), new ones in small pages (small_pages)."""
+    keep_freed_memory()
+    small_pages()
 
 
 # ------------------------------------------------------------------------------------------- what there is
