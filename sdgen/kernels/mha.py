@@ -173,6 +173,13 @@ _COPY_MIN_KEYS = 2048  # from this many keys on, K^T and V are copied contiguous
 _PACK_MIN_KEYS = 1024
 _PANEL_MAX_D = 128  # heads up to this wide take Q K^T from keys packed in panels (panels.py) when they are copied
 _MAX_QROWS = 256  # query rows per job at most
+# Score blocks (per worker) at most: 4 MB where Q K^T reads keys packed once per image (panels); 16 MB where BLAS
+# multiplies, since it packs K^T and V again at each call, a cost per job that its rows do not change: a job of
+# fewer rows repacks all the keys for less work. 16 MB keeps 256 rows up to 16384 keys (the SDXL VAE's single head
+# of 512 at 1024x1024: 3.99 -> 3.02 s, 9216 keys 1.07 -> 0.94; PyTorch's SDPA 2.85 s on the first); with packed
+# keys the larger block is slower (heads of 64, 16384 keys 3.70 -> 3.91 s, 9216 1.14 -> 1.17; 2 threads, Zen 4)
+_BLOCK_BYTES = 4 << 20
+_BLAS_BLOCK_BYTES = 16 << 20
 _MIN_JOBS = 8
 _GROUP_BYTES = 1 << 20  # heads share a job while their score blocks together stay within this
 
@@ -210,7 +217,7 @@ def attention(
     v: np.ndarray,
     heads: int,
     mask: np.ndarray | None = None,
-    block_bytes: int = 4 << 20,
+    block_bytes: int | None = None,
     nworkers: int | None = None,
     max_slices: int | None = None,
 ) -> np.ndarray:
@@ -219,7 +226,8 @@ def attention(
 
     Scale 1/sqrt(C/heads). mask, if given, is added to the scores and broadcasts to (B, heads, Lq, Lk) (e.g. a
     causal mask of -inf). Each job's score block (heads in its group x query rows x Lk floats) stays under
-    block_bytes (but holds at least 16 query rows). Bit-identical whatever the number of workers.
+    block_bytes (but holds at least 16 query rows; default 4 MB where the keys are packed in panels, else 16 MB).
+    Bit-identical whatever the number of workers.
     max_slices: diffusers' attention slicing -- the score blocks of all the jobs running at once hold at most
     max_slices (image x head) slices of Lq x Lk scores (block_bytes is lowered to fit; same results).
     """
@@ -235,6 +243,15 @@ def attention(
         m4 = np.broadcast_to(np.asarray(mask, dtype=np.float32), (b, heads, lq, lk))
     # score rows padded to a multiple of 8 columns (the exp loop then has no scalar tail), which GEMMs skip
     lkp = lk if m4 is not None else -(-lk // 8) * 8
+    # The copied keys go into panels of PANEL keys when the heads are narrow (up to _PANEL_MAX_D) and the keys
+    # fill whole panels (and the CPU has the registers for it, panels.AVAILABLE): Q K^T is then panels.gemm_panels'
+    # register tiles, 1.4-1.5x OpenBLAS's speed on heads of 40-80 (its packing of both operands at each call weighs
+    # on an inner dimension that short), the same numbers.
+    packable = panels.AVAILABLE and heads > 1 and d <= _PANEL_MAX_D and lk % PANEL == 0 and lk == lkp
+    copied = heads > 1 and (lk >= _COPY_MIN_KEYS or (packable and lk >= _PACK_MIN_KEYS))
+    packed = packable and copied
+    if block_bytes is None:
+        block_bytes = _BLOCK_BYTES if packed else _BLAS_BLOCK_BYTES
     if max_slices is not None:
         nw_max = _pool.workers() if nworkers is None else max(1, nworkers)
         block_bytes = min(block_bytes, max(1, max_slices) * lq * lk * 4 // nw_max)
@@ -249,13 +266,6 @@ def attention(
     # ms), and a single head (the VAE's) is contiguous already. Same results either way: BLAS reads the same numbers.
     qv = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     ov = out.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
-    # The copied keys go into panels of PANEL keys when the heads are narrow (up to _PANEL_MAX_D) and the keys
-    # fill whole panels (and the CPU has the registers for it, panels.AVAILABLE): Q K^T is then panels.gemm_panels'
-    # register tiles, 1.4-1.5x OpenBLAS's speed on heads of 40-80 (its packing of both operands at each call weighs
-    # on an inner dimension that short), the same numbers.
-    packable = panels.AVAILABLE and heads > 1 and d <= _PANEL_MAX_D and lk % PANEL == 0 and lk == lkp
-    copied = heads > 1 and (lk >= _COPY_MIN_KEYS or (packable and lk >= _PACK_MIN_KEYS))
-    packed = packable and copied
     if not copied:
         kt = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
         vv = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
