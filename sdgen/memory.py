@@ -165,7 +165,11 @@ def small_pages() -> bool:
     files, mapped), that means compacting or reclaiming memory then and there: on the Zen 4 VM (2 threads) the
     first SDXL VAE decode at 1024x1024 took 23.2 s, 7.7 s of it system time, against 20.7 s and 1.5 with 4 KB
     pages; SD 1.5's first decode at 512x512 5.7-5.8 s against 4.8, its first UNet forward 6.5-8.2 s against 6.3;
-    later calls, which reuse the heap's memory, the same either way. PyTorch does not ask for huge pages either.
+    later calls, which reuse the heap's memory, the same either way. Where memory was just given back (the decode
+    of `sdgen bench`, after the UNet is released) huge pages come cheap and 4 KB pages cost a little more (SDXL
+    1024x1024: 22.6 s against 21.7-22.0), but the compactions are the larger and less predictable cost (SD 1.5
+    bench runs of 2 steps: 23.6-23.8 s against 24.1 and 27.3, a first step of 9.3 s in the latter). PyTorch does
+    not ask for huge pages either.
     True if numpy has the switch (it is numpy's private _set_madvise_hugepage; numpy 1.20 and up)."""
     core = getattr(np, "_core", None) or getattr(np, "core", None)
     setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
