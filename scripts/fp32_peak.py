@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 from numba import njit, prange
+from profile_split import best_of  # scripts/ is on the path when this runs as a script
 
 SHAPES = (  # (rows M, inputs K, outputs N): SD 1.5's feed-forward and projections, SDXL's 256-token layers
     (8192, 320, 2560),
@@ -62,16 +63,6 @@ def fma_peak(threads: int, seconds: float = 0.5, repeat: int = 5) -> float:
     return 2.0 * threads * CHAINS * steps / best / 1e9
 
 
-def best_time(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -99,14 +90,14 @@ def main() -> None:
         w = rng.standard_normal((n, k), dtype=np.float32)
         flop = 2.0 * m * k * n
         if AVAILABLE:
-            ours = flop / best_time(lambda: linear_tiles.linear(x, None, None, weight=w), args.repeat) / 1e9
+            ours = flop / best_of(lambda: linear_tiles.linear(x, None, None, weight=w), args.repeat) / 1e9
         else:  # no AVX-512 registers for the tiles: the models multiply by BLAS
-            ours = flop / best_time(lambda: x @ w.T, args.repeat) / 1e9
+            ours = flop / best_of(lambda: x @ w.T, args.repeat) / 1e9
         line = f"{m:>6} {k:>6} {n:>6}  {ours:>14.0f} {ours / peak:>8.2f}"
         if torch is not None:
             tx, tw = torch.from_numpy(x), torch.from_numpy(w)
             with torch.no_grad():
-                theirs = flop / best_time(lambda: torch.nn.functional.linear(tx, tw), args.repeat) / 1e9
+                theirs = flop / best_of(lambda: torch.nn.functional.linear(tx, tw), args.repeat) / 1e9
             line += f"  {theirs:>14.0f} {theirs / peak:>8.2f}"
         print(line)
 

@@ -55,7 +55,7 @@ def inputs(folder: Path, size: int) -> dict:
     return out
 
 
-def _best_of(fn, n: int) -> float:
+def best_of(fn, n: int) -> float:
     """fn once to warm up, then the least wall time of n calls."""
     fn()
     best = float("inf")
@@ -70,7 +70,7 @@ def split(forward, targets: list) -> dict:
     """The forward's untimed best of 2 ("plain"), then its time by kind: for each (module, kinds) of targets, the
     module's functions named in kinds wrapped in timers (kinds[name](args, out) -> (kind, flops of a linear product,
     else 0)), one forward to warm up and one measured ("total"; "other" is what the kinds leave of it)."""
-    plain = _best_of(forward, 2)
+    plain = best_of(forward, 2)
     seconds = collections.Counter()
     flops = [0.0]
 
