@@ -499,6 +499,8 @@ def test_linear_tiles(rng, m, k, n, nworkers):
     assert later is out and np.array_equal(first, later)
     assert np.array_equal(wp.transpose(0, 2, 1).reshape(n, k), w)  # panel p holds outputs 32 p .. 32 p + 31
     assert np.array_equal(later, linear_tiles.linear(x, wp, b) + res)
+    # the tiles add the bias as they store the sums: as a pass adding it afterwards rounds
+    assert np.array_equal(linear_tiles.linear(x, wp, b), linear_tiles.linear(x, wp, None) + b)
     # from W as it lies, each chunk packed for its use (8 x 8 blocks transposed in registers, the last inner steps
     # one by one): the same numbers
     assert np.array_equal(linear_tiles.linear(x, None, b, res, weight=w, nworkers=nworkers), later)
@@ -506,6 +508,8 @@ def test_linear_tiles(rng, m, k, n, nworkers):
         assert rel_err(later, ref) < TOL
     with pytest.raises(ValueError):
         linear_tiles.linear(x[:, :-1], wp, b)
+    with pytest.raises(ValueError):  # a bias too short would be read past its end by the tiles
+        linear_tiles.linear(x, wp, b[:-1])
 
 
 @pytest.mark.skipif(not panels.AVAILABLE, reason="register tiles need AVX-512VL")

@@ -33,8 +33,8 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from . import _pool, panels
-from .gemm import _NO_BIAS, _NO_RES2, add_bias_residual, linear_operands
-from .panels import PANEL, tile_rows
+from .gemm import linear_operands
+from .panels import NOTHING, PANEL, tile_rows_then
 from .weights import F16_TABLE, HALF_BF16, HALF_F16, HAS_F16C, widen_bits_ir, widen_one, widen_run
 
 KC = 512  # inner-dimension steps per pass of the tiles at most (a panel's chunk: 64 KB)
@@ -165,23 +165,26 @@ def _as_f32_numba(v, half, table):
 
 
 @njit(nogil=True, cache=True)
-def products_unpacked(a, m, k, w, ldc, c, c_p0, g0, g1, r_lo, r_hi, half, table):
+def products_unpacked(a, m, k, w, ldc, c, c_p0, g0, g1, r_lo, r_hi, half, table, z, res, then):
     """c[i, 32 (c_p0 + g0) : 32 (c_p0 + g1)] = a[i] @ W[32 g0 : 32 g1]^T for r_lo <= i < r_hi (a block of at most
     a few ROW_BLOCK rows; c's rows ldc apart), from W (flat (n, k): float32, or the bits of half-precision weights,
     half as in products) as it lies, each panel's chunk of inner steps packed (and widened) into a 64 KB buffer
     right before the block's tiles use it, then dropped: no memory kept and no first call that costs more, for
     layers run once or a few times. c_p0: the panel of c where W's outputs begin (a block of a fused layer's
     outputs). Chunk by chunk of the inner steps, panel by panel; the same sums as products from packed panels.
-    table: F16_TABLE. Serial; releases the GIL."""
+    z, res, then: the bias (n,) and residual (laid out as c) added as the last chunk's tiles store (then & 1, then &
+    2: panels.tile_rows_then). table: F16_TABLE. Serial; releases the GIL."""
     step = -(-k // -(-k // KC))
     buf = np.empty(step * PANEL, dtype=np.float32)
     for e0 in range(0, k, step):
         kk = min(step, k - e0)
         more = 1 if e0 > 0 else 0
+        last = then if e0 + kk == k else 0
         for p in range(g0, g1):
             _pack_widened(w, k, buf, p, e0, kk, half, table)
-            tile_rows(c, r_lo * ldc + (c_p0 + p) * PANEL, ldc, a, r_lo * k + e0, k, r_hi - r_lo, buf, 0, PANEL, kk,
-                      more)
+            co = r_lo * ldc + (c_p0 + p) * PANEL
+            tile_rows_then(c, co, ldc, a, r_lo * k + e0, k, r_hi - r_lo, buf, 0, PANEL, kk, more, z,
+                           (c_p0 + p) * PANEL, res, co, last)
 
 
 @njit(nogil=True, cache=True)
@@ -196,14 +199,14 @@ def _pack_chunk(w, k, wp, p, q, e0, kk):
 
 
 @njit(nogil=True, cache=True)
-def products(a, m, k, wp, n, c, g0, g1, w, w_p0, pack, r_lo, r_hi, half, table):
+def products(a, m, k, wp, n, c, g0, g1, w, w_p0, pack, r_lo, r_hi, half, table, z, res, then):
     """c[i, 32 g0 : 32 g1] = a[i] @ W^T for r_lo <= i < r_hi, from the packed panels g0 .. g1 - 1 of wp; flat
     arrays, a (m, k) and c (m, n) float32, wp float32 or the bits (uint16) of half-precision panels (half: HALF_F16
     or HALF_BF16), each chunk of those widened once per block of rows, into a buffer that stays in L1/L2 while the
     block's tiles use it (table: F16_TABLE). pack: first make those panels from w (flat (n_w, k), wp's dtype, whose
     panel 0 is wp's panel w_p0: a block of a fused layer's outputs), each chunk right before its use (then r_lo
     must be 0). Rows in blocks of ROW_BLOCK; per block, chunk by chunk of the inner steps (equal chunks of at most
-    KC), panel by panel. Serial; releases the GIL."""
+    KC), panel by panel. z, res, then: as products_unpacked. Serial; releases the GIL."""
     step = -(-k // -(-k // KC))  # the inner dimension in equal chunks of at most KC
     buf = np.empty(step * PANEL if half else 1, dtype=np.float32)
     for r0 in range(r_lo, max(r_hi, r_lo + 1), ROW_BLOCK):  # (no rows: the packing only)
@@ -211,12 +214,15 @@ def products(a, m, k, wp, n, c, g0, g1, w, w_p0, pack, r_lo, r_hi, half, table):
         for e0 in range(0, k, step):
             kk = min(step, k - e0)
             more = 1 if e0 > 0 else 0
+            last = then if e0 + kk == k else 0
             for p in range(g0, g1):
                 if pack and r0 == r_lo:
                     _pack_chunk(w, k, wp, p - w_p0, p, e0, kk)
                 if mr > 0:
                     b, b_off = _chunk(wp, p * k * PANEL + e0 * PANEL, kk * PANEL, buf, half, table)
-                    tile_rows(c, r0 * n + p * PANEL, n, a, r0 * k + e0, k, mr, b, b_off, PANEL, kk, more)
+                    co = r0 * n + p * PANEL
+                    tile_rows_then(c, co, n, a, r0 * k + e0, k, mr, b, b_off, PANEL, kk, more, z, p * PANEL, res,
+                                   co, last)
 
 
 def _jobs(m: int, part_panels: list[int], nw: int, pack: bool) -> list[tuple[int, int, int, int, int]]:
@@ -250,7 +256,7 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
     only (products_unpacked). weight may also be a list of blocks of W's rows (each (N_i, K), packable, one dtype:
     a fused layer's q, k and v weights where they lie), which are read in place, never joined. Half-precision
     weights give the numbers of float32 ones widened, and all three ways the same numbers. Bias and residual are
-    added by each worker to its outputs while they are in cache. nworkers: threads (default _pool.workers()); the
+    added by the tiles as they store the sums, ((x W^T) + b) + r as a pass of their own would round. nworkers: threads (default _pool.workers()); the
     numbers do not depend on it."""
     unpacked = wp is None
     parts = [] if weight is None else [weight] if isinstance(weight, np.ndarray) else list(weight)
@@ -267,8 +273,12 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
             raise ValueError(f"linear: weights of {[w.shape for w in parts]} for {n}-output panels")
     a, y, res2, lead = linear_operands(x, k, n, residual, out)
     m = a.shape[0]
-    has_bias = bias is not None
-    bb = np.asarray(bias, dtype=np.float32) if has_bias else _NO_BIAS
+    # the bias and the residual are added by the tiles as they store the sums (panels.tile_rows_then)
+    zf = NOTHING if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+    if bias is not None and zf.size != n:
+        raise ValueError(f"linear: a bias of {zf.size} for {n} outputs")
+    rf = NOTHING if res2 is None else res2.reshape(-1)
+    then = (0 if bias is None else 1) | (0 if res2 is None else 2)
     half = _HALF[dtype]
     bits = np.float32 if half == 0 else np.uint16  # what the kernel sees of the weights (Numba has no float16)
     pack = bool(parts) and not unpacked
@@ -288,12 +298,10 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
             j, g0, g1, r0, r1 = jobs[i]
             p0 = p0s[j]
             if unpacked:
-                products_unpacked(af, m, k, wfs[j], n, yf, p0, g0, g1, r0, r1, half, F16_TABLE)
+                products_unpacked(af, m, k, wfs[j], n, yf, p0, g0, g1, r0, r1, half, F16_TABLE, zf, rf, then)
             else:
-                products(af, m, k, wpf, n, yf, p0 + g0, p0 + g1, wfs[j], p0, pack, r0, r1, half, F16_TABLE)
-            if r1 > r0 and (has_bias or res2 is not None):
-                add_bias_residual(y[r0:r1], bb, has_bias, _NO_RES2 if res2 is None else res2[r0:r1],
-                                  res2 is not None, (p0 + g0) * PANEL, (p0 + g1) * PANEL)
+                products(af, m, k, wpf, n, yf, p0 + g0, p0 + g1, wfs[j], p0, pack, r0, r1, half, F16_TABLE, zf, rf,
+                         then)
 
     _pool.run(part, min(nw, len(jobs)))
     return y.reshape(*lead, n) if out is None else out

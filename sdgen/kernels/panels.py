@@ -20,6 +20,8 @@ too: 50-75 GFLOP/s a core where the same tiles reach 90-110.
 - gemm_rows (P V, heads of 40, 64 and 80): B (V) as it is, rows of 40, 64 or 80 floats; tiles of 4 rows x 5
   vectors (of 6 rows x 4 512-bit vectors for 64, of 4 x 5 for 80), in passes of 512 steps of the inner dimension
   whose sums are added, as BLAS adds its blocks. 93-117 GFLOP/s a core.
+- tile_rows_then (the linear layers, linear_tiles.py): gemm_tiles' tiles adding a bias and a residual to the sums
+  while they are in registers, before the store: no pass of their own over the outputs.
 
 The tile is written in LLVM IR (a Numba intrinsic) since Numba has no vector type: the accumulators are vector
 registers for the whole run down the inner dimension, which no Numba loop over arrays becomes. It needs 32 vector
@@ -56,71 +58,97 @@ def _has_32_vector_registers() -> bool:
 AVAILABLE = _has_32_vector_registers()
 
 
-def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES):
+def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: bool = False):
     """The intrinsic computing one tile of `rows` rows x `vectors` vectors of `lanes` floats (LANES, or 16: 512-bit
-    vectors) (see tile's docstring)."""
+    vectors) (see tile's docstring); with epilogue, a tile that can also add a bias and a residual as it stores
+    (tile_then's docstring)."""
 
-    @intrinsic
-    def tile(typingctx, c, c_off, ldc, a, a_off, lda, b, b_off, ldb, k, accumulate):
-        """c[c_off + r ldc + j] (+)= sum_e a[a_off + r lda + e] b[b_off + e ldb + j] for r < rows,
-        j < vectors lanes, e < k: each sum from 0 in order of e by fused multiply-adds, then added to c's value if
-        accumulate is non-zero, else stored (1-D C-contiguous float32 arrays; no bounds check)."""
-        arrays = (c, a, b)
-        if not all(isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 1 and t.layout == "C"
-                   for t in arrays):
-            return None
-        sig = types.void(c, types.intp, types.intp, a, types.intp, types.intp, b, types.intp, types.intp,
-                         types.intp, types.intp)
+    def codegen(context, builder, signature, args):
+        cv, co, lc, av, ao, la, bv, bo, lb, kk, more = args[:11]
+        vec = ir.VectorType(ir.FloatType(), lanes)
+        vptr = vec.as_pointer()
+        i64 = co.type
 
-        def codegen(context, builder, signature, args):
-            cv, co, lc, av, ao, la, bv, bo, lb, kk, more = args
-            vec = ir.VectorType(ir.FloatType(), lanes)
-            vptr = vec.as_pointer()
-            i64 = co.type
+        def data(pos, value):
+            return context.make_array(signature.args[pos])(context, builder, value).data
 
-            def data(pos, value):
-                return context.make_array(signature.args[pos])(context, builder, value).data
+        def vec_at(base, off, r, ld, v):  # the vector v of row r of a flat array: base[off + r ld + v lanes ..]
+            row = builder.add(off, builder.mul(ir.Constant(i64, r), ld))
+            return builder.bitcast(builder.gep(base, [builder.add(row, ir.Constant(i64, v * lanes))]), vptr)
 
-            cp, ap, bp = data(0, cv), data(3, av), data(6, bv)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                                 f"llvm.fma.v{lanes}f32")
-            def c_at(r, v):
-                row_c = builder.add(co, builder.mul(ir.Constant(i64, r), lc))
-                return builder.bitcast(builder.gep(cp, [builder.add(row_c, ir.Constant(i64, v * lanes))]), vptr)
+        cp, ap, bp = data(0, cv), data(3, av), data(6, bv)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                             f"llvm.fma.v{lanes}f32")
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(vectors)]
+               for _ in range(rows)]
+        undef = ir.Constant(vec, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        first = ir.Constant(ir.IntType(32), 0)
+        with cgutils.for_range(builder, kk) as loop:
+            e = loop.index
+            row_b = builder.add(bo, builder.mul(e, lb))
+            bvec = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(row_b, ir.Constant(i64, v * lanes))]),
+                                                 vptr), align=4) for v in range(vectors)]
+            for r in range(rows):
+                at = builder.add(builder.add(ao, builder.mul(ir.Constant(i64, r), la)), e)
+                a_elem = builder.load(builder.gep(ap, [at]))
+                x = builder.shuffle_vector(builder.insert_element(undef, a_elem, first), undef, splat)
+                for v in range(vectors):
+                    builder.store(builder.call(fma, [x, bvec[v], builder.load(acc[r][v])]), acc[r][v])
 
-            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(vectors)]
-                   for _ in range(rows)]
-            undef = ir.Constant(vec, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-            first = ir.Constant(ir.IntType(32), 0)
-            with cgutils.for_range(builder, kk) as loop:
-                e = loop.index
-                row_b = builder.add(bo, builder.mul(e, lb))
-                bvec = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(row_b, ir.Constant(i64, v * lanes))]),
-                                                     vptr), align=4) for v in range(vectors)]
-                for r in range(rows):
-                    at = builder.add(builder.add(ao, builder.mul(ir.Constant(i64, r), la)), e)
-                    a_elem = builder.load(builder.gep(ap, [at]))
-                    x = builder.shuffle_vector(builder.insert_element(undef, a_elem, first), undef, splat)
-                    for v in range(vectors):
-                        builder.store(builder.call(fma, [x, bvec[v], builder.load(acc[r][v])]), acc[r][v])
-            with builder.if_then(builder.icmp_signed("!=", more, ir.Constant(more.type, 0))):
-                for r in range(rows):
-                    for v in range(vectors):
-                        builder.store(builder.fadd(builder.load(c_at(r, v), align=4), builder.load(acc[r][v])),
-                                      acc[r][v])
+        def add_from(base, off, ld, per_row):  # acc[r][v] += base's vector (the same for every row unless per_row)
             for r in range(rows):
                 for v in range(vectors):
-                    builder.store(builder.load(acc[r][v]), c_at(r, v), align=4)
-            return context.get_dummy_value()
+                    y = builder.load(vec_at(base, off, r if per_row else 0, ld, v), align=4)
+                    builder.store(builder.fadd(builder.load(acc[r][v]), y), acc[r][v])
 
-        return sig, codegen
+        with builder.if_then(builder.icmp_signed("!=", more, ir.Constant(more.type, 0))):
+            add_from(cp, co, lc, True)
+        if epilogue:
+            zv, zo, rv, ro, lr, then = args[11:]
+            for bit, base, off, per_row in ((1, data(11, zv), zo, False), (2, data(13, rv), ro, True)):
+                flag = builder.and_(then, ir.Constant(then.type, bit))
+                with builder.if_then(builder.icmp_signed("!=", flag, ir.Constant(then.type, 0))):
+                    add_from(base, off, lr, per_row)
+        for r in range(rows):
+            for v in range(vectors):
+                builder.store(builder.load(acc[r][v]), vec_at(cp, co, r, lc, v), align=4)
+        return context.get_dummy_value()
 
-    return tile
+    def f32_arrays(*arrays) -> bool:
+        return all(isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 1 and t.layout == "C"
+                   for t in arrays)
+
+    if not epilogue:
+        @intrinsic
+        def tile(typingctx, c, c_off, ldc, a, a_off, lda, b, b_off, ldb, k, accumulate):
+            """c[c_off + r ldc + j] (+)= sum_e a[a_off + r lda + e] b[b_off + e ldb + j] for r < rows,
+            j < vectors lanes, e < k: each sum from 0 in order of e by fused multiply-adds, then added to c's value
+            if accumulate is non-zero, else stored (1-D C-contiguous float32 arrays; no bounds check)."""
+            if not f32_arrays(c, a, b):
+                return None
+            return types.void(c, types.intp, types.intp, a, types.intp, types.intp, b, types.intp, types.intp,
+                              types.intp, types.intp), codegen
+
+        return tile
+
+    @intrinsic
+    def tile_then(typingctx, c, c_off, ldc, a, a_off, lda, b, b_off, ldb, k, accumulate, z, z_off, res, res_off,
+                  ldr, then):
+        """tile's sums, then (if then & 1) + z[z_off + j] (a bias), then (if then & 2) + res[res_off + r ldr + j]
+        (a residual) before the store: ((c + sum) + bias) + residual, each addition rounded, as a separate pass
+        adding them to the stored tile would give, while the sums are in registers."""
+        if not f32_arrays(c, a, b, z, res):
+            return None
+        return types.void(c, types.intp, types.intp, a, types.intp, types.intp, b, types.intp, types.intp,
+                          types.intp, types.intp, z, types.intp, res, types.intp, types.intp, types.intp), codegen
+
+    return tile_then
 
 
-# Q K^T: tiles of 6 rows x 4 vectors (24 accumulators, 4 panel vectors and a broadcast: 29 registers), then 4, 2, 1
-_TILE6, _TILE4, _TILE2, _TILE1 = (_make_tile(r) for r in (6, 4, 2, 1))
+# Q K^T and the linear layers: tiles of 6 rows x 4 vectors (24 accumulators, 4 panel vectors and a broadcast: 29
+# registers), then 4, 2, 1; they can add a bias and a residual as they store (tile_rows_then)
+_TILE6, _TILE4, _TILE2, _TILE1 = (_make_tile(r, epilogue=True) for r in (6, 4, 2, 1))
 # C = A B with B's rows 40 floats (5 vectors; attention's P V on SD 1.5's heads of 40): tiles of 4 rows (20
 # accumulators, with the row of B and the broadcast 26 registers) and of 1 row for the rest. 93-115 GFLOP/s a core
 # against OpenBLAS's 69-84 on 256 x 4096 x 40. Rows of 64 floats (SD 2.x's and SDXL's heads) in 512-bit vectors:
@@ -135,22 +163,37 @@ _W80, _W80_1 = _make_tile(4, 5, 16), _make_tile(1, 5, 16)
 _ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_rows, gemm_tiles)
 
 
+NOTHING = np.zeros(1, dtype=np.float32)  # stands in for "no bias" and "no residual" (one compiled signature)
+
+
+@njit(nogil=True, cache=True)
+def tile_rows_then(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more, z, z_off, res, res_off, then):
+    """c[c_off + i ldc + j] (+)= sum_e a[a_off + i lda + e] b[b_off + e ldb + j] for i < m, j < PANEL, e < k (added
+    to c's values if more, else stored), then + z[z_off + j] if then & 1 (a bias) and + res[res_off + i ldc + j] if
+    then & 2 (a residual laid out as c) before the store: the rows in tiles of 6, then 4, 2, 1."""
+    i = 0
+    while i + 6 <= m:
+        _TILE6(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more, z, z_off, res,
+               res_off + i * ldc, ldc, then)
+        i += 6
+    if i + 4 <= m:
+        _TILE4(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more, z, z_off, res,
+               res_off + i * ldc, ldc, then)
+        i += 4
+    if i + 2 <= m:
+        _TILE2(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more, z, z_off, res,
+               res_off + i * ldc, ldc, then)
+        i += 2
+    if i < m:
+        _TILE1(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more, z, z_off, res,
+               res_off + i * ldc, ldc, then)
+
+
 @njit(nogil=True, cache=True)
 def tile_rows(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more):
     """c[c_off + i ldc + j] (+)= sum_e a[a_off + i lda + e] b[b_off + e ldb + j] for i < m, j < PANEL, e < k (added
     to c's values if more, else stored): the rows in tiles of 6, then 4, 2, 1."""
-    i = 0
-    while i + 6 <= m:
-        _TILE6(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more)
-        i += 6
-    if i + 4 <= m:
-        _TILE4(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more)
-        i += 4
-    if i + 2 <= m:
-        _TILE2(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more)
-        i += 2
-    if i < m:
-        _TILE1(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more)
+    tile_rows_then(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more, NOTHING, 0, NOTHING, 0, 0)
 
 
 @njit(nogil=True, cache=True)
