@@ -130,9 +130,11 @@ def diffusers_side(folder: Path, size: int, threads: int) -> dict:
 def sdgen_side(folder: Path, size: int, threads: int) -> dict:
     from sdgen import kernels
     from sdgen.kernels import linear_tiles
+    from sdgen.memory import fresh_memory_settings
     from sdgen.pipeline import Pipeline
     from sdgen.threads import set_threads
 
+    fresh_memory_settings()  # as the sdgen command does
     set_threads(threads)
     unet = Pipeline.load(folder).unet
     x = inputs(folder, size)
