@@ -7,7 +7,9 @@ own process, after a warm-up forward. The kinds:
               shortcuts of SD 1.x are 1x1 Conv2d; sdgen runs them as GEMMs)
   conv3x3     every other convolution (3x3, stride 1 or 2; sdgen's fused upsample + convolution too)
   attention   scaled dot-product attention (PyTorch's SDPA; sdgen's kernels.attention), projections excluded
-  other       the rest of the forward's wall time (norms, activations, adds, copies, Python)
+  other       the rest of the forward's wall time (norms, activations, adds, copies, Python; sdgen's ResNet blocks
+              apply GroupNorm + SiLU in their convolutions' input transforms, which count as conv3x3, and take
+              only the statistics here)
 
 Each side's time per kind is read from timers around the functions that do that work (diffusers: PyTorch's
 F.linear, F.conv2d and F.scaled_dot_product_attention, which its layers call; sdgen: its kernels), in a forward of

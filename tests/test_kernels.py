@@ -86,6 +86,54 @@ def test_conv3x3_stride1_variants(rng, variant, case, padding, with_residual):
     assert rel_err(y, ref) < TOL
 
 
+@pytest.mark.parametrize("variant", ["f63", "f43", "f23", "im2col", "kn2row", None])
+@pytest.mark.parametrize("silu", [False, True])
+def test_conv_applies_group_norm_as_it_reads(rng, variant, silu):
+    """conv2d(x, pre=GroupNorm's statistics of x) convolves the normalized x (then SiLU): bit-identical to
+    normalizing first, on every path (the Winograd ones apply it in their input transform: padding stays zero),
+    batch 3, odd sizes, channels over one block (70: 64 + 6); and against float64 GroupNorm then convolution."""
+    x = rng.standard_normal((3, 13, 9, 70), dtype=np.float32) * 2 + 0.5
+    wt = rng.standard_normal((17, 70, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(17, dtype=np.float32)
+    gamma, beta = rng.standard_normal(70, dtype=np.float32), rng.standard_normal(70, dtype=np.float32)
+    norm = K.group_norm_stats(x, 10, gamma, beta, 1e-5, silu=silu)
+    res = rng.standard_normal((3, 13, 9, 17), dtype=np.float32)
+    plan = Conv2dPlan(wt, b, 1, 1, variant=variant, cache=variant is not None)
+    y = conv2d(x, plan, residual=res, pre=norm)
+    assert np.array_equal(y, conv2d(K.normalize(x, norm), plan, residual=res))
+    assert np.array_equal(K.normalize(x, norm), K.group_norm(x, 10, gamma, beta, 1e-5, silu=silu))
+    ref = R.conv2d(R.group_norm(x.astype(np.float64), 10, gamma, beta, 1e-5, silu=silu), *f64(wt, b), stride=1,
+                   padding=1) + res
+    assert rel_err(y, ref) < TOL
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("nworkers", [1, 2])
+def test_winograd_blocks_and_streamed_apply_group_norm(rng, m, nworkers):
+    """The filters made a block at a time (winograd_conv_blocks: one block of tiles shared by the workers) and whole
+    in groups of output channels (winograd_conv_streamed, the input transformed again per group) apply pre as the
+    tiles read x: bit-identical to normalizing first."""
+    from sdgen.kernels.weights import oihw_blocks
+
+    x = rng.standard_normal((2, 7, 11, 130), dtype=np.float32)
+    wt = (rng.standard_normal((136, 130, 3, 3)) / math.sqrt(9 * 130)).astype(np.float32)
+    b = rng.standard_normal(136, dtype=np.float32)
+    norm = K.group_norm_stats(x, 2, np.ones(130, np.float32), np.zeros(130, np.float32), 1e-6, silu=True)
+    xn = K.normalize(x, norm)
+    src = winograd.FilterSource(None, m, oihw_blocks(wt, 64), 136)
+    want = winograd.winograd_conv_blocks(xn, src, m, 1, b, 136, nworkers=nworkers)
+    assert np.array_equal(winograd.winograd_conv_blocks(x, src, m, 1, b, 136, nworkers=nworkers, pre=norm), want)
+    whole = winograd.FilterSource(wt.transpose(2, 3, 1, 0).copy(), m)
+    old = winograd.STREAM_FILTER_BYTES
+    try:
+        winograd.STREAM_FILTER_BYTES = (m + 2) ** 2 * 192 * 64 * 4  # groups of 64 output channels
+        want = winograd.winograd_conv_streamed(xn, whole, m, 1, b, 136, nworkers=nworkers)
+        got = winograd.winograd_conv_streamed(x, whole, m, 1, b, 136, nworkers=nworkers, pre=norm)
+    finally:
+        winograd.STREAM_FILTER_BYTES = old
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("m", [2, 4, 6])
 def test_winograd_in_blocks_of_tiles(rng, m):
     """Several tile blocks (and a last, partial one) give the same result as one block."""

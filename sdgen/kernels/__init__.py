@@ -8,10 +8,10 @@ from .activations import geglu, gelu, quick_gelu, silu
 from .mha import attention, softmax
 from .conv import Conv2dPlan, conv2d, upsample_conv2d
 from .gemm import linear
-from .norm import group_norm, layer_norm
+from .norm import Normalization, group_norm, group_norm_stats, layer_norm, normalize
 from .resize import upsample2x
 
 __all__ = [
-    "Conv2dPlan", "conv2d", "attention", "gelu", "geglu", "group_norm", "layer_norm", "linear", "quick_gelu", "silu",
-    "softmax", "upsample2x", "upsample_conv2d",
+    "Conv2dPlan", "Normalization", "conv2d", "attention", "gelu", "geglu", "group_norm", "group_norm_stats",
+    "layer_norm", "linear", "normalize", "quick_gelu", "silu", "softmax", "upsample2x", "upsample_conv2d",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 from . import upconv, winograd
 from . import weights as _weights
 from .gemm import conv_im2col, conv_kn2row, gemm_bias
+from .norm import normalize
 from .resize import upsample2x
 
 VARIANTS = ("f63", "f43", "f23", "im2col", "gemm1x1", "kn2row")
@@ -263,9 +264,12 @@ class Conv2dPlan:
         return self._zero_bias
 
 
-def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None) -> np.ndarray:
+def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None, pre=None) -> np.ndarray:
     """Convolve NHWC x with the planned weights; adds residual (same shape as the output) if given.
 
+    pre: a norm.Normalization (GroupNorm's statistics of x, + SiLU) to convolve norm.normalize(x, pre) instead of
+    x, the same numbers: the Winograd paths apply it as their input transform reads x, so that the normalized map
+    is never made (GroupNorm + SiLU + convolution, as ResNet blocks run them); the others make it first.
     For asymmetric padding pad x first and plan with padding=0.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -282,9 +286,11 @@ def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None) 
             raise ValueError(f"conv2d: residual shape {residual.shape} != output shape {(n, ho, wo, plan.out_channels)}")
     v = plan.prepare(h, w, n)
     prep = plan.weights_for(v, keep=plan.keeps(h, w))
+    if pre is not None and v not in WINOGRAD:
+        x = normalize(x, pre)
     if v in WINOGRAD:
         bias = plan.bias if plan.bias is not None else plan.zero_bias()
-        y = winograd.winograd_conv(x, prep, WINOGRAD[v], plan.padding, bias, plan.out_channels, residual)
+        y = winograd.winograd_conv(x, prep, WINOGRAD[v], plan.padding, bias, plan.out_channels, residual, pre=pre)
     elif v == "gemm1x1":
         y = gemm_bias(x.reshape(-1, cin), prep, plan.bias, residual).reshape(n, h, w, plan.out_channels)
     elif v == "kn2row":

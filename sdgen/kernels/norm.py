@@ -7,6 +7,8 @@ channels into groups in float64; the normalisation itself is one fused pass y = 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit, prange
 
@@ -58,10 +60,39 @@ def _scale_shift(x, mu, a, b, y, silu):
                     y[n, i, k] = (x[n, i, k] - mu[n, k]) * a[n, k] + b[n, k]
 
 
+class Normalization(NamedTuple):
+    """What GroupNorm (+ SiLU) does to each element of an NHWC map, its statistics taken: y[n, ..., c] =
+    (x - mu[n, c]) * a[n, c] + b[n, c], then SiLU if silu; mu, a, b (N, C) float32. normalize() applies it; a
+    convolution can apply it instead as it reads its input (kernels.conv2d's pre), to the same numbers, so that
+    the normalized map is never made."""
+
+    mu: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    silu: bool
+
+
 def group_norm(
     x: np.ndarray, num_groups: int, gamma: np.ndarray, beta: np.ndarray, eps: float, silu: bool = False
 ) -> np.ndarray:
     """GroupNorm over NHWC x (statistics per image and group of C/num_groups channels), optionally then SiLU."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return normalize(x, group_norm_stats(x, num_groups, gamma, beta, eps, silu))
+
+
+def normalize(x: np.ndarray, norm: Normalization) -> np.ndarray:
+    """norm applied to NHWC x (a new array)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, h, w, c = x.shape
+    y = np.empty_like(x)
+    _scale_shift(x.reshape(n, h * w, c), norm.mu, norm.a, norm.b, y.reshape(n, h * w, c), bool(norm.silu))
+    return y
+
+
+def group_norm_stats(
+    x: np.ndarray, num_groups: int, gamma: np.ndarray, beta: np.ndarray, eps: float, silu: bool = False
+) -> Normalization:
+    """GroupNorm's statistics of NHWC x, as what it does to each element (Normalization; silu: then SiLU)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, h, w, c = x.shape
     if c % num_groups:
@@ -93,9 +124,7 @@ def group_norm(
     # (x - mu32) is exact in float32 for x near the mean; what float32 rounding took off mu goes into the shift
     b = b64 - (mu - mu32.astype(np.float64)) * a
     f32 = lambda t: np.ascontiguousarray(t, dtype=np.float32)  # noqa: E731
-    y = np.empty_like(x)
-    _scale_shift(x3, mu32, f32(a), f32(b), y.reshape(n, p, c), bool(silu))
-    return y
+    return Normalization(mu32, f32(a), f32(b), bool(silu))
 
 
 @njit(parallel=True, cache=True)

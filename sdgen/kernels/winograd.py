@@ -29,6 +29,7 @@ import numpy as np
 from numba import njit
 
 from . import panels
+from ._math import fsilu
 
 _F23 = (
     np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),  # B^T
@@ -559,15 +560,32 @@ def _at_col(a, tmp, j, col, nc):
 
 
 @njit(inline="always")
-def _tile_in(a, x, n, y0, x0, v, k, tmp, row):
+def _normalized(xs, ms, ss, hs, dst, silu):
+    """dst = (xs - ms) * ss + hs, then SiLU if silu, as norm.normalize computes it (1-D float32 slices). In a
+    function with Numba's default error model SiLU's division checks for zero, and the loop stays scalar (13x
+    slower): input_transform takes numpy's."""
+    if silu:
+        for c in range(xs.shape[0]):
+            dst[c] = fsilu((xs[c] - ms[c]) * ss[c] + hs[c])
+    else:
+        for c in range(xs.shape[0]):
+            dst[c] = (xs[c] - ms[c]) * ss[c] + hs[c]
+
+
+@njit(inline="always")
+def _tile_in(a, x, n, y0, x0, v, k, tmp, row, mu, sc, sh, pre):
     """Input transform of one a x a tile of image n whose top-left input pixel is (y0, x0) (may lie in the
-    padding) into v[:, k]. tmp: (a, a, cb) scratch, row: (1, a, cb) scratch, cb = v.shape[3]."""
+    padding) into v[:, k]. tmp: (a, a, cb) scratch, row: (1, a, cb) scratch, cb = v.shape[3]. pre: each pixel of x
+    first normalized, (x - mu[n, c]) * sc[n, c] + sh[n, c] (pre 1), then SiLU (pre 2), as norm.normalize does;
+    the padding stays zero."""
     n_, h, w, cin = x.shape
     cb = v.shape[3]
     inside_x = x0 >= 0 and x0 + a <= w
     for b in range(-(-cin // cb)):
         c0 = b * cb
         nc = min(cb, cin - c0)
+        pn = n if pre else 0  # (without pre: the (1, 1) placeholders, never read)
+        ms, ss, hs = mu[pn, c0:c0 + nc], sc[pn, c0:c0 + nc], sh[pn, c0:c0 + nc]
         for i in range(a):
             yy = y0 + i
             if yy < 0 or yy >= h:
@@ -576,14 +594,17 @@ def _tile_in(a, x, n, y0, x0, v, k, tmp, row):
                         tmp[i, j, c] = np.float32(0.0)
                 continue
             # one call site for the row transform (each is inlined for every tile size: two sites doubled the
-            # compile time), from the image where the window lies inside it, else from a zero-padded copy
+            # compile time), from the image where the window lies inside it, else from a zero-padded (or
+            # normalized) copy
             src, r, k0, s0 = x[n], yy, x0, c0
-            if not inside_x:
+            if pre or not inside_x:
                 for kk in range(a):
                     xx = x0 + kk
                     if xx < 0 or xx >= w:
                         for c in range(nc):
                             row[0, kk, c] = np.float32(0.0)
+                    elif pre:
+                        _normalized(x[n, yy, xx, c0:c0 + nc], ms, ss, hs, row[0, kk, :nc], pre == 2)
                     else:
                         xs = x[n, yy, xx, c0:c0 + nc]
                         for c in range(nc):
@@ -635,18 +656,19 @@ def tile_position(t, tiles_h, tiles_w):
     return n, ty, r - ty * tiles_w
 
 
-@njit(nogil=True, cache=True)
-def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad_y, pad_x):
+@njit(nogil=True, cache=True, error_model="numpy")
+def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad_y, pad_x, mu, sc, sh, pre):
     """Input transform B^T d B of tiles t0+k, k in [k_lo, k_hi), of NHWC x into v[:, k] (layout above): F(m,3),
     or F(4,2) (upconv.py) when v has 25 slabs; tile (n, ty, tx)'s window starts at (ty m - pad_y, tx m - pad_x),
-    zero outside x. Serial; releases the GIL."""
+    zero outside x. pre 1 or 2: x normalized as it is read (_tile_in; mu, sc, sh (N, C) float32), else as it is
+    (mu, sc, sh: _NO_PRE). Serial; releases the GIL."""
     a = _alpha(v.shape[0])
     cb = v.shape[3]
     tmp = np.empty((a, a, cb), dtype=np.float32)
     row = np.empty((1, a, cb), dtype=np.float32)
     for k in range(k_lo, k_hi):
         n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
-        _tile_in(a, x, n, ty * m - pad_y, tx * m - pad_x, v, k, tmp, row)
+        _tile_in(a, x, n, ty * m - pad_y, tx * m - pad_x, v, k, tmp, row, mu, sc, sh, pre)
 
 
 @njit(nogil=True, cache=True)
@@ -668,6 +690,14 @@ def output_transform(m, mm, y, t0, k_lo, k_hi, tiles_h, tiles_w, bias, res, has_
 # ---------------------------------------------------------------- driver
 
 _NO_RES = np.zeros((1, 1, 1, 1), dtype=np.float32)  # stands in for "no residual" (keeps one compiled signature)
+_NO_PRE = np.zeros((1, 1), dtype=np.float32)  # ... and for "no normalization" of the input
+
+
+def pre_args(pre) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """input_transform's (mu, sc, sh, pre) for a norm.Normalization applied to the input as it is read, or None."""
+    if pre is None:
+        return _NO_PRE, _NO_PRE, _NO_PRE, 0
+    return pre.mu, pre.a, pre.b, 2 if pre.silu else 1
 
 
 def channel_block(c: int) -> int:
@@ -856,13 +886,15 @@ def winograd_conv(
     budget_bytes: int = 6 << 20,
     block_tiles: int | None = None,
     nworkers: int | None = None,
+    pre=None,
 ) -> np.ndarray:
     """Stride-1 3x3 convolution of C-contiguous float32 NHWC x with u = filter_transform(w, m) (channel-padded).
 
     u may instead be a FilterSource (the filters made at each call from the stored weights, into bounded buffers:
     see winograd_conv_streamed). pad: zero padding on every side. bias: float32 (Cout,) (zeros for none).
     residual: None or C-contiguous float32 of the output's shape, added in the output transform. Tiles go in blocks
-    of about budget_bytes of transformed data (block_tiles, if given, sets the tiles per block instead).
+    of about budget_bytes of transformed data (block_tiles, if given, sets the tiles per block instead). pre: a
+    norm.Normalization applied to x as the tiles read it (the numbers of convolving norm.normalize(x, pre)), or None.
 
     Parallel over nworkers threads (default: _pool.workers()). With at least as many blocks as workers, each worker
     takes whole blocks, one at a time as it is free (transform, 36 or 16 GEMMs, inverse transform in its own
@@ -873,7 +905,7 @@ def winograd_conv(
     from . import _pool
 
     if isinstance(u, FilterSource):
-        return winograd_conv_streamed(x, u, m, pad, bias, cout, residual, budget_bytes, block_tiles, nworkers)
+        return winograd_conv_streamed(x, u, m, pad, bias, cout, residual, budget_bytes, block_tiles, nworkers, pre)
     n, h, w, cin = x.shape
     a2, cinp, coutp = filter_shape(u)
     assert a2 == (m + 2) ** 2 and cinp == padded_channels(cin) and coutp == padded_channels(cout), (x.shape, u.shape)
@@ -890,9 +922,10 @@ def winograd_conv(
         def product(buf: _Buffers, c_lo: int, c_hi: int) -> None:
             point_products(buf.vmat[:, :ntiles], filter_columns(u, c_lo, c_hi), buf.mmat[:, :ntiles, c_lo:c_hi])
 
-        return _one_block(x, m, pad, bias, cout, residual, nw, product)
+        return _one_block(x, m, pad, bias, cout, residual, nw, product, pre)
 
     out = np.empty((n, h + 2 * pad - 2, w + 2 * pad - 2, cout), dtype=np.float32)
+    mu, sc, sh, pre_code = pre_args(pre)
     has_res = residual is not None
     res = residual if has_res else _NO_RES
     nbo = coutp // channel_block(cout)
@@ -904,7 +937,7 @@ def winograd_conv(
         while (blk := next(nxt)) < nblocks:
             t0 = blk * tb
             nt = min(tb, ntiles - t0)
-            input_transform(m, x, buf.v, t0, 0, nt, th, tw, pad, pad)
+            input_transform(m, x, buf.v, t0, 0, nt, th, tw, pad, pad, mu, sc, sh, pre_code)
             point_products(buf.vmat[:, :nt], u, buf.mmat[:, :nt])
             output_transform(m, buf.m, out, t0, 0, nt, th, tw, bias, res, has_res, 0, nbo, 0, 1, 0, 0)
 
@@ -917,10 +950,11 @@ def _tiles(h: int, w: int, m: int, pad: int) -> tuple[int, int]:
     return -(-(h + 2 * pad - 2) // m), -(-(w + 2 * pad - 2) // m)
 
 
-def _one_block(x, m, pad, bias, cout, residual, nw, product) -> np.ndarray:
+def _one_block(x, m, pad, bias, cout, residual, nw, product, pre=None) -> np.ndarray:
     """winograd_conv with all the tiles in one block: the nw workers split the tiles for the input transform, then
     the output channel blocks; product(buf, c_lo, c_hi) writes M[:, :ntiles, c_lo:c_hi] of a worker's channels
-    from the transformed tiles buf.vmat[:, :ntiles], which the worker then inverse-transforms."""
+    from the transformed tiles buf.vmat[:, :ntiles], which the worker then inverse-transforms. pre: as
+    winograd_conv's."""
     from . import _pool
 
     n, h, w, cin = x.shape
@@ -932,10 +966,11 @@ def _one_block(x, m, pad, bias, cout, residual, nw, product) -> np.ndarray:
     cbo = channel_block(cout)
     nbo = padded_channels(cout) // cbo
     buf = _Buffers((m + 2) ** 2, ntiles, cin, cout)
+    mu, sc, sh, pre_code = pre_args(pre)
 
     def transform(i: int) -> None:
         lo, hi = _split(ntiles, nw, i)
-        input_transform(m, x, buf.v, 0, lo, hi, th, tw, pad, pad)
+        input_transform(m, x, buf.v, 0, lo, hi, th, tw, pad, pad, mu, sc, sh, pre_code)
 
     def multiply(i: int) -> None:
         b_lo, b_hi = _split(nbo, nw, i)
@@ -1018,7 +1053,7 @@ BLOCKS_TILES_BYTES = 64 << 20
 
 
 def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=None, budget_bytes=6 << 20,
-                           block_tiles=None, nworkers=None) -> np.ndarray:
+                           block_tiles=None, nworkers=None, pre=None) -> np.ndarray:
     """winograd_conv with the filters made from the stored weights during the call: from weights stored in blocks
     of output channels, a block at a time where the filters outweigh the data (winograd_conv_blocks); else whole
     (by all workers, into the shared "winograd" scratch buffer), in groups of output channels whose filters take
@@ -1032,12 +1067,12 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
     tiles_bytes = a2 * _rows_padded(ntiles, max(cinp, coutp)) * (cinp + coutp) * 4
     if (src.blocks is not None and tiles_bytes < a2 * cinp * coutp * 4 and tiles_bytes <= BLOCKS_TILES_BYTES
             and block_tiles is None):
-        return winograd_conv_blocks(x, src, m, pad, bias, cout, residual, nworkers)
+        return winograd_conv_blocks(x, src, m, pad, bias, cout, residual, nworkers, pre)
     limit = whole_filter_bytes(m)
     if a2 * cinp * coutp * 4 <= limit:
         u = filter_buffer(a2, cinp, coutp)
         src.fill(u, 0, coutp)
-        return winograd_conv(x, u, m, pad, bias, cout, residual, budget_bytes, block_tiles, nworkers)
+        return winograd_conv(x, u, m, pad, bias, cout, residual, budget_bytes, block_tiles, nworkers, pre)
     ngroups = -(-a2 * cinp * coutp * 4 // limit)
     group = -(-(-(-cout // ngroups)) // 64) * 64  # near-equal groups, whole channel blocks
     out = np.empty((n, h + 2 * pad - 2, w + 2 * pad - 2, cout), dtype=np.float32)
@@ -1048,7 +1083,7 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
         src.fill(u, c0, c0 + gp)
         res = None if residual is None else np.ascontiguousarray(residual[..., c0:c1])
         out[..., c0:c1] = winograd_conv(x, u, m, pad, np.ascontiguousarray(bias[c0:c1]), c1 - c0, res,
-                                        budget_bytes, block_tiles, nworkers)
+                                        budget_bytes, block_tiles, nworkers, pre)
     return out
 
 
@@ -1061,7 +1096,8 @@ def winograd_conv_streamed(x, src: FilterSource, m, pad, bias, cout, residual=No
 BLOCK_ROW_GROUPS = {2: ((0, 4),), 4: ((0, 2), (2, 4), (4, 6)), 6: ((0, 8),)}
 
 
-def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None, nworkers=None) -> np.ndarray:
+def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None, nworkers=None,
+                         pre=None) -> np.ndarray:
     """winograd_conv for maps whose filters outweigh their tiles, from weights stored in blocks of 64 output
     channels (FilterSource with blocks): all workers transform the tiles (one block holding them all); then each
     worker, for each block of its share of the output channels and each group of the tile's rows
@@ -1091,4 +1127,4 @@ def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None
                 point_products(buf.vmat[p0:p1, :ntiles], u[:p1 - p0], buf.mmat[p0:p1, :ntiles, j * ob:(j + 1) * ob])
 
     return _one_block(x, m, pad, bias, cout, residual, _pool.workers() if nworkers is None else max(1, nworkers),
-                      product)
+                      product, pre)

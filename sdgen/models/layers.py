@@ -383,8 +383,9 @@ class Conv2d:
         p.release("weight")
         self.out_channels = out_channels
 
-    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        return kernels.conv2d(x, self.plan, residual=residual)
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None, pre=None) -> np.ndarray:
+        """The convolution of x (+ residual); pre: of GroupNorm.stats(x) applied to x instead (kernels.conv2d)."""
+        return kernels.conv2d(x, self.plan, residual=residual, pre=pre)
 
     def upsampled(self, x: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
         """This convolution of x upsampled (nearest) by 2, or to size: an upsampler. By 2, without making the
@@ -404,6 +405,10 @@ class GroupNorm:
 
     def __call__(self, x: np.ndarray, silu: bool = False) -> np.ndarray:
         return kernels.group_norm(x, self.num_groups, self.gamma, self.beta, self.eps, silu=silu)
+
+    def stats(self, x: np.ndarray, silu: bool = False):
+        """This GroupNorm (then SiLU) of x as a kernels.Normalization, for a convolution to apply as it reads x."""
+        return kernels.group_norm_stats(x, self.num_groups, self.gamma, self.beta, self.eps, silu=silu)
 
 
 class LayerNorm:

@@ -98,11 +98,13 @@ class ResnetBlock:
         self.conv_shortcut = Linear(p.sub("conv_shortcut"), cin, cout) if cin != cout else None
 
     def __call__(self, x: np.ndarray, temb: np.ndarray | None) -> np.ndarray:
-        h = self.conv1(self.norm1(x, silu=True))
+        # each GroupNorm + SiLU applied by the convolution after it as it reads its input (the same numbers; the
+        # normalized maps are never made)
+        h = self.conv1(x, pre=self.norm1.stats(x, silu=True))
         if self.time_emb_proj is not None and temb is not None:
             h += for_rows(self.time_emb_proj(kernels.silu(temb)), h.shape[0])[:, None, None, :]
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        return self.conv2(self.norm2(h, silu=True), residual=shortcut)
+        return self.conv2(h, residual=shortcut, pre=self.norm2.stats(h, silu=True))
 
 
 class Attention:
