@@ -105,6 +105,8 @@ def test_conv_applies_group_norm_as_it_reads(rng, variant, silu):
     ref = R.conv2d(R.group_norm(x.astype(np.float64), 10, gamma, beta, 1e-5, silu=silu), *f64(wt, b), stride=1,
                    padding=1) + res
     assert rel_err(y, ref) < TOL
+    with pytest.raises(ValueError):  # the statistics of another map (the transforms read them unchecked)
+        conv2d(x[:2], plan, pre=norm)
 
 
 @pytest.mark.parametrize("m", [2, 4, 6])

@@ -284,6 +284,8 @@ def conv2d(x: np.ndarray, plan: Conv2dPlan, residual: np.ndarray | None = None, 
         residual = np.ascontiguousarray(residual, dtype=np.float32)
         if residual.shape != (n, ho, wo, plan.out_channels):
             raise ValueError(f"conv2d: residual shape {residual.shape} != output shape {(n, ho, wo, plan.out_channels)}")
+    if pre is not None and any(np.shape(t) != (n, cin) for t in (pre.mu, pre.a, pre.b)):
+        raise ValueError(f"conv2d: a normalization of {np.shape(pre.mu)} for an input of {n} x {cin} channels")
     v = plan.prepare(h, w, n)
     prep = plan.weights_for(v, keep=plan.keeps(h, w))
     if pre is not None and v not in WINOGRAD:
