@@ -256,8 +256,8 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
     only (products_unpacked). weight may also be a list of blocks of W's rows (each (N_i, K), packable, one dtype:
     a fused layer's q, k and v weights where they lie), which are read in place, never joined. Half-precision
     weights give the numbers of float32 ones widened, and all three ways the same numbers. Bias and residual are
-    added by the tiles as they store the sums, ((x W^T) + b) + r as a pass of their own would round. nworkers: threads (default _pool.workers()); the
-    numbers do not depend on it."""
+    added by the tiles as they store the sums, ((x W^T) + b) + r as a pass of their own would round. nworkers:
+    threads (default _pool.workers()); the numbers do not depend on it."""
     unpacked = wp is None
     parts = [] if weight is None else [weight] if isinstance(weight, np.ndarray) else list(weight)
     if unpacked:
