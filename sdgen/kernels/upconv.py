@@ -28,8 +28,9 @@ import numpy as np
 from numba import njit
 
 from . import _pool
-from .winograd import (_NO_PRE, _NO_RES, STREAM_FILTER_BYTES, _Buffers, channel_block, filter_buffer, filter_shape,
-                       input_transform, output_transform, padded_channels, point_products, put_columns, tile_block)
+from .winograd import (_NO_RES, STREAM_FILTER_BYTES, _Buffers, channel_block, filter_buffer, filter_shape,
+                       input_transform, output_transform, padded_channels, point_products, pre_args, put_columns,
+                       tile_block)
 
 # F(4,2): B^T (5 x 5), G (5 x 2), A^T (4 x 5), float64, for tests; winograd.py's tile transforms write B^T and A^T
 # out (its input_transform and output_transform run F(4,2) on 25 slabs), _g52 below writes G out.
@@ -203,7 +204,7 @@ def _products(x, u, out, pa, pc, g0, cbo, bias, th, tw, ntiles, nw) -> None:
         while (blk := next(nxt)) < nblocks:
             t0 = blk * tb
             nt = min(tb, ntiles - t0)
-            input_transform(M, x, buf.v, t0, 0, nt, th, tw, 1 - pa, 1 - pc, _NO_PRE, _NO_PRE, _NO_PRE, 0)
+            input_transform(M, x, buf.v, t0, 0, nt, th, tw, 1 - pa, 1 - pc, *pre_args(None))
             point_products(buf.vmat[:, :nt], u, buf.mmat[:, :nt])
             output_transform(M, buf.m, out, t0, 0, nt, th, tw, bias, _NO_RES, False, 0, gp // cbo, g0, 2, pa, pc)
 
