@@ -939,8 +939,9 @@ def interrupts_deferred(deliver: bool = True):
 
     Yields the list of signals received. At the end of the block the handlers in place before are restored and,
     with ``deliver``, the first signal held is acted on as they would have (Ctrl-C: KeyboardInterrupt); without,
-    the caller delivers it when it is ready (``signal.raise_signal``). Outside the main thread (where signals
-    cannot be handled) a plain block.
+    the caller delivers it when it is ready (``signal.raise_signal``). A signal ignored before the block (a job
+    started with nohup, or in the background of a script: SIGINT ignored) is left ignored, never held. Outside the
+    main thread (where signals cannot be handled) a plain block.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -948,7 +949,8 @@ def interrupts_deferred(deliver: bool = True):
         return
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
         yield received
     finally:

@@ -154,7 +154,16 @@ def test_stale_temp_files_are_removed(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ interruptions
-def test_interrupts_are_held_until_the_block_ends():
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT as an interactive Python has it (KeyboardInterrupt), whatever this process started with: a test run
+    started in the background of a shell script starts with SIGINT ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_interrupts_are_held_until_the_block_ends(ctrl_c_interrupts):
     finished = []
     with pytest.raises(KeyboardInterrupt):
         with batch.interrupts_deferred():
@@ -164,6 +173,14 @@ def test_interrupts_are_held_until_the_block_ends():
     with batch.interrupts_deferred(deliver=False) as held:
         signal.raise_signal(signal.SIGINT)
     assert held == [signal.SIGINT]  # held, not acted on: the caller decides when
+
+
+def test_an_ignored_interrupt_stays_ignored(ctrl_c_interrupts):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
+    with batch.interrupts_deferred() as held:
+        signal.raise_signal(signal.SIGINT)
+    assert held == []
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 # ------------------------------------------------------------------------------------------------ help
