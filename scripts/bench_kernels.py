@@ -1,7 +1,7 @@
 """Benchmark sdgen's kernels against PyTorch (fp32, CPU) on Stable Diffusion's layer shapes, in one process.
 
-    python scripts/bench_kernels.py [--threads 2] [--repeat 3] [--only conv|upsample|last|attention|norm|linear]
-                                    [--quick]
+    python scripts/bench_kernels.py [--threads 2] [--repeat 3]
+                                    [--only conv|upsample|last|attention|norm|linear|noise|tokenizer] [--quick]
 
 Each case runs every implementation `repeat` times, interleaved (ours, torch, ours, torch, ...), and keeps the
 minimum, so that a busy machine disturbs both sides alike. Ratios are ours / torch (below 1: we are faster).
@@ -56,6 +56,7 @@ LINEAR_SHAPES = [  # (rows M, inputs K, outputs N): SD 1.5 with guidance, SDXL a
 
 
 _PAUSE_S = 0.02
+KINDS = ("conv", "upsample", "last", "attention", "norm", "linear", "noise", "tokenizer")
 
 
 def timed_min(fns: dict, repeat: int) -> dict:
@@ -259,11 +260,53 @@ def bench_last(torch, repeat: int, quick: bool) -> None:
               + "".join(f" {best[v] * 1e3:>8.1f} ({best[v] / t:.2f})" for v in plans), flush=True)
 
 
+def bench_noise(torch, repeat: int) -> None:
+    """The initial noise: sdgen.rng.TorchGenerator.randn (torch.randn's numbers, from numpy) against torch.randn."""
+    from sdgen.rng import TorchGenerator
+
+    print("\nnoise: randn with a CPU generator, torch's numbers (ms; ratio = ours / torch)")
+    print(f"{'shape':<16} {'torch':>8} {'ours':>8} {'ratio':>6}")
+    for shape in ((1, 4, 64, 64), (1, 4, 128, 128), (4, 4, 128, 128)):
+        ours, theirs = TorchGenerator(0), torch.Generator().manual_seed(0)
+        best = timed_min({"ours": lambda: ours.randn(shape), "torch": lambda: torch.randn(shape, generator=theirs)},
+                         repeat)
+        print(f"{'x'.join(map(str, shape)):<16} {best['torch'] * 1e3:>8.2f} {best['ours'] * 1e3:>8.2f} "
+              f"{best['ours'] / best['torch']:>6.2f}", flush=True)
+
+
+def bench_tokenizer(repeat: int) -> None:
+    """Prompts to CLIP token ids: sdgen.tokenizer against transformers' CLIPTokenizer on the same vocabulary, each
+    prompt once per round (after a warm-up round, which fills both sides' caches of words)."""
+    import tempfile
+
+    import transformers
+
+    from sdgen.tokenizer import CLIPTokenizer, write_vocab_files
+
+    words = ("a photograph of an astronaut riding a horse, highly detailed, 8k, trending on artstation, (masterpiece:1.2)"
+             " portrait of an old warrior chief, tribal panther make up, blue on red, side profile, looking away, "
+             "serious eyes, 50mm portrait photography, hard rim lighting photography").split()
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(rng.choice(words, size=rng.integers(3, 60))) for _ in range(200)]
+    with tempfile.TemporaryDirectory() as folder:
+        write_vocab_files(folder)
+        ours, theirs = CLIPTokenizer.from_folder(folder), transformers.CLIPTokenizer.from_pretrained(folder)
+
+    def run(tok):
+        return lambda: [tok(p) for p in prompts]
+
+    best = timed_min({"ours": run(ours), "transformers": run(lambda p: theirs(
+        p, padding="max_length", max_length=77, truncation=True).input_ids)}, repeat)
+    per = {k: v / len(prompts) * 1e6 for k, v in best.items()}
+    print(f"\ntokenizer: {len(prompts)} prompts of 3-60 words (us per prompt; ratio = ours / transformers)\n"
+          f"transformers {per['transformers']:.1f}, ours {per['ours']:.1f}, ratio {per['ours'] / per['transformers']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["conv", "upsample", "last", "attention", "norm", "linear"], action="append")
+    ap.add_argument("--only", choices=KINDS, action="append")
     ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
     ap.add_argument("--variants", default="im2col,f23,f43,f63,model",
                     help="conv paths to time, comma separated: im2col, f23, f43, f63 (transformed weights kept), "
@@ -279,7 +322,7 @@ def main() -> None:
     set_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, torch {torch.__version__}, numpy {np.__version__}; minimum of {args.repeat} runs")
-    only = args.only or ["conv", "upsample", "last", "attention", "norm", "linear"]
+    only = args.only or list(KINDS)
     if "conv" in only:
         bench_conv(torch, args.repeat, args.quick, args.variants.split(","))
     if "upsample" in only:
@@ -292,6 +335,10 @@ def main() -> None:
         bench_norm(torch, args.repeat)
     if "linear" in only:
         bench_linear(torch, args.repeat, args.quick)
+    if "noise" in only:
+        bench_noise(torch, args.repeat)
+    if "tokenizer" in only:
+        bench_tokenizer(args.repeat)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 import unicodedata
 
 import numpy as np
@@ -408,18 +407,3 @@ def test_single_word_boundaries(folders, tmp_path):
     bad = [hex(cp) for cp, t, r in zip(cps, texts, ref) if ours.encode(t) != r]
     assert not bad, f"{len(bad)} differ: {bad[:10]}"
 
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_speed():
-    tok = CLIPTokenizer.default()
-    prompts = CORPUS[60:120]
-    for p in prompts:
-        tok(p)  # warm-up: fills the BPE cache
-    t0 = time.perf_counter()
-    for _ in range(5):
-        for p in prompts:
-            tok(p)
-    per_prompt = (time.perf_counter() - t0) / (5 * len(prompts))
-    assert per_prompt < 1e-3, f"{per_prompt * 1e6:.0f} us per prompt"
