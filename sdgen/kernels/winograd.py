@@ -174,255 +174,37 @@ def tile_block(m: int, cin: int, cout: int, ntiles: int, budget_bytes: int = 6 <
 # Numba's negative-index wraparound on every element, which LLVM turns into gathers or scalar code.
 
 
+# The 1-D transforms, each written once: B^T d (a values of a row or column of an input tile, d) and A^T m (the
+# products of a row or column, m), in pairs of sums and differences where the points come in +- pairs. The row and
+# column passes below apply them across the tiles' channels.
+
+
 @njit(inline="always")
-def _bt6(src, r, k0, c0, dst, i, nc):
-    """dst[i, a, c] = (B^T d)[a] of F(4,3), d = src[r, k0 .. k0+5, c0 + c] (6 pixels of one input row)."""
+def _b4(d0, d1, d2, d3):
+    """B^T d of F(2,3)."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@njit(inline="always")
+def _b5(d0, d1, d2, d3, d4):
+    """B^T d of F(4,2) (upconv.py's phases)."""
+    f2 = np.float32(2.0)
+    f3 = np.float32(3.0)
+    return (f2 * (d0 - d2) - d1 + d3, d3 - f2 * d1 - d2, f2 * d1 - f3 * d2 + d3, d3 - d1,
+            f2 * (d1 - d3) - d2 + d4)
+
+
+@njit(inline="always")
+def _b6(d0, d1, d2, d3, d4, d5):
+    """B^T d of F(4,3)."""
     f4 = np.float32(4.0)
     f5 = np.float32(5.0)
     f2 = np.float32(2.0)
-    s0, s1, s2 = src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc]
-    s3, s4, s5 = src[r, k0 + 3, c0:c0 + nc], src[r, k0 + 4, c0:c0 + nc], src[r, k0 + 5, c0:c0 + nc]
-    for c in range(nc):
-        d0 = s0[c]
-        d1 = s1[c]
-        d2 = s2[c]
-        d3 = s3[c]
-        d4 = s4[c]
-        d5 = s5[c]
-        t1 = d4 - f4 * d2
-        t2 = d3 - f4 * d1
-        t3 = d4 - d2
-        t4 = f2 * (d3 - d1)
-        dst[i, 0, c] = f4 * d0 - f5 * d2 + d4
-        dst[i, 1, c] = t1 + t2
-        dst[i, 2, c] = t1 - t2
-        dst[i, 3, c] = t3 + t4
-        dst[i, 4, c] = t3 - t4
-        dst[i, 5, c] = f4 * d1 - f5 * d3 + d5
-
-
-@njit(inline="always")
-def _bt4(src, r, k0, c0, dst, i, nc):
-    """dst[i, a, c] = (B^T d)[a] of F(2,3), d = src[r, k0 .. k0+3, c0 + c]."""
-    s0, s1, s2, s3 = (src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc],
-                      src[r, k0 + 3, c0:c0 + nc])
-    for c in range(nc):
-        d0 = s0[c]
-        d1 = s1[c]
-        d2 = s2[c]
-        d3 = s3[c]
-        dst[i, 0, c] = d0 - d2
-        dst[i, 1, c] = d1 + d2
-        dst[i, 2, c] = d2 - d1
-        dst[i, 3, c] = d1 - d3
-
-
-@njit(inline="always")
-def _bt6_col(tmp, j, v, k, b, nc):
-    """Column pass of F(4,3): v[a*6 + j, k, b, c] = (B^T tmp[:, j, c])[a]."""
-    f4 = np.float32(4.0)
-    f5 = np.float32(5.0)
-    f2 = np.float32(2.0)
-    for c in range(nc):
-        d0 = tmp[0, j, c]
-        d1 = tmp[1, j, c]
-        d2 = tmp[2, j, c]
-        d3 = tmp[3, j, c]
-        d4 = tmp[4, j, c]
-        d5 = tmp[5, j, c]
-        t1 = d4 - f4 * d2
-        t2 = d3 - f4 * d1
-        t3 = d4 - d2
-        t4 = f2 * (d3 - d1)
-        v[j, k, b, c] = f4 * d0 - f5 * d2 + d4
-        v[6 + j, k, b, c] = t1 + t2
-        v[12 + j, k, b, c] = t1 - t2
-        v[18 + j, k, b, c] = t3 + t4
-        v[24 + j, k, b, c] = t3 - t4
-        v[30 + j, k, b, c] = f4 * d1 - f5 * d3 + d5
-
-
-@njit(inline="always")
-def _bt4_col(tmp, j, v, k, b, nc):
-    """Column pass of F(2,3): v[a*4 + j, k, b, c] = (B^T tmp[:, j, c])[a]."""
-    for c in range(nc):
-        d0 = tmp[0, j, c]
-        d1 = tmp[1, j, c]
-        d2 = tmp[2, j, c]
-        d3 = tmp[3, j, c]
-        v[j, k, b, c] = d0 - d2
-        v[4 + j, k, b, c] = d1 + d2
-        v[8 + j, k, b, c] = d2 - d1
-        v[12 + j, k, b, c] = d1 - d3
-
-
-@njit(inline="always")
-def _bt5(src, r, k0, c0, dst, i, nc):
-    """dst[i, a, c] = (B^T d)[a] of F(4,2), d = src[r, k0 .. k0+4, c0 + c] (5 pixels of one input row)."""
-    f2 = np.float32(2.0)
-    f3 = np.float32(3.0)
-    s0, s1, s2 = src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc]
-    s3, s4 = src[r, k0 + 3, c0:c0 + nc], src[r, k0 + 4, c0:c0 + nc]
-    for c in range(nc):
-        d0 = s0[c]
-        d1 = s1[c]
-        d2 = s2[c]
-        d3 = s3[c]
-        d4 = s4[c]
-        dst[i, 0, c] = f2 * (d0 - d2) - d1 + d3
-        dst[i, 1, c] = d3 - f2 * d1 - d2
-        dst[i, 2, c] = f2 * d1 - f3 * d2 + d3
-        dst[i, 3, c] = d3 - d1
-        dst[i, 4, c] = f2 * (d1 - d3) - d2 + d4
-
-
-@njit(inline="always")
-def _bt5_col(tmp, j, v, k, b, nc):
-    """Column pass of F(4,2): v[a*5 + j, k, b, c] = (B^T tmp[:, j, c])[a]."""
-    f2 = np.float32(2.0)
-    f3 = np.float32(3.0)
-    for c in range(nc):
-        d0 = tmp[0, j, c]
-        d1 = tmp[1, j, c]
-        d2 = tmp[2, j, c]
-        d3 = tmp[3, j, c]
-        d4 = tmp[4, j, c]
-        v[j, k, b, c] = f2 * (d0 - d2) - d1 + d3
-        v[5 + j, k, b, c] = d3 - f2 * d1 - d2
-        v[10 + j, k, b, c] = f2 * d1 - f3 * d2 + d3
-        v[15 + j, k, b, c] = d3 - d1
-        v[20 + j, k, b, c] = f2 * (d1 - d3) - d2 + d4
-
-
-@njit(inline="always")
-def _at6_row(mm, i, k, b, tmp, nc):
-    """Row pass of the F(4,3) output transform: tmp[i, j, c] = (A^T mm[i*6 .. i*6+5, k, b, c])[j]."""
-    f2 = np.float32(2.0)
-    f4 = np.float32(4.0)
-    f8 = np.float32(8.0)
-    p = i * 6
-    for c in range(nc):
-        m0 = mm[p, k, b, c]
-        m1 = mm[p + 1, k, b, c]
-        m2 = mm[p + 2, k, b, c]
-        m3 = mm[p + 3, k, b, c]
-        m4 = mm[p + 4, k, b, c]
-        m5 = mm[p + 5, k, b, c]
-        s1 = m1 + m2
-        d1 = m1 - m2
-        s2 = m3 + m4
-        d2 = m3 - m4
-        tmp[i, 0, c] = m0 + s1 + s2
-        tmp[i, 1, c] = d1 + f2 * d2
-        tmp[i, 2, c] = s1 + f4 * s2
-        tmp[i, 3, c] = d1 + f8 * d2 + m5
-
-
-@njit(inline="always")
-def _at4_row(mm, i, k, b, tmp, nc):
-    """Row pass of the F(2,3) output transform: tmp[i, j, c] = (A^T mm[i*4 .. i*4+3, k, b, c])[j]."""
-    p = i * 4
-    for c in range(nc):
-        m0 = mm[p, k, b, c]
-        m1 = mm[p + 1, k, b, c]
-        m2 = mm[p + 2, k, b, c]
-        m3 = mm[p + 3, k, b, c]
-        tmp[i, 0, c] = m0 + m1 + m2
-        tmp[i, 1, c] = m1 - m2 - m3
-
-
-@njit(inline="always")
-def _at6_col(tmp, j, col, nc):
-    """Column pass of the F(4,3) output transform: col[i, c] = (A^T tmp[:, j, c])[i]."""
-    f2 = np.float32(2.0)
-    f4 = np.float32(4.0)
-    f8 = np.float32(8.0)
-    for c in range(nc):
-        m0 = tmp[0, j, c]
-        m1 = tmp[1, j, c]
-        m2 = tmp[2, j, c]
-        m3 = tmp[3, j, c]
-        m4 = tmp[4, j, c]
-        m5 = tmp[5, j, c]
-        s1 = m1 + m2
-        d1 = m1 - m2
-        s2 = m3 + m4
-        d2 = m3 - m4
-        col[0, c] = m0 + s1 + s2
-        col[1, c] = d1 + f2 * d2
-        col[2, c] = s1 + f4 * s2
-        col[3, c] = d1 + f8 * d2 + m5
-
-
-@njit(inline="always")
-def _at4_col(tmp, j, col, nc):
-    """Column pass of the F(2,3) output transform: col[i, c] = (A^T tmp[:, j, c])[i]."""
-    for c in range(nc):
-        m0 = tmp[0, j, c]
-        m1 = tmp[1, j, c]
-        m2 = tmp[2, j, c]
-        m3 = tmp[3, j, c]
-        col[0, c] = m0 + m1 + m2
-        col[1, c] = m1 - m2 - m3
-
-
-@njit(inline="always")
-def _at5_row(mm, i, k, b, tmp, nc):
-    """Row pass of the F(4,2) output transform: tmp[i, j, c] = (A^T mm[i*5 .. i*5+4, k, b, c])[j]."""
-    f2 = np.float32(2.0)
-    f4 = np.float32(4.0)
-    f8 = np.float32(8.0)
-    p = i * 5
-    for c in range(nc):
-        m0 = mm[p, k, b, c]
-        m1 = mm[p + 1, k, b, c]
-        m2 = mm[p + 2, k, b, c]
-        m3 = mm[p + 3, k, b, c]
-        m4 = mm[p + 4, k, b, c]
-        s = m1 + m2
-        d = m1 - m2
-        tmp[i, 0, c] = m0 + s + m3
-        tmp[i, 1, c] = d + f2 * m3
-        tmp[i, 2, c] = s + f4 * m3
-        tmp[i, 3, c] = d + f8 * m3 + m4
-
-
-@njit(inline="always")
-def _at5_col(tmp, j, col, nc):
-    """Column pass of the F(4,2) output transform: col[i, c] = (A^T tmp[:, j, c])[i]."""
-    f2 = np.float32(2.0)
-    f4 = np.float32(4.0)
-    f8 = np.float32(8.0)
-    for c in range(nc):
-        m0 = tmp[0, j, c]
-        m1 = tmp[1, j, c]
-        m2 = tmp[2, j, c]
-        m3 = tmp[3, j, c]
-        m4 = tmp[4, j, c]
-        s = m1 + m2
-        d = m1 - m2
-        col[0, c] = m0 + s + m3
-        col[1, c] = d + f2 * m3
-        col[2, c] = s + f4 * m3
-        col[3, c] = d + f8 * m3 + m4
-
-
-@njit(inline="always")
-def _bt8(src, r, k0, c0, dst, i, nc):
-    """dst[i, a, c] = (B^T d)[a] of F(6,3), d = src[r, k0 .. k0+7, c0 + c] (8 pixels of one input row)."""
-    s0, s1, s2 = src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc]
-    s3, s4, s5 = src[r, k0 + 3, c0:c0 + nc], src[r, k0 + 4, c0:c0 + nc], src[r, k0 + 5, c0:c0 + nc]
-    s6, s7 = src[r, k0 + 6, c0:c0 + nc], src[r, k0 + 7, c0:c0 + nc]
-    for c in range(nc):
-        e = _b8(s0[c], s1[c], s2[c], s3[c], s4[c], s5[c], s6[c], s7[c])
-        dst[i, 0, c] = e[0]
-        dst[i, 1, c] = e[1]
-        dst[i, 2, c] = e[2]
-        dst[i, 3, c] = e[3]
-        dst[i, 4, c] = e[4]
-        dst[i, 5, c] = e[5]
-        dst[i, 6, c] = e[6]
-        dst[i, 7, c] = e[7]
+    t1 = d4 - f4 * d2
+    t2 = d3 - f4 * d1
+    t3 = d4 - d2
+    t4 = f2 * (d3 - d1)
+    return f4 * d0 - f5 * d2 + d4, t1 + t2, t1 - t2, t3 + t4, t3 - t4, f4 * d1 - f5 * d3 + d5
 
 
 @njit(inline="always")
@@ -448,19 +230,27 @@ def _b8(d0, d1, d2, d3, d4, d5, d6, d7):
 
 
 @njit(inline="always")
-def _bt8_col(tmp, j, v, k, b, nc):
-    """Column pass of F(6,3): v[a*8 + j, k, b, c] = (B^T tmp[:, j, c])[a]."""
-    for c in range(nc):
-        e = _b8(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c], tmp[4, j, c], tmp[5, j, c], tmp[6, j, c],
-                tmp[7, j, c])
-        v[j, k, b, c] = e[0]
-        v[8 + j, k, b, c] = e[1]
-        v[16 + j, k, b, c] = e[2]
-        v[24 + j, k, b, c] = e[3]
-        v[32 + j, k, b, c] = e[4]
-        v[40 + j, k, b, c] = e[5]
-        v[48 + j, k, b, c] = e[6]
-        v[56 + j, k, b, c] = e[7]
+def _a4(m0, m1, m2, m3):
+    """A^T m of F(2,3)."""
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+@njit(inline="always")
+def _a5(m0, m1, m2, m3, m4):
+    """A^T m of F(4,2)."""
+    s = m1 + m2
+    d = m1 - m2
+    return m0 + s + m3, d + np.float32(2.0) * m3, s + np.float32(4.0) * m3, d + np.float32(8.0) * m3 + m4
+
+
+@njit(inline="always")
+def _a6(m0, m1, m2, m3, m4, m5):
+    """A^T m of F(4,3)."""
+    s1 = m1 + m2
+    d1 = m1 - m2
+    s2 = m3 + m4
+    d2 = m3 - m4
+    return m0 + s1 + s2, d1 + np.float32(2.0) * d2, s1 + np.float32(4.0) * s2, d1 + np.float32(8.0) * d2 + m5
 
 
 @njit(inline="always")
@@ -478,9 +268,178 @@ def _a8(m0, m1, m2, m3, m4, m5, m6, m7):
             d1 + np.float32(32.0) * d2 + np.float32(0.03125) * d3 + m7)
 
 
+# The passes. Row pass of the input transform: dst[i, a, c] = (B^T d)[a], d = src[r, k0 .. k0 + alpha - 1, c0 + c]
+# (alpha pixels of one input row); column pass: v[a alpha + j, k, b, c] = (B^T tmp[:, j, c])[a]. Row pass of the
+# output transform: tmp[i, j, c] = (A^T mm[i alpha .. i alpha + alpha - 1, k, b, c])[j]; column pass: col[i, c] =
+# (A^T tmp[:, j, c])[i].
+
+
+@njit(inline="always")
+def _bt4(src, r, k0, c0, dst, i, nc):
+    s0, s1, s2, s3 = (src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc],
+                      src[r, k0 + 3, c0:c0 + nc])
+    for c in range(nc):
+        e = _b4(s0[c], s1[c], s2[c], s3[c])
+        dst[i, 0, c] = e[0]
+        dst[i, 1, c] = e[1]
+        dst[i, 2, c] = e[2]
+        dst[i, 3, c] = e[3]
+
+
+@njit(inline="always")
+def _bt4_col(tmp, j, v, k, b, nc):
+    for c in range(nc):
+        e = _b4(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c])
+        v[j, k, b, c] = e[0]
+        v[4 + j, k, b, c] = e[1]
+        v[8 + j, k, b, c] = e[2]
+        v[12 + j, k, b, c] = e[3]
+
+
+@njit(inline="always")
+def _bt5(src, r, k0, c0, dst, i, nc):
+    s0, s1, s2 = src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc]
+    s3, s4 = src[r, k0 + 3, c0:c0 + nc], src[r, k0 + 4, c0:c0 + nc]
+    for c in range(nc):
+        e = _b5(s0[c], s1[c], s2[c], s3[c], s4[c])
+        dst[i, 0, c] = e[0]
+        dst[i, 1, c] = e[1]
+        dst[i, 2, c] = e[2]
+        dst[i, 3, c] = e[3]
+        dst[i, 4, c] = e[4]
+
+
+@njit(inline="always")
+def _bt5_col(tmp, j, v, k, b, nc):
+    for c in range(nc):
+        e = _b5(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c], tmp[4, j, c])
+        v[j, k, b, c] = e[0]
+        v[5 + j, k, b, c] = e[1]
+        v[10 + j, k, b, c] = e[2]
+        v[15 + j, k, b, c] = e[3]
+        v[20 + j, k, b, c] = e[4]
+
+
+@njit(inline="always")
+def _bt6(src, r, k0, c0, dst, i, nc):
+    s0, s1, s2 = src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc]
+    s3, s4, s5 = src[r, k0 + 3, c0:c0 + nc], src[r, k0 + 4, c0:c0 + nc], src[r, k0 + 5, c0:c0 + nc]
+    for c in range(nc):
+        e = _b6(s0[c], s1[c], s2[c], s3[c], s4[c], s5[c])
+        dst[i, 0, c] = e[0]
+        dst[i, 1, c] = e[1]
+        dst[i, 2, c] = e[2]
+        dst[i, 3, c] = e[3]
+        dst[i, 4, c] = e[4]
+        dst[i, 5, c] = e[5]
+
+
+@njit(inline="always")
+def _bt6_col(tmp, j, v, k, b, nc):
+    for c in range(nc):
+        e = _b6(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c], tmp[4, j, c], tmp[5, j, c])
+        v[j, k, b, c] = e[0]
+        v[6 + j, k, b, c] = e[1]
+        v[12 + j, k, b, c] = e[2]
+        v[18 + j, k, b, c] = e[3]
+        v[24 + j, k, b, c] = e[4]
+        v[30 + j, k, b, c] = e[5]
+
+
+@njit(inline="always")
+def _bt8(src, r, k0, c0, dst, i, nc):
+    s0, s1, s2 = src[r, k0, c0:c0 + nc], src[r, k0 + 1, c0:c0 + nc], src[r, k0 + 2, c0:c0 + nc]
+    s3, s4, s5 = src[r, k0 + 3, c0:c0 + nc], src[r, k0 + 4, c0:c0 + nc], src[r, k0 + 5, c0:c0 + nc]
+    s6, s7 = src[r, k0 + 6, c0:c0 + nc], src[r, k0 + 7, c0:c0 + nc]
+    for c in range(nc):
+        e = _b8(s0[c], s1[c], s2[c], s3[c], s4[c], s5[c], s6[c], s7[c])
+        dst[i, 0, c] = e[0]
+        dst[i, 1, c] = e[1]
+        dst[i, 2, c] = e[2]
+        dst[i, 3, c] = e[3]
+        dst[i, 4, c] = e[4]
+        dst[i, 5, c] = e[5]
+        dst[i, 6, c] = e[6]
+        dst[i, 7, c] = e[7]
+
+
+@njit(inline="always")
+def _bt8_col(tmp, j, v, k, b, nc):
+    for c in range(nc):
+        e = _b8(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c], tmp[4, j, c], tmp[5, j, c], tmp[6, j, c],
+                tmp[7, j, c])
+        v[j, k, b, c] = e[0]
+        v[8 + j, k, b, c] = e[1]
+        v[16 + j, k, b, c] = e[2]
+        v[24 + j, k, b, c] = e[3]
+        v[32 + j, k, b, c] = e[4]
+        v[40 + j, k, b, c] = e[5]
+        v[48 + j, k, b, c] = e[6]
+        v[56 + j, k, b, c] = e[7]
+
+
+@njit(inline="always")
+def _at4_row(mm, i, k, b, tmp, nc):
+    p = i * 4
+    for c in range(nc):
+        o = _a4(mm[p, k, b, c], mm[p + 1, k, b, c], mm[p + 2, k, b, c], mm[p + 3, k, b, c])
+        tmp[i, 0, c] = o[0]
+        tmp[i, 1, c] = o[1]
+
+
+@njit(inline="always")
+def _at4_col(tmp, j, col, nc):
+    for c in range(nc):
+        o = _a4(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c])
+        col[0, c] = o[0]
+        col[1, c] = o[1]
+
+
+@njit(inline="always")
+def _at5_row(mm, i, k, b, tmp, nc):
+    p = i * 5
+    for c in range(nc):
+        o = _a5(mm[p, k, b, c], mm[p + 1, k, b, c], mm[p + 2, k, b, c], mm[p + 3, k, b, c], mm[p + 4, k, b, c])
+        tmp[i, 0, c] = o[0]
+        tmp[i, 1, c] = o[1]
+        tmp[i, 2, c] = o[2]
+        tmp[i, 3, c] = o[3]
+
+
+@njit(inline="always")
+def _at5_col(tmp, j, col, nc):
+    for c in range(nc):
+        o = _a5(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c], tmp[4, j, c])
+        col[0, c] = o[0]
+        col[1, c] = o[1]
+        col[2, c] = o[2]
+        col[3, c] = o[3]
+
+
+@njit(inline="always")
+def _at6_row(mm, i, k, b, tmp, nc):
+    p = i * 6
+    for c in range(nc):
+        o = _a6(mm[p, k, b, c], mm[p + 1, k, b, c], mm[p + 2, k, b, c], mm[p + 3, k, b, c], mm[p + 4, k, b, c],
+                mm[p + 5, k, b, c])
+        tmp[i, 0, c] = o[0]
+        tmp[i, 1, c] = o[1]
+        tmp[i, 2, c] = o[2]
+        tmp[i, 3, c] = o[3]
+
+
+@njit(inline="always")
+def _at6_col(tmp, j, col, nc):
+    for c in range(nc):
+        o = _a6(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c], tmp[4, j, c], tmp[5, j, c])
+        col[0, c] = o[0]
+        col[1, c] = o[1]
+        col[2, c] = o[2]
+        col[3, c] = o[3]
+
+
 @njit(inline="always")
 def _at8_row(mm, i, k, b, tmp, nc):
-    """Row pass of the F(6,3) output transform: tmp[i, j, c] = (A^T mm[i*8 .. i*8+7, k, b, c])[j]."""
     p = i * 8
     for c in range(nc):
         o = _a8(mm[p, k, b, c], mm[p + 1, k, b, c], mm[p + 2, k, b, c], mm[p + 3, k, b, c], mm[p + 4, k, b, c],
@@ -495,7 +454,6 @@ def _at8_row(mm, i, k, b, tmp, nc):
 
 @njit(inline="always")
 def _at8_col(tmp, j, col, nc):
-    """Column pass of the F(6,3) output transform: col[i, c] = (A^T tmp[:, j, c])[i]."""
     for c in range(nc):
         o = _a8(tmp[0, j, c], tmp[1, j, c], tmp[2, j, c], tmp[3, j, c], tmp[4, j, c], tmp[5, j, c], tmp[6, j, c],
                 tmp[7, j, c])
