@@ -317,8 +317,10 @@ def main() -> None:
 
     import torch
 
+    from sdgen.memory import fresh_memory_settings
     from sdgen.threads import set_threads
 
+    fresh_memory_settings()  # as the sdgen command does: freed memory reused, not faulted in again at each call
     set_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, torch {torch.__version__}, numpy {np.__version__}; minimum of {args.repeat} runs")
