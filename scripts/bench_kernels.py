@@ -283,9 +283,9 @@ def bench_tokenizer(repeat: int) -> None:
 
     from sdgen.tokenizer import CLIPTokenizer, write_vocab_files
 
-    words = ("a photograph of an astronaut riding a horse, highly detailed, 8k, trending on artstation, (masterpiece:1.2)"
-             " portrait of an old warrior chief, tribal panther make up, blue on red, side profile, looking away, "
-             "serious eyes, 50mm portrait photography, hard rim lighting photography").split()
+    words = ("a photograph of an astronaut riding a horse, highly detailed, 8k, trending on artstation, "
+             "(masterpiece:1.2) portrait of an old warrior chief, tribal panther make up, blue on red, side profile, "
+             "looking away, serious eyes, 50mm portrait photography, hard rim lighting photography").split()
     rng = np.random.default_rng(0)
     prompts = [" ".join(rng.choice(words, size=rng.integers(3, 60))) for _ in range(200)]
     with tempfile.TemporaryDirectory() as folder:
@@ -299,7 +299,8 @@ def bench_tokenizer(repeat: int) -> None:
         p, padding="max_length", max_length=77, truncation=True).input_ids)}, repeat)
     per = {k: v / len(prompts) * 1e6 for k, v in best.items()}
     print(f"\ntokenizer: {len(prompts)} prompts of 3-60 words (us per prompt; ratio = ours / transformers)\n"
-          f"transformers {per['transformers']:.1f}, ours {per['ours']:.1f}, ratio {per['ours'] / per['transformers']:.2f}")
+          f"transformers {per['transformers']:.1f}, ours {per['ours']:.1f}, "
+          f"ratio {per['ours'] / per['transformers']:.2f}")
 
 
 def main() -> None:
