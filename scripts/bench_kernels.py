@@ -193,7 +193,8 @@ def bench_norm(torch, repeat: int) -> None:
                   lambda: F.silu(F.group_norm(xt, 32, gt, bt, 1e-5))))
     t = rng.standard_normal((2, 4096, 320), dtype=np.float32)
     tt = torch.from_numpy(t)
-    cases.append(("layer_norm 2x4096x320", lambda: layer_norm(t, g, bb, 1e-5), lambda: F.layer_norm(tt, (320,), gt, bt, 1e-5)))
+    cases.append(("layer_norm 2x4096x320", lambda: layer_norm(t, g, bb, 1e-5),
+                  lambda: F.layer_norm(tt, (320,), gt, bt, 1e-5)))
     z = rng.standard_normal((2, 4096, 2560), dtype=np.float32)
     zt = torch.from_numpy(z)
 
@@ -206,7 +207,8 @@ def bench_norm(torch, repeat: int) -> None:
     for name, ours, theirs in cases:
         with torch.no_grad():
             best = timed_min({"ours": ours, "torch": theirs}, repeat)
-        print(f"{name:<30} {best['torch'] * 1e3:>8.1f} {best['ours'] * 1e3:>8.1f} {best['ours'] / best['torch']:>6.2f}", flush=True)
+        print(f"{name:<30} {best['torch'] * 1e3:>8.1f} {best['ours'] * 1e3:>8.1f} "
+              f"{best['ours'] / best['torch']:>6.2f}", flush=True)
 
 
 def bench_upsample(torch, repeat: int, quick: bool) -> None:
@@ -311,9 +313,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
     ap.add_argument("--variants", default="im2col,f23,f43,f63,model",
                     help="conv paths to time, comma separated: im2col, f23, f43, f63 (transformed weights kept), "
-                         "model, model-fp16, model-bf16 (what the models run: the stored weights only, at that precision, "
-                         "the path chosen per size, Winograd filters made at each call), model-f23, model-f43, "
-                         "model-f63 (as model, that path forced), model-keep (as --conv-filters keep)")
+                         "model, model-fp16, model-bf16 (what the models run: the stored weights only, at that "
+                         "precision, the path chosen per size, Winograd filters made at each call), model-f23, "
+                         "model-f43, model-f63 (as model, that path forced), model-keep (as --conv-filters keep)")
     args = ap.parse_args()
 
     import torch
