@@ -968,6 +968,31 @@ def test_gemm_panels(rng, m, k, n):
     assert (c[0] == 7).all() and (c[:, :4] == 7).all() and (c[:, 4 + n:] == 7).all()
 
 
+@pytest.mark.parametrize("m", [1, 5, 6, 11, 259])
+@pytest.mark.parametrize("lines", [0, 1, 7, 300, 5000])
+def test_tiles_prefetching_compute_the_same(rng, m, lines):
+    """panels.tile_rows_then prefetching a stream of lines while it multiplies (as the linear layers fetch the next
+    weights to pack): the same numbers, bit for bit, as without, whether the stream has fewer lines than the tiles
+    (some tiles prefetch none), more than their steps (each prefetches one line a step and stops) or none; and the
+    sums against float64. Lines anywhere in memory: a prefetch never faults."""
+    from sdgen.kernels import panels
+
+    k = 37
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, panels.PANEL), dtype=np.float32)
+    stream = np.zeros(4096, dtype=np.uint8)
+
+    def product(n_lines: int) -> np.ndarray:
+        c = np.zeros((m, panels.PANEL), dtype=np.float32)
+        panels.tile_rows_then(c.reshape(-1), 0, panels.PANEL, a.reshape(-1), 0, k, m, b.reshape(-1), 0, panels.PANEL,
+                              k, 0, panels.NOTHING, 0, panels.NOTHING, 0, 0, stream, 64, 1000, 3, n_lines)
+        return c
+
+    plain = product(0)
+    assert np.array_equal(product(lines), plain)
+    assert rel_err(plain, a.astype(np.float64) @ b.astype(np.float64)) < TOL
+
+
 @pytest.mark.parametrize("m, k, n", [(1, 40, 32), (13, 600, 64), (32, 1300, 96), (7, 512, 32)])
 def test_gemm_tiles(rng, m, k, n):
     """panels.gemm_tiles: B's rows where they lie (ldb > n, from an offset), or B in panels further apart than

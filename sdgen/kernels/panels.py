@@ -21,7 +21,8 @@ too: 50-75 GFLOP/s a core where the same tiles reach 90-110.
   vectors (of 6 rows x 4 512-bit vectors for 64, of 4 x 5 for 80), in passes of 512 steps of the inner dimension
   whose sums are added, as BLAS adds its blocks. 93-117 GFLOP/s a core.
 - tile_rows_then (the linear layers, linear_tiles.py): gemm_tiles' tiles adding a bias and a residual to the sums
-  while they are in registers, before the store: no pass of their own over the outputs.
+  while they are in registers, before the store: no pass of their own over the outputs; and prefetching, a line
+  every few steps, data the caller will need next (the weights it packs next) while the core is busy multiplying.
 
 The tile is written in LLVM IR (a Numba intrinsic) since Numba has no vector type: the accumulators are vector
 registers for the whole run down the inner dimension, which no Numba loop over arrays becomes. It needs 32 vector
@@ -84,17 +85,47 @@ def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: 
         undef = ir.Constant(vec, ir.Undefined)
         splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
         first = ir.Constant(ir.IntType(32), 0)
-        with cgutils.for_range(builder, kk) as loop:
-            e = loop.index
-            row_b = builder.add(bo, builder.mul(e, lb))
-            bvec = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(row_b, ir.Constant(i64, v * lanes))]),
-                                                 vptr), align=4) for v in range(vectors)]
-            for r in range(rows):
-                at = builder.add(builder.add(ao, builder.mul(ir.Constant(i64, r), la)), e)
-                a_elem = builder.load(builder.gep(ap, [at]))
-                x = builder.shuffle_vector(builder.insert_element(undef, a_elem, first), undef, splat)
-                for v in range(vectors):
-                    builder.store(builder.call(fma, [x, bvec[v], builder.load(acc[r][v])]), acc[r][v])
+
+        def run(start, count):  # steps start .. start + count - 1 down the inner dimension
+            with cgutils.for_range(builder, count) as loop:
+                e = builder.add(start, loop.index)
+                row_b = builder.add(bo, builder.mul(e, lb))
+                bvec = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(row_b, ir.Constant(i64, v * lanes))]),
+                                                     vptr), align=4)
+                        for v in range(vectors)]
+                for r in range(rows):
+                    at = builder.add(builder.add(ao, builder.mul(ir.Constant(i64, r), la)), e)
+                    a_elem = builder.load(builder.gep(ap, [at]))
+                    x = builder.shuffle_vector(builder.insert_element(undef, a_elem, first), undef, splat)
+                    for v in range(vectors):
+                        builder.store(builder.call(fma, [x, bvec[v], builder.load(acc[r][v])]), acc[r][v])
+
+        if epilogue:  # pevery steps at a time, each run followed by a prefetch of the stream's next line
+            pv, pbase, pld, plpr, pj0, pj1, pevery = args[17:]
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            pp = builder.bitcast(data(17, pv), i8p)
+            pfn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                 "llvm.prefetch.p0")
+            lines = builder.sub(pj1, pj0)
+            lines = builder.select(builder.icmp_signed("<", lines, ir.Constant(i64, 0)), ir.Constant(i64, 0), lines)
+            most = builder.sdiv(kk, pevery)
+            segs = builder.select(builder.icmp_signed("<", lines, most), lines, most)
+            # segs runs of pevery steps, each followed by a prefetch, then the rest of the steps (one loop body)
+            rest = builder.sub(kk, builder.mul(segs, pevery))
+            with cgutils.for_range(builder, builder.add(segs, ir.Constant(i64, 1))) as seg:
+                prefetching = builder.icmp_signed("<", seg.index, segs)
+                run(builder.mul(seg.index, pevery), builder.select(prefetching, pevery, rest))
+                with builder.if_then(prefetching):
+                    jv = builder.add(pj0, seg.index)
+                    t = builder.sdiv(jv, plpr)
+                    at = builder.add(pbase, builder.add(builder.mul(t, pld),
+                                                        builder.mul(builder.sub(jv, builder.mul(t, plpr)),
+                                                                    ir.Constant(i64, 64))))
+                    builder.call(pfn, [builder.gep(pp, [at]), ir.Constant(i32, 0), ir.Constant(i32, 2),
+                                       ir.Constant(i32, 1)])  # read, into L2 (locality 2), data
+        else:
+            run(ir.Constant(i64, 0), kk)
 
         def add_from(base, off, ld, per_row):  # acc[r][v] += base's vector (the same for every row unless per_row)
             for r in range(rows):
@@ -105,7 +136,7 @@ def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: 
         with builder.if_then(builder.icmp_signed("!=", more, ir.Constant(more.type, 0))):
             add_from(cp, co, lc, True)
         if epilogue:
-            zv, zo, rv, ro, lr, then = args[11:]
+            zv, zo, rv, ro, lr, then = args[11:17]
             for bit, base, off, per_row in ((1, data(11, zv), zo, False), (2, data(13, rv), ro, True)):
                 flag = builder.and_(then, ir.Constant(then.type, bit))
                 with builder.if_then(builder.icmp_signed("!=", flag, ir.Constant(then.type, 0))):
@@ -134,14 +165,21 @@ def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: 
 
     @intrinsic
     def tile_then(typingctx, c, c_off, ldc, a, a_off, lda, b, b_off, ldb, k, accumulate, z, z_off, res, res_off,
-                  ldr, then):
+                  ldr, then, pf, pf_base, pf_ld, pf_lpr, pf_j0, pf_j1, pf_every):
         """tile's sums, then (if then & 1) + z[z_off + j] (a bias), then (if then & 2) + res[res_off + r ldr + j]
         (a residual) before the store: ((c + sum) + bias) + residual, each addition rounded, as a separate pass
-        adding them to the stored tile would give, while the sums are in registers."""
-        if not f32_arrays(c, a, b, z, res):
+        adding them to the stored tile would give, while the sums are in registers.
+
+        Meanwhile, every pf_every steps, a prefetch into L2 of the next of the lines pf_j0 .. pf_j1 - 1 of a stream
+        over the bytes pf (uint8, 1-D): pf_lpr lines of 64 bytes in each of its rows, rows pf_ld bytes apart from
+        byte pf_base (line j at pf_base + t pf_ld + 64 (j - t pf_lpr), t = j // pf_lpr). A later job's data (the
+        next weights to pack) arrives while the products keep the core busy; a prefetch never faults."""
+        if not (f32_arrays(c, a, b, z, res) and isinstance(pf, types.Array) and pf.dtype == types.uint8
+                and pf.ndim == 1):
             return None
         return types.void(c, types.intp, types.intp, a, types.intp, types.intp, b, types.intp, types.intp,
-                          types.intp, types.intp, z, types.intp, res, types.intp, types.intp, types.intp), codegen
+                          types.intp, types.intp, z, types.intp, res, types.intp, types.intp, types.intp,
+                          pf, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp), codegen
 
     return tile_then
 
@@ -164,36 +202,53 @@ _ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_row
 
 
 NOTHING = np.zeros(1, dtype=np.float32)  # stands in for "no bias" and "no residual" (one compiled signature)
+NO_STREAM = np.zeros(1, dtype=np.uint8)  # ... and for "nothing to prefetch"
 
 
 @njit(nogil=True, cache=True)
-def tile_rows_then(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more, z, z_off, res, res_off, then):
+def tile_rows_then(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more, z, z_off, res, res_off, then,
+                   pf, pf_base, pf_ld, pf_lpr, pf_lines):
     """c[c_off + i ldc + j] (+)= sum_e a[a_off + i lda + e] b[b_off + e ldb + j] for i < m, j < PANEL, e < k (added
     to c's values if more, else stored), then + z[z_off + j] if then & 1 (a bias) and + res[res_off + i ldc + j] if
-    then & 2 (a residual laid out as c) before the store: the rows in tiles of 6, then 4, 2, 1."""
+    then & 2 (a residual laid out as c) before the store: the rows in tiles of 6, then 4, 2, 1. Meanwhile the
+    tiles prefetch the pf_lines lines of a stream over the bytes pf (pf_lpr lines in each row, rows pf_ld bytes
+    apart from byte pf_base; tile_then's docstring), shared out among them, each spreading its share over its
+    steps."""
+    tiles = m // 6 + m % 6 // 4 + m % 6 % 4 // 2 + m % 2
+    share = -(-pf_lines // max(tiles, 1))
+    every = max(1, k // max(share, 1))
     i = 0
+    j = 0
     while i + 6 <= m:
         _TILE6(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more, z, z_off, res,
-               res_off + i * ldc, ldc, then)
+               res_off + i * ldc, ldc, then, pf, pf_base, pf_ld, pf_lpr, min(pf_lines, j), min(pf_lines, j + share),
+               every)
         i += 6
+        j += share
     if i + 4 <= m:
         _TILE4(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more, z, z_off, res,
-               res_off + i * ldc, ldc, then)
+               res_off + i * ldc, ldc, then, pf, pf_base, pf_ld, pf_lpr, min(pf_lines, j), min(pf_lines, j + share),
+               every)
         i += 4
+        j += share
     if i + 2 <= m:
         _TILE2(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more, z, z_off, res,
-               res_off + i * ldc, ldc, then)
+               res_off + i * ldc, ldc, then, pf, pf_base, pf_ld, pf_lpr, min(pf_lines, j), min(pf_lines, j + share),
+               every)
         i += 2
+        j += share
     if i < m:
         _TILE1(c, c_off + i * ldc, ldc, a, a_off + i * lda, lda, b, b_off, ldb, k, more, z, z_off, res,
-               res_off + i * ldc, ldc, then)
+               res_off + i * ldc, ldc, then, pf, pf_base, pf_ld, pf_lpr, min(pf_lines, j), min(pf_lines, j + share),
+               every)
 
 
 @njit(nogil=True, cache=True)
 def tile_rows(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more):
     """c[c_off + i ldc + j] (+)= sum_e a[a_off + i lda + e] b[b_off + e ldb + j] for i < m, j < PANEL, e < k (added
     to c's values if more, else stored): the rows in tiles of 6, then 4, 2, 1."""
-    tile_rows_then(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more, NOTHING, 0, NOTHING, 0, 0)
+    tile_rows_then(c, c_off, ldc, a, a_off, lda, m, b, b_off, ldb, k, more, NOTHING, 0, NOTHING, 0, 0,
+                   NO_STREAM, 0, 0, 1, 0)
 
 
 @njit(nogil=True, cache=True)
