@@ -89,8 +89,9 @@ def conv_filters() -> str:
 # GFLOP/s, OpenBLAS / tiles: 77 x 768 x 320 77 / 98, 256 x 1280 x 10240 94 / 105, 1024 x 640 x 5120 98 / 108,
 # 4096 x 1280 x 320 99 / 102; half weights widened chunk by chunk instead of whole at every call). Forwards
 # alternating in one process: SDXL-Turbo's fp32 UNet 0.934 of its time with OpenBLAS, SD 1.5's 0.99; against
-# weights packed once for the run ("on"): SD 1.5 the same (on / auto 0.998), SDXL-Turbo at 512x512 0.946-0.966,
-# without the first step's packing (SD 1.5 +2.5 s, SDXL-Turbo +9-10 s: a pass over the weights into new memory).
+# weights packed once for the run ("on"): SD 1.5 the same (on / auto 0.998), SDXL-Turbo at 512x512 0.946-0.966
+# (before auto prefetched the next weights to pack: its forward then 0.966-0.974 of that time), without the first
+# step's packing (SD 1.5 +2.5 s, SDXL-Turbo +9-10 s: a pass over the weights into new memory).
 # "on": every layer's weights re-laid in panels during its first call, which then replace W. "off": OpenBLAS
 # everywhere (half weights widened into a scratch buffer at every call).
 LINEAR_PANELS = ("auto", "on", "off")
