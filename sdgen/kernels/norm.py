@@ -40,10 +40,25 @@ def _gn_partial_sums(x, s, q):
             q[n, ch, k] = acc_q[k]
 
 
+@njit(inline="always")
+def normalize_pixel(xs, mu, a, b, dst, silu):
+    """dst = (xs - mu) * a + b, then SiLU if silu: one pixel's channels (1-D float32 slices of equal length), as
+    GroupNorm normalizes them; _scale_shift's pass and the Winograd input transform (which normalizes as it reads)
+    both call it, so that their numbers are the same. Subtracting the mean first keeps float32 exact when the mean
+    is large against the spread. In a function with Numba's default error model SiLU's division checks for zero
+    and the loop stays scalar: the input transform takes numpy's."""
+    if silu:
+        for c in range(xs.shape[0]):
+            dst[c] = fsilu((xs[c] - mu[c]) * a[c] + b[c])
+    else:
+        for c in range(xs.shape[0]):
+            dst[c] = (xs[c] - mu[c]) * a[c] + b[c]
+
+
 @njit(parallel=True, cache=True)
 def _scale_shift(x, mu, a, b, y, silu):
-    """y[n, i, c] = (x[n, i, c] - mu[n, c]) * a[n, c] + b[n, c], then SiLU if silu; x, y (N, P, C), mu, a, b
-    (N, C) float32. Subtracting the mean first keeps float32 exact when the mean is large against the spread."""
+    """y[n, i] = normalize_pixel of x[n, i] by mu[n], a[n], b[n] (then SiLU if silu); x, y (N, P, C), mu, a, b
+    (N, C) float32."""
     n_, p, c = x.shape
     nch = -(-p // _PIX_CHUNK)
     for job in prange(n_ * nch):
@@ -52,12 +67,7 @@ def _scale_shift(x, mu, a, b, y, silu):
         lo = ch * _PIX_CHUNK
         hi = min(p, lo + _PIX_CHUNK)
         for i in range(lo, hi):
-            if silu:
-                for k in range(c):
-                    y[n, i, k] = fsilu((x[n, i, k] - mu[n, k]) * a[n, k] + b[n, k])
-            else:
-                for k in range(c):
-                    y[n, i, k] = (x[n, i, k] - mu[n, k]) * a[n, k] + b[n, k]
+            normalize_pixel(x[n, i], mu[n], a[n], b[n], y[n, i], silu)
 
 
 class Normalization(NamedTuple):

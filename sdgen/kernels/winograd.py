@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 from . import panels
-from ._math import fsilu
+from .norm import normalize_pixel
 
 _F23 = (
     np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),  # B^T
@@ -521,19 +521,6 @@ def _at_col(a, tmp, j, col, nc):
 
 
 @njit(inline="always")
-def _normalized(xs, ms, ss, hs, dst, silu):
-    """dst = (xs - ms) * ss + hs, then SiLU if silu, as norm.normalize computes it (1-D float32 slices). In a
-    function with Numba's default error model SiLU's division checks for zero, and the loop stays scalar (13x
-    slower): input_transform takes numpy's."""
-    if silu:
-        for c in range(xs.shape[0]):
-            dst[c] = fsilu((xs[c] - ms[c]) * ss[c] + hs[c])
-    else:
-        for c in range(xs.shape[0]):
-            dst[c] = (xs[c] - ms[c]) * ss[c] + hs[c]
-
-
-@njit(inline="always")
 def _tile_in(a, x, n, y0, x0, v, k, tmp, row, mu, sc, sh, pre):
     """Input transform of one a x a tile of image n whose top-left input pixel is (y0, x0) (may lie in the
     padding) into v[:, k]. tmp: (a, a, cb) scratch, row: (1, a, cb) scratch, cb = v.shape[3]. pre: each pixel of x
@@ -565,7 +552,7 @@ def _tile_in(a, x, n, y0, x0, v, k, tmp, row, mu, sc, sh, pre):
                         for c in range(nc):
                             row[0, kk, c] = np.float32(0.0)
                     elif pre:
-                        _normalized(x[n, yy, xx, c0:c0 + nc], ms, ss, hs, row[0, kk, :nc], pre == 2)
+                        normalize_pixel(x[n, yy, xx, c0:c0 + nc], ms, ss, hs, row[0, kk, :nc], pre == 2)
                     else:
                         xs = x[n, yy, xx, c0:c0 + nc]
                         for c in range(nc):
@@ -617,7 +604,7 @@ def tile_position(t, tiles_h, tiles_w):
     return n, ty, r - ty * tiles_w
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
+@njit(nogil=True, cache=True, error_model="numpy")  # numpy's: SiLU's loop vectorises (norm.normalize_pixel)
 def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad_y, pad_x, mu, sc, sh, pre):
     """Input transform B^T d B of tiles t0+k, k in [k_lo, k_hi), of NHWC x into v[:, k] (layout above): F(m,3),
     or F(4,2) (upconv.py) when v has 25 slabs; tile (n, ty, tx)'s window starts at (ty m - pad_y, tx m - pad_x),
