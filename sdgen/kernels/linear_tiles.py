@@ -299,6 +299,7 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
     if any(w.dtype != dtype for w in parts):
         raise ValueError(f"linear: {parts[0].dtype} weights for {dtype} panels")
     wfs = [np.ascontiguousarray(w).reshape(-1).view(bits) for w in parts] or [np.zeros(1, dtype=bits)]
+    wbs = [w.view(np.uint8) for w in wfs]  # the same as bytes, which the tiles prefetch (products_unpacked)
     part_panels = [w.shape[0] // PANEL for w in parts] if parts else [npan]
     p0s = [sum(part_panels[:j]) for j in range(len(part_panels))]  # where each block's panels begin
     af, yf = a.reshape(-1), y.reshape(-1)
@@ -312,8 +313,8 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
             j, g0, g1, r0, r1 = jobs[i]
             p0 = p0s[j]
             if unpacked:
-                products_unpacked(af, m, k, wfs[j], wfs[j].view(np.uint8), n, yf, p0, g0, g1, r0, r1, half,
-                                  F16_TABLE, zf, rf, then)
+                products_unpacked(af, m, k, wfs[j], wbs[j], n, yf, p0, g0, g1, r0, r1, half, F16_TABLE, zf, rf,
+                                  then)
             else:
                 products(af, m, k, wpf, n, yf, p0 + g0, p0 + g1, wfs[j], p0, pack, r0, r1, half, F16_TABLE, zf, rf,
                          then)
