@@ -204,16 +204,16 @@ def products_unpacked(a, m, k, w, wb, ldc, c, c_p0, g0, g1, r_lo, r_hi, half, ta
             co = r_lo * ldc + (c_p0 + p) * PANEL
             if last & 2 and r_hi - r_lo > 6:
                 # while the tiles run, each brings the next tile's rows of the residual it adds into L2
-                s, s0, sld, lpr, lines = _residual_stream(rb, co, ldc, r_hi - r_lo)
+                pf, pf0, pld, lpr, lines = _residual_stream(rb, co, ldc, r_hi - r_lo)
             else:
                 # ... or the weights of the next chunk to pack: panel p + 1's, or the group's first panel's next
                 # chunk (PANEL rows of W, k apart, as bytes: + 1 line, for rows that do not start on one)
                 q, e1 = (p + 1, e0) if p + 1 < g1 else (g0, e0 + step)
                 k1 = min(step, k - e1) if e1 < k else 0
                 lpr = -(-k1 * size // 64) + 1
-                s, s0, sld, lines = wb, (q * PANEL * k + e1) * size, k * size, PANEL * lpr if k1 > 0 else 0
+                pf, pf0, pld, lines = wb, (q * PANEL * k + e1) * size, k * size, PANEL * lpr if k1 > 0 else 0
             tile_rows_then(c, co, ldc, a, r_lo * k + e0, k, r_hi - r_lo, buf, 0, PANEL, kk, more, z,
-                           (c_p0 + p) * PANEL, res, co, last, s, s0, sld, lpr, lines)
+                           (c_p0 + p) * PANEL, res, co, last, pf, pf0, pld, lpr, lines)
 
 
 @njit(nogil=True, cache=True)
@@ -250,10 +250,10 @@ def products(a, m, k, wp, n, c, g0, g1, w, w_p0, pack, r_lo, r_hi, half, table, 
                 if mr > 0:
                     b, b_off = _chunk(wp, p * k * PANEL + e0 * PANEL, kk * PANEL, buf, half, table)
                     co = r0 * n + p * PANEL
-                    s, s0, sld, lpr, lines = (_residual_stream(rb, co, n, mr) if last & 2 and mr > 6
-                                              else (NO_STREAM, 0, 0, 1, 0))
+                    pf, pf0, pld, lpr, lines = (_residual_stream(rb, co, n, mr) if last & 2 and mr > 6
+                                                 else (NO_STREAM, 0, 0, 1, 0))
                     tile_rows_then(c, co, n, a, r0 * k + e0, k, mr, b, b_off, PANEL, kk, more, z, p * PANEL, res,
-                                   co, last, s, s0, sld, lpr, lines)
+                                   co, last, pf, pf0, pld, lpr, lines)
 
 
 def _jobs(m: int, part_panels: list[int], nw: int, pack: bool) -> list[tuple[int, int, int, int, int]]:
