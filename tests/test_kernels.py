@@ -188,9 +188,10 @@ def test_winograd_filters_made_by_blocks(rng, m, nworkers, dtype):
 def test_block_filters_by_rows_of_the_tile(rng, m):
     """gvec's filters (all of a step's 16 filters in registers), made for groups of the tile's rows into a buffer
     whose points lie further apart than their matrices (filter_block_buffer), are filter_transform's bit for bit
-    (the same operations in the same order), with the channel padding rows zero (Cin 70 -> 128); and they are
-    within float32 rounding of G g G^T in float64. A block too narrow for gvec's 16-wide steps (8 channels of 3
-    inputs: 24 filters) takes the two-pass transform (by rows: made whole, then copied), with the same numbers."""
+    (the same operations in the same order), with the channel padding rows zero (Cin 70 -> 128), laid out as rows
+    or in panels of 32 columns (their panels and points further apart than their matrices); and they are within
+    float32 rounding of G g G^T in float64. A block too narrow for gvec's 16-wide steps (8 channels of 3 inputs: 24
+    filters) takes the two-pass transform (by rows: made whole, then copied), with the same numbers."""
     from sdgen.kernels.weights import block_outputs, fill_block_filters, filter_block_buffer, hwio
 
     a = m + 2
@@ -212,6 +213,13 @@ def test_block_filters_by_rows_of_the_tile(rng, m):
                 made[r0 * a:r1 * a] = u
             assert np.array_equal(whole, kept[:, :, j * ob:(j + 1) * ob])
             assert np.array_equal(made, whole)
+            if ob % 32 == 0:  # in panels of 32 output columns (as winograd_conv_blocks makes them): the same numbers
+                for r0, r1 in ((0, 1), (1, a - 2), (a - 2, a)):
+                    u = filter_block_buffer((r1 - r0) * a, cinp, ob, panels=True)
+                    u[...] = np.nan
+                    fill_block_filters(blocks[j], m, u, rows=(r0, r1))
+                    assert u.shape == ((r1 - r0) * a, ob // 32, cinp, 32)
+                    assert np.array_equal(u.transpose(0, 2, 1, 3).reshape(-1, cinp, ob), whole[r0 * a:r1 * a])
             real = min(cout, (j + 1) * ob) - j * ob
             assert not made[:, cin:].any()
             assert rel_err(made[:, :cin, :real], exact[:, :, j * ob:j * ob + real]) < 1e-6

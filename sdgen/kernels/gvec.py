@@ -99,19 +99,36 @@ def _make_step(m: int):
 _STEP2, _STEP4, _STEP6 = (_make_step(m) for m in (2, 4, 6))
 
 
+PANEL = 32  # columns of a panel of filters (panels.PANEL)
+
+
 @njit(nogil=True, cache=True)
-def filters(g, ldg, n, m, u, ldu, rows, r0, r1):
+def filters(g, ldg, n, m, u, ldu, rows, r0, r1, cols, panel_step):
     """u[(p - r0 alpha) ldu + e] = (G g_e G^T)[p] for the points p of the tile's rows [r0, r1) and e < n, where
     g_e's taps are g[t ldg + e] (t = 3 k + l); 0 for n <= e < rows (channel padding). Flat float32 arrays; n a
-    multiple of LANES. Serial; releases the GIL."""
+    multiple of LANES. With panel_step > 0, filter e = i cols + j (input i, output column j < cols, a multiple of
+    PANEL) goes to column j % PANEL of row i of panel j // PANEL instead, panels panel_step floats apart, and rows
+    from n / cols to rows / cols of each panel are 0. Serial; releases the GIL."""
     for e in range(0, n, LANES):
+        at = e
+        if panel_step > 0:
+            i = e // cols
+            j = e - i * cols
+            q = j // PANEL
+            at = q * panel_step + i * PANEL + (j - q * PANEL)
         if m == 2:
-            _STEP2(g, e, ldg, u, e, ldu, r0, r1)
+            _STEP2(g, e, ldg, u, at, ldu, r0, r1)
         elif m == 4:
-            _STEP4(g, e, ldg, u, e, ldu, r0, r1)
+            _STEP4(g, e, ldg, u, at, ldu, r0, r1)
         else:
-            _STEP6(g, e, ldg, u, e, ldu, r0, r1)
+            _STEP6(g, e, ldg, u, at, ldu, r0, r1)
     for p in range((r1 - r0) * (m + 2)):
-        row = u[p * ldu + n:p * ldu + rows]  # indexed from 0 (Numba's wraparound otherwise)
-        for e in range(rows - n):
-            row[e] = np.float32(0.0)
+        if panel_step > 0:
+            for q in range(cols // PANEL):
+                row = u[p * ldu + q * panel_step + n // cols * PANEL:p * ldu + q * panel_step + rows // cols * PANEL]
+                for e in range(row.size):
+                    row[e] = np.float32(0.0)
+        else:
+            row = u[p * ldu + n:p * ldu + rows]  # indexed from 0 (Numba's wraparound otherwise)
+            for e in range(rows - n):
+                row[e] = np.float32(0.0)

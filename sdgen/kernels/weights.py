@@ -567,7 +567,7 @@ def _fill_panels(w: np.ndarray, m: int, u: np.ndarray, o_lo: int, o_hi: int, c_o
                 _panel_taps_u16(w.view(np.uint16), w.dtype == np.uint16, F16_TABLE, o0, nb, p, g)
             else:
                 _panel_taps_f32(w, o0, nb, p, g)
-            gvec.filters(g.reshape(-1), L, L, m, uf[q * L:], ldu, L, 0, m + 2)
+            gvec.filters(g.reshape(-1), L, L, m, uf[q * L:], ldu, L, 0, m + 2, p, 0)
 
     _pool.run(part, nw)
 
@@ -633,35 +633,50 @@ def _filters_flat(g, m, u):
 
 
 # Floats between the points' filters in filter_block_buffer: the rows of a block's filters are otherwise a multiple
-# of 4 KB apart (Cin' x 64 floats), all in one L1 set (gvec.py).
+# of 4 KB apart (Cin' x 64 floats), all in one L1 set (gvec.py). And between the panels of a point's filters (Cin'
+# x 32 floats, also a multiple of 4 KB): one block's F(4,3) filters made in 0.86-0.91 of the time with it.
 POINT_GAP = 16
+PANEL_GAP = 16
 
 
-def filter_block_buffer(a2: int, cinp: int, ob: int) -> np.ndarray:
+def filter_block_buffer(a2: int, cinp: int, ob: int, panels: bool = False) -> np.ndarray:
     """An (a2, cinp, ob) float32 array for fill_block_filters, each point's (cinp, ob) matrix contiguous and the
-    points POINT_GAP floats further apart than that (winograd.point_products takes it as it is)."""
-    return np.empty((a2, cinp * ob + POINT_GAP), dtype=np.float32)[:, :cinp * ob].reshape(a2, cinp, ob)
+    points POINT_GAP floats further apart than that (winograd.point_products takes it as it is); panels: the
+    filters in panels of gvec.PANEL output columns instead, (a2, ob / PANEL, cinp, PANEL), each panel's rows
+    contiguous, the panels PANEL_GAP floats further apart than that and the points POINT_GAP."""
+    if not panels:
+        return np.empty((a2, cinp * ob + POINT_GAP), dtype=np.float32)[:, :cinp * ob].reshape(a2, cinp, ob)
+    npan, size = ob // gvec.PANEL, cinp * gvec.PANEL
+    step = size + PANEL_GAP
+    u = np.empty((a2, npan * step + POINT_GAP), dtype=np.float32)[:, :npan * step]
+    return u.reshape(a2, npan, step)[:, :, :size].reshape(a2, npan, cinp, gvec.PANEL)
 
 
 def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarray | None = None,
                        rows: tuple[int, int] | None = None) -> None:
     """The Winograd F(m,3) filters of one block of output channels (block_outputs' (3, 3, Cin, ob), float32,
     float16 or bfloat16 bits) into u (alpha^2, Cin', ob) float32 (each point's matrix contiguous; best from
-    filter_block_buffer), rows from Cin on zero; the same numbers as fill_filters. taps: a float32 buffer of at
-    least 9 Cin ob elements for half weights. Serial. By gvec.filters (all 16 filters of a step in registers) where
-    the block's size allows, else in two passes (_filters_flat)."""
+    filter_block_buffer), or into u in panels ((alpha^2, ob / 32, Cin', 32), each panel's rows contiguous:
+    filter_block_buffer(panels=True)), rows from Cin on zero; the same numbers as fill_filters. taps: a float32
+    buffer of at least 9 Cin ob elements for half weights. Serial. By gvec.filters (all 16 filters of a step in
+    registers) where the block's size allows (always in panels), else in two passes (_filters_flat)."""
     if m not in (2, 4, 6):
         raise ValueError(f"no Winograd F({m},3)")
     kh, kw, cin, ob = block.shape
-    a2, cinp = u.shape[0], u.shape[1]
+    # u as rows (a2, Cin', ob) or in panels (a2, ob / PANEL, Cin', PANEL)
+    a2, cinp, cols = (u.shape[0], u.shape[2], u.shape[1] * u.shape[3]) if u.ndim == 4 else u.shape
     if block.dtype != np.float32:
         block = widen(block, taps[: block.size], parallel=False)
     n = cin * ob
     r0, r1 = (0, m + 2) if rows is None else rows
-    if not (0 <= r0 < r1 <= m + 2) or u.shape[0] != (r1 - r0) * (m + 2) or u.shape[1] < cin or u.shape[2] != ob:
+    if not (0 <= r0 < r1 <= m + 2) or a2 != (r1 - r0) * (m + 2) or cinp < cin or cols != ob:
         raise ValueError(f"fill_block_filters: u {u.shape} for rows {r0}..{r1} of F({m},3) filters, Cin {cin}, {ob}")
-    if n % gvec.LANES == 0 and u.strides[2] == 4 and u.strides[1] == 4 * ob and u.strides[0] % 4 == 0:
-        gvec.filters(block.reshape(-1), n, n, m, flat(u), u.strides[0] // 4, cinp * ob, r0, r1)
+    if u.ndim == 4:  # in panels
+        if n % gvec.LANES or u.strides[2:] != (4 * gvec.PANEL, 4) or u.strides[0] % 4 or u.strides[1] % 4:
+            raise ValueError(f"fill_block_filters: filters in panels {u.shape}, strides {u.strides}")
+        gvec.filters(block.reshape(-1), n, n, m, flat(u), u.strides[0] // 4, cinp * ob, r0, r1, ob, u.strides[1] // 4)
+    elif n % gvec.LANES == 0 and u.strides[2] == 4 and u.strides[1] == 4 * ob and u.strides[0] % 4 == 0:
+        gvec.filters(block.reshape(-1), n, n, m, flat(u), u.strides[0] // 4, cinp * ob, r0, r1, ob, 0)
     elif rows is None:
         _filters_flat(block.reshape(9, n), m, u.reshape(a2, -1))
     else:

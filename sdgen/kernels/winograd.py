@@ -707,8 +707,12 @@ def _tile_products(v, v_step, ldv, rows, k, u, u_step, panel_step, ldu, n, mm, m
 # convolutions whose filters are made whole (2 threads, medians of 9 alternating calls, panels / rows): SD 1.5's
 # 64x64 maps 320 -> 320 0.87, 640 -> 320 0.80, 960 -> 320 0.76, 320 -> 640 at 32x32 0.74, the VAE's 512 at 64x64
 # 0.77, at 128x128 0.82, 256 at 256x256 0.83, 128 at 256x256 0.93; the upsamplers (upconv.py) 0.75-0.89; a guided
-# SD 1.5 UNet forward 0.97, a VAE decode 0.89. The same numbers. (The filters of a block of 64 output columns,
-# winograd_conv_blocks', are rows 64 floats apart, in cache: panels there were within 2-8% in the same test.)
+# SD 1.5 UNet forward 0.97, a VAE decode 0.89. The same numbers. The filters of a block of 64 output columns
+# (winograd_conv_blocks') are made in two panels too (weights.filter_block_buffer): one thread, their products
+# 1.02-1.06x as fast with the filters in cache, 1.03-1.11x from memory (1280-2560 -> 1280 at 16x16 and 8x8, 640 at
+# 32x32; throwaway script), F(4,3)'s filters made in 0.68-0.74 of the time (with weights.PANEL_GAP), F(2,3)'s in
+# 1.02-1.05; those convolutions (2 threads, medians of 21 alternating calls, three runs) 0.88-1.01 of their time
+# with the filters as rows.
 
 
 def in_panels(u: np.ndarray) -> np.ndarray:
@@ -1050,7 +1054,8 @@ def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None
     channels (FilterSource with blocks): all workers transform the tiles (one block holding them all); then each
     worker, for each block of its share of the output channels and each group of the tile's rows
     (BLOCK_ROW_GROUPS), makes the filters of those points (rows x alpha x Cin' x 64, a few MB, from contiguous
-    weights) and multiplies V @ U into M while they are in cache, then inverse-transforms its channels. The filters
+    weights; in two panels of 32 output channels where packs_filters) and multiplies V @ U into M while they are in
+    cache, then inverse-transforms its channels. The filters
     are never whole, and no sum is split: the same numbers as winograd_conv with filter_transform's filters,
     whatever the number of workers."""
     from . import _pool
@@ -1065,7 +1070,7 @@ def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None
     groups = BLOCK_ROW_GROUPS[m]
 
     def product(buf: _Buffers, c_lo: int, c_hi: int) -> None:
-        u = filter_block_buffer(max(r1 - r0 for r0, r1 in groups) * a, padded_channels(cin), ob)
+        u = filter_block_buffer(max(r1 - r0 for r0, r1 in groups) * a, padded_channels(cin), ob, packs_filters(ob))
         taps = None if src.blocks.dtype == np.float32 else np.empty(src.blocks[0].shape, dtype=np.float32)
         for j in range(c_lo // ob, c_hi // ob):
             block = src.blocks[j] if taps is None else widen(src.blocks[j], taps, parallel=False)
