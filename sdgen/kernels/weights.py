@@ -634,7 +634,7 @@ def _filters_flat(g, m, u):
 
 # Floats between the points' filters in filter_block_buffer: the rows of a block's filters are otherwise a multiple
 # of 4 KB apart (Cin' x 64 floats), all in one L1 set (gvec.py). And between the panels of a point's filters (Cin'
-# x 32 floats, also a multiple of 4 KB): one block's F(4,3) filters made in 0.86-0.91 of the time with it.
+# x 32 floats, also a multiple of 4 KB): a block's filters from 1280-2560 inputs made in 0.87-0.91 of the time.
 POINT_GAP = 16
 PANEL_GAP = 16
 
@@ -672,7 +672,8 @@ def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarra
     if not (0 <= r0 < r1 <= m + 2) or a2 != (r1 - r0) * (m + 2) or cinp < cin or cols != ob:
         raise ValueError(f"fill_block_filters: u {u.shape} for rows {r0}..{r1} of F({m},3) filters, Cin {cin}, {ob}")
     if u.ndim == 4:  # in panels
-        if n % gvec.LANES or u.strides[2:] != (4 * gvec.PANEL, 4) or u.strides[0] % 4 or u.strides[1] % 4:
+        if (n % gvec.LANES or u.shape[3] != gvec.PANEL or u.strides[2:] != (4 * gvec.PANEL, 4) or u.strides[0] % 4
+                or u.strides[1] % 4):
             raise ValueError(f"fill_block_filters: filters in panels {u.shape}, strides {u.strides}")
         gvec.filters(block.reshape(-1), n, n, m, flat(u), u.strides[0] // 4, cinp * ob, r0, r1, ob, u.strides[1] // 4)
     elif n % gvec.LANES == 0 and u.strides[2] == 4 and u.strides[1] == 4 * ob and u.strides[0] % 4 == 0:

@@ -1055,9 +1055,8 @@ def winograd_conv_blocks(x, src: FilterSource, m, pad, bias, cout, residual=None
     worker, for each block of its share of the output channels and each group of the tile's rows
     (BLOCK_ROW_GROUPS), makes the filters of those points (rows x alpha x Cin' x 64, a few MB, from contiguous
     weights; in two panels of 32 output channels where packs_filters) and multiplies V @ U into M while they are in
-    cache, then inverse-transforms its channels. The filters
-    are never whole, and no sum is split: the same numbers as winograd_conv with filter_transform's filters,
-    whatever the number of workers."""
+    cache, then inverse-transforms its channels. The filters are never whole, and no sum is split: the same numbers
+    as winograd_conv with filter_transform's filters, whatever the number of workers."""
     from . import _pool
     from .weights import fill_block_filters, filter_block_buffer, widen
 
