@@ -165,18 +165,18 @@ def _as_f32_numba(v, half, table):
 
 
 @njit(inline="always")
-def _residual_stream(rb, co, ldc, m):
-    """The stream (panels.tile_rows_then's pf .. pf_lines) of the residual's rows 6 .. m - 1 of a panel's tiles
-    whose first row starts at float co (rows ldc floats apart; rb: the residual's bytes): 3 lines for each row of
-    32 floats (128 bytes, which span 3 lines unless aligned), shared out 18 lines to a tile of 6 rows, so that each
-    tile fetches the next tile's rows while it multiplies: where it is read from memory, the residual cost SD's
-    layers (8192 x 320 x 320 .. 256 x 5120 x 1280, 2 threads, Zen 4) 1-15% more time than a bias alone, and 0-11%
-    with this (never more; in some processes as much, the hardware's prefetchers finding those rows alone)."""
-    return rb, (co + 6 * ldc) * 4, ldc * 4, 3, (m - 6) * 3
+def _residual_stream(res, co, ldc, m):
+    """The stream (panels.tile_rows_then's pf .. pf_lines) over the bytes of the residual res (flat float32) of its
+    rows 6 .. m - 1 of a panel's tiles whose first row starts at float co (rows ldc floats apart): 3 lines for each
+    row of 32 floats (128 bytes, which span 3 lines unless aligned), shared out 18 lines to a tile of 6 rows, so
+    that each tile fetches the next tile's rows while it multiplies: where it is read from memory, the residual
+    cost SD's layers (8192 x 320 x 320 .. 256 x 5120 x 1280, 2 threads, Zen 4) 1-15% more time than a bias alone,
+    and 0-11% with this (never more; in some processes no less, for reasons not established)."""
+    return res.view(np.uint8), (co + 6 * ldc) * 4, ldc * 4, 3, (m - 6) * 3
 
 
 @njit(nogil=True, cache=True)
-def products_unpacked(a, m, k, w, wb, ldc, c, c_p0, g0, g1, r_lo, r_hi, half, table, z, res, rb, then):
+def products_unpacked(a, m, k, w, ldc, c, c_p0, g0, g1, r_lo, r_hi, half, table, z, res, then):
     """c[i, 32 (c_p0 + g0) : 32 (c_p0 + g1)] = a[i] @ W[32 g0 : 32 g1]^T for r_lo <= i < r_hi (a block of at most
     a few ROW_BLOCK rows; c's rows ldc apart), from W (flat (n, k): float32, or the bits of half-precision weights,
     half as in products) as it lies, each panel's chunk of inner steps packed (and widened) into a 64 KB buffer
@@ -184,16 +184,17 @@ def products_unpacked(a, m, k, w, wb, ldc, c, c_p0, g0, g1, r_lo, r_hi, half, ta
     layers run once or a few times. c_p0: the panel of c where W's outputs begin (a block of a fused layer's
     outputs). Chunk by chunk of the inner steps, panel by panel; the same sums as products from packed panels.
     z, res, then: the bias (n,) and residual (laid out as c) added as the last chunk's tiles store (then & 1, then &
-    2: panels.tile_rows_then). table: F16_TABLE. wb: w's bytes (uint8 view), from which the tiles prefetch the next
-    chunk to pack while they multiply: packing a chunk read from memory took 5.1 us against 1.6 from cache (32 x
+    2: panels.tile_rows_then). table: F16_TABLE. While they multiply, the tiles prefetch the next chunk to pack
+    from w's bytes: packing a chunk read from memory took 5.1 us against 1.6 from cache (32 x
     427 floats, one thread, Zen 4), 6-8% of the products of SDXL's 256-token layers, which pack each chunk for few
     rows; with the prefetch 256 x 1280 x 1280, 256 x 5120 x 1280 and 256 x 1280 x 10240 ran at 0.894 of the fp32
     peak on average instead of 0.868 (two rounds, 2 threads, weights cycled through memory; panels kept for the
     run: 0.89-0.94), an SDXL-Turbo forward in 0.966-0.974 of the time (alternating processes), SD 1.5's the same.
-    On the last chunk of a layer that adds a residual (rb: its bytes) the tiles prefetch the residual's rows instead
+    On the last chunk of a layer that adds a residual the tiles prefetch the residual's rows instead
     (_residual_stream). Serial; releases the GIL."""
     step = -(-k // -(-k // KC))
     buf = np.empty(step * PANEL, dtype=np.float32)
+    wb = w.view(np.uint8)  # the bytes the tiles prefetch
     size = w.itemsize
     for e0 in range(0, k, step):
         kk = min(step, k - e0)
@@ -204,7 +205,7 @@ def products_unpacked(a, m, k, w, wb, ldc, c, c_p0, g0, g1, r_lo, r_hi, half, ta
             co = r_lo * ldc + (c_p0 + p) * PANEL
             if last & 2 and r_hi - r_lo > 6:
                 # while the tiles run, each brings the next tile's rows of the residual it adds into L2
-                pf, pf0, pld, lpr, lines = _residual_stream(rb, co, ldc, r_hi - r_lo)
+                pf, pf0, pld, lpr, lines = _residual_stream(res, co, ldc, r_hi - r_lo)
             else:
                 # ... or the weights of the next chunk to pack: panel p + 1's, or the group's first panel's next
                 # chunk (PANEL rows of W, k apart, as bytes: + 1 line, for rows that do not start on one)
@@ -228,7 +229,7 @@ def _pack_chunk(w, k, wp, p, q, e0, kk):
 
 
 @njit(nogil=True, cache=True)
-def products(a, m, k, wp, n, c, g0, g1, w, w_p0, pack, r_lo, r_hi, half, table, z, res, rb, then):
+def products(a, m, k, wp, n, c, g0, g1, w, w_p0, pack, r_lo, r_hi, half, table, z, res, then):
     """c[i, 32 g0 : 32 g1] = a[i] @ W^T for r_lo <= i < r_hi, from the packed panels g0 .. g1 - 1 of wp; flat
     arrays, a (m, k) and c (m, n) float32, wp float32 or the bits (uint16) of half-precision panels (half: HALF_F16
     or HALF_BF16), each chunk of those widened once per block of rows, into a buffer that stays in L1/L2 while the
@@ -250,7 +251,7 @@ def products(a, m, k, wp, n, c, g0, g1, w, w_p0, pack, r_lo, r_hi, half, table, 
                 if mr > 0:
                     b, b_off = _chunk(wp, p * k * PANEL + e0 * PANEL, kk * PANEL, buf, half, table)
                     co = r0 * n + p * PANEL
-                    pf, pf0, pld, lpr, lines = (_residual_stream(rb, co, n, mr) if last & 2 and mr > 6
+                    pf, pf0, pld, lpr, lines = (_residual_stream(res, co, n, mr) if last & 2 and mr > 6
                                                  else (NO_STREAM, 0, 0, 1, 0))
                     tile_rows_then(c, co, n, a, r0 * k + e0, k, mr, b, b_off, PANEL, kk, more, z, p * PANEL, res,
                                    co, last, pf, pf0, pld, lpr, lines)
@@ -309,7 +310,6 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
     if bias is not None and zf.size != n:
         raise ValueError(f"linear: a bias of {zf.size} for {n} outputs")
     rf = NOTHING if res2 is None else res2.reshape(-1)
-    rb = rf.view(np.uint8)  # the same as bytes, which the tiles prefetch
     then = (0 if bias is None else 1) | (0 if res2 is None else 2)
     half = _HALF[dtype]
     bits = np.float32 if half == 0 else np.uint16  # what the kernel sees of the weights (Numba has no float16)
@@ -317,7 +317,6 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
     if any(w.dtype != dtype for w in parts):
         raise ValueError(f"linear: {parts[0].dtype} weights for {dtype} panels")
     wfs = [np.ascontiguousarray(w).reshape(-1).view(bits) for w in parts] or [np.zeros(1, dtype=bits)]
-    wbs = [w.view(np.uint8) for w in wfs]  # the same as bytes, which the tiles prefetch (products_unpacked)
     part_panels = [w.shape[0] // PANEL for w in parts] if parts else [npan]
     p0s = [sum(part_panels[:j]) for j in range(len(part_panels))]  # where each block's panels begin
     af, yf = a.reshape(-1), y.reshape(-1)
@@ -331,11 +330,10 @@ def linear(x: np.ndarray, wp: np.ndarray | None, bias: np.ndarray | None, residu
             j, g0, g1, r0, r1 = jobs[i]
             p0 = p0s[j]
             if unpacked:
-                products_unpacked(af, m, k, wfs[j], wbs[j], n, yf, p0, g0, g1, r0, r1, half, F16_TABLE, zf, rf,
-                                  rb, then)
+                products_unpacked(af, m, k, wfs[j], n, yf, p0, g0, g1, r0, r1, half, F16_TABLE, zf, rf, then)
             else:
                 products(af, m, k, wpf, n, yf, p0 + g0, p0 + g1, wfs[j], p0, pack, r0, r1, half, F16_TABLE, zf, rf,
-                         rb, then)
+                         then)
 
     _pool.run(part, min(nw, len(jobs)))
     return y.reshape(*lead, n) if out is None else out
