@@ -13,7 +13,9 @@ checkpoints); diffusers stays fp32, as it loads fp16 files unless told a torch_d
 
 --what unet: one UNet forward on a batch of 2 different latents (SDXL: 1); unet_guided: the forward each side's
 pipeline makes at a step with guidance (SD 1.x/2.x: batch 2 of the same latents with two contexts; sdgen passes the
-latents once and runs the layers before the first cross-attention once).
+latents once and runs the layers before the first cross-attention once); unet_one: one latent and one context, the
+forward of a step without guidance (the turbo models': `--model sd-turbo --what unet_one,vae`; SDXL's unet is that).
+txt2img: --steps steps of DPM++ 2M at --guidance (default 7.5; `--steps 1 --guidance 0` as SD-Turbo runs).
 
 Goals (issue #5): SD1.5 UNet forward (batch 2) <= 0.55, SDXL UNet forward (batch 1) <= 0.6, VAE decode <= 0.35,
 whole SD1.5 512x512 20-step DPM++ 2M txt2img <= 0.55. Run it on an otherwise idle machine.
@@ -131,6 +133,7 @@ def load_side(side: str, args) -> tuple[float, dict]:
                     "time_ids": np.tile(np.array([args.size, args.size, 0, 0, args.size, args.size], np.float32),
                                         (batch, 1))}
     z = rng.standard_normal((1, 4, lat, lat), dtype=np.float32)
+    guidance = 7.5 if args.guidance is None else args.guidance  # txt2img's
     jobs = {}
     t0 = time.perf_counter()
     if side == "diffusers":
@@ -154,11 +157,14 @@ def load_side(side: str, args) -> tuple[float, dict]:
                                                    encoder_hidden_states=torch.from_numpy(ctx), **extra))
         jobs["unet_guided_s"] = no_grad(lambda: pipe.unet(doubled, torch.tensor(500),
                                                           encoder_hidden_states=torch.from_numpy(ctx), **extra))
+        # one latent, one context (SDXL's extra is for one already)
+        jobs["unet_one_s"] = no_grad(lambda: pipe.unet(torch.from_numpy(unet_x[:1]), torch.tensor(500),
+                                                       encoder_hidden_states=torch.from_numpy(ctx[:1]), **extra))
         jobs["vae_s"] = no_grad(lambda: pipe.vae.decode(torch.from_numpy(z)))
 
         def txt2img():
             pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-            pipe("portrait photo of a old warrior chief", num_inference_steps=args.steps, guidance_scale=7.5,
+            pipe("portrait photo of a old warrior chief", num_inference_steps=args.steps, guidance_scale=guidance,
                  width=args.size, height=args.size, generator=torch.Generator().manual_seed(0), output_type="np")
     else:
         from sdgen.memory import fresh_memory_settings
@@ -181,10 +187,14 @@ def load_side(side: str, args) -> tuple[float, dict]:
             pipe.unet.forget_context()
             return pipe.unet(unet_x[:1], 500, ctx, **extra_np)
 
-        jobs.update(unet_s=forward, unet_guided_s=guided, vae_s=lambda: pipe.vae.decode(z))
+        def one():  # one latent, one context: a step without guidance (SDXL's extra is for one already)
+            pipe.unet.forget_context()
+            return pipe.unet(unet_x[:1], 500, ctx[:1], **extra_np)
+
+        jobs.update(unet_s=forward, unet_guided_s=guided, unet_one_s=one, vae_s=lambda: pipe.vae.decode(z))
 
         def txt2img():
-            pipe.txt2img("portrait photo of a old warrior chief", seed=0, steps=args.steps, guidance=7.5,
+            pipe.txt2img("portrait photo of a old warrior chief", seed=0, steps=args.steps, guidance=guidance,
                          width=args.size, height=args.size, scheduler="dpm++ 2m")
     jobs["txt2img_s"] = txt2img
     return load_s, {k: fn for k, fn in jobs.items() if k[:-2] in args.what}
@@ -278,7 +288,8 @@ def _side_env(side: str, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="sd15", help="an architecture in sdgen/data/configs (sd15, sd21-base, sdxl, ...)")
+    ap.add_argument("--model", default="sd15",
+                    help="an architecture in sdgen/data/configs (sd15, sd21-base, sdxl, ...)")
     ap.add_argument("--size", type=int, default=None, help="image size (default: 512, sdxl 1024 -> 64/128 latents)")
     ap.add_argument("--what", default="unet,vae,txt2img")
     ap.add_argument("--steps", type=int, default=20)
@@ -298,7 +309,8 @@ def main() -> None:
     ap.add_argument("--vae-slicing", action="store_true", help="--memory: diffusers' enable_slicing (sdgen: always)")
     ap.add_argument("--decode-only", action="store_true", help="--memory: only a VAE decode of random latents")
     ap.add_argument("--guidance", type=float, default=None,
-                    help="--memory: guidance scale on both sides (default: each side's default for the model)")
+                    help="guidance scale on both sides: txt2img's (default 7.5); --memory's (default: each side's "
+                         "default for the model)")
     ap.add_argument("--sides", default="diffusers,sdgen", help="--memory: which sides to run")
     ap.add_argument("--conv-filters", default="make", choices=["make", "keep"], help="sdgen's --conv-filters")
     ap.add_argument("--linear-panels", default="auto", choices=["auto", "on", "off"],
@@ -349,14 +361,15 @@ def main() -> None:
     from compare_full_size import build_random_model
 
     folder = build_random_model(args.model, args.workdir / args.model)
-    keys = ("load_s", "unet_s", "unet_guided_s", "vae_s", "txt2img_s", "peak_rss_mb")
+    keys = ("load_s", "unet_s", "unet_guided_s", "unet_one_s", "vae_s", "txt2img_s", "peak_rss_mb")
 
     def side_cmd(side: str, what: list[str], mode: str) -> list[str]:
         return [sys.executable, __file__, mode, side, "--folder", str(folder), "--model", args.model,
                 "--size", str(args.size), "--what", ",".join(what), "--steps", str(args.steps),
                 "--threads", str(args.threads), "--repeat", str(args.repeat), "--conv-filters", args.conv_filters,
                 "--linear-panels", args.linear_panels] + (["--weights-dtype", args.weights_dtype] if args.weights_dtype
-                                                         else [])
+                                                         else []) + (["--guidance", str(args.guidance)]
+                                                                     if args.guidance is not None else [])
 
     interleave = args.interleave == "on" or (args.interleave == "auto" and not args.model.startswith("sdxl"))
     step_what = [w for w in args.what if w != "txt2img"] if interleave else []
@@ -398,7 +411,8 @@ def main() -> None:
           f"--model {args.model} --what {','.join(args.what)} --steps {args.steps} --threads {args.threads} "
           f"--repeat {args.repeat} "
           f"--rounds {args.rounds} --conv-filters {args.conv_filters} --linear-panels {args.linear_panels}"
-          + (f" --weights-dtype {args.weights_dtype}" if args.weights_dtype else ""))
+          + (f" --weights-dtype {args.weights_dtype}" if args.weights_dtype else "")
+          + (f" --guidance {args.guidance:g}" if args.guidance is not None else ""))
     if args.rounds > 1:
         print(f"best of {args.rounds} rounds per side (peak RSS: the largest); range: the rounds' own ratios")
     print(f"{'':14s} {'diffusers':>10s} {'sdgen':>10s} {'ratio':>7s}" + ("  range" if args.rounds > 1 else ""))
