@@ -50,9 +50,17 @@ def _hidden_rows(enc, ids: np.ndarray, family: str, clip_skip: int) -> tuple[np.
     """_hidden, each distinct row of ids encoded once and on its own: a prompt's encoding is then bit for bit the
     same whatever else is in the batch (a GEMM's rounding can depend on its row count), and repeated prompts (a
     batch of one prompt, the empty chunk) cost one encoder pass."""
-    unique, inverse = np.unique(ids, axis=0, return_inverse=True)
+    # the distinct rows, found by their bytes: np.unique(axis=0) compares rows as structured arrays, and numpy turns
+    # a Ctrl-C or SIGTERM that arrives meanwhile into a TypeError instead of the KeyboardInterrupt sdgen stops on
+    where: dict[bytes, int] = {}
+    firsts: list[int] = []
+    inverse = np.empty(len(ids), dtype=np.intp)
+    for n, row in enumerate(ids):
+        inverse[n] = where.setdefault(row.tobytes(), len(firsts))
+        if inverse[n] == len(firsts):
+            firsts.append(n)
+    unique = ids[firsts]
     outs = [_hidden(enc, unique[i:i + 1], family, clip_skip) for i in range(len(unique))]
-    inverse = inverse.reshape(-1)
     hidden = np.concatenate([h for h, _ in outs])[inverse]
     pooled = None if outs[0][1] is None else np.concatenate([p for _, p in outs])[inverse]
     return hidden, pooled

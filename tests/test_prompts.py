@@ -203,6 +203,35 @@ def test_batch_with_different_chunk_counts(sd1):
     np.testing.assert_allclose(both[1, 77:], empty[0], rtol=1e-6, atol=1e-6)
 
 
+def test_repeated_prompts_are_encoded_once_and_no_python_runs_inside_numpy(sd1, monkeypatch):
+    """Each distinct 77-token chunk is encoded once, on its own, and its rows repeated where it repeats. Finding them
+    runs no Python code from inside numpy's C code: np.unique(axis=0) compared rows as structured arrays, whose
+    promotion calls numpy._core._internal._promote_fields, and a Ctrl-C or SIGTERM handled there came out as a
+    TypeError instead of the KeyboardInterrupt sdgen stops on (seen once in test_cli's SIGTERM test)."""
+    import sys
+
+    alone = sd1.encode_prompt(["a dog"], [None], guided=False).context
+    encoder = type(sd1.text_encoders[0])
+    original, calls = encoder.__call__, []
+
+    def counted(self, ids, *args, **kwargs):
+        calls.append(len(ids))
+        return original(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "__call__", counted)
+    promoted = []
+    sys.setprofile(lambda frame, event, arg: promoted.append(1)
+                   if event == "call" and frame.f_code.co_name == "_promote_fields" else None)
+    try:
+        three = sd1.encode_prompt(["a dog", "a cat", "a dog"], [None] * 3, guided=False).context
+    finally:
+        sys.setprofile(None)
+    assert not promoted
+    assert calls == [1, 1]
+    assert np.array_equal(three[0], alone[0]) and np.array_equal(three[2], alone[0])
+    assert not np.array_equal(three[1], alone[0])
+
+
 def test_long_prompt_generates(sd1):
     image = sd1.txt2img(" ".join(["a (red:1.2) circle"] * 30), negative_prompt="blurry", seed=1, steps=2,
                         guidance=7.0, width=32, height=32)
