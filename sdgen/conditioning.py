@@ -56,9 +56,11 @@ def _hidden_rows(enc, ids: np.ndarray, family: str, clip_skip: int) -> tuple[np.
     firsts: list[int] = []
     inverse = np.empty(len(ids), dtype=np.intp)
     for n, row in enumerate(ids):
-        inverse[n] = where.setdefault(row.tobytes(), len(firsts))
-        if inverse[n] == len(firsts):
+        key = row.tobytes()
+        if key not in where:  # a row not seen before: encoded, as unique row len(firsts)
+            where[key] = len(firsts)
             firsts.append(n)
+        inverse[n] = where[key]
     unique = ids[firsts]
     outs = [_hidden(enc, unique[i:i + 1], family, clip_skip) for i in range(len(unique))]
     hidden = np.concatenate([h for h, _ in outs])[inverse]
