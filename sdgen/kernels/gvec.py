@@ -26,6 +26,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .panels import PANEL  # columns of a panel of filters
+
 LANES = 16  # filters per step: a whole 64-byte line of each output row, stored at once
 
 
@@ -99,7 +101,6 @@ def _make_step(m: int):
 _STEP2, _STEP4, _STEP6 = (_make_step(m) for m in (2, 4, 6))
 
 
-PANEL = 32  # columns of a panel of filters (panels.PANEL)
 
 
 @njit(nogil=True, cache=True)

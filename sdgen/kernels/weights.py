@@ -26,6 +26,7 @@ from numba.extending import intrinsic
 
 from . import _pool, gvec
 from .panels import flat
+from .winograd import filter_shape
 
 # float16 bits -> float32 value (exact, including subnormals, infinities and NaN payloads)
 F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -663,8 +664,7 @@ def fill_block_filters(block: np.ndarray, m: int, u: np.ndarray, taps: np.ndarra
     if m not in (2, 4, 6):
         raise ValueError(f"no Winograd F({m},3)")
     kh, kw, cin, ob = block.shape
-    # u as rows (a2, Cin', ob) or in panels (a2, ob / PANEL, Cin', PANEL)
-    a2, cinp, cols = (u.shape[0], u.shape[2], u.shape[1] * u.shape[3]) if u.ndim == 4 else u.shape
+    a2, cinp, cols = filter_shape(u)  # u as rows (a2, Cin', ob) or in panels (a2, ob / PANEL, Cin', PANEL)
     if block.dtype != np.float32:
         block = widen(block, taps[: block.size], parallel=False)
     n = cin * ob
