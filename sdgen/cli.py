@@ -31,7 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, context_settings={"max_content_width": 110},
                   help="Stable Diffusion on the CPU, matching diffusers number for number.")
 
-_state = {"debug": False}
+_state = {"debug": False, "interrupted": False}  # interrupted: Ctrl-C or SIGTERM came during this run
 
 
 @app.callback()
@@ -312,7 +312,9 @@ def _txt2img(prompt, prompt_file, negative_prompt, model, seed, num_images, batc
             if compiled:
                 progress.message(f"sdgen: compiled {compiled} kernel functions in {compile_s:.1f} s (cached now)")
             kernel_compiles.watch()  # no notice after this run
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Exception) as e:
+            if not _interrupted(e):  # an error of its own, not one an interruption turned into
+                raise
             same_seed = f" --seed {first_seed}" if seed is None else ""
             raise InterruptedError_(f"interrupted: {written} of {len(plan.todo)} images written; run the same "
                                     f"command with{same_seed} --skip-existing to make the rest") from None
@@ -523,14 +525,27 @@ def _bench(model, width, height, steps, batch_size, guidance, scheduler, threads
 
 
 # ------------------------------------------------------------------------------------------------ running
-def _terminate(signum, frame) -> None:
-    """SIGTERM ends a run the way Ctrl-C does: clean up, exit 130."""
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C and SIGTERM end a run alike: clean up, exit 130. Noted before the KeyboardInterrupt is raised, so
+    that an error it turns into is still taken for the interruption (_interrupted)."""
+    _state["interrupted"] = True
     raise KeyboardInterrupt
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether e ends the run as an interruption: a KeyboardInterrupt, or any error raised after Ctrl-C or SIGTERM
+    came. Code that the KeyboardInterrupt passes through may replace it with an error of its own: numpy, calling
+    Python from C to compare structured arrays, reported it as 'TypeError: Cannot compare structured arrays unless
+    they have a common dtype' (a SIGTERM test once failed so)."""
+    return isinstance(e, KeyboardInterrupt) or _state["interrupted"]
 
 
 def _run(fn) -> None:
     """Run a command body, turning errors into one line on stderr and a distinct exit code."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    _state["interrupted"] = False
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (an ignored Ctrl-C stays ignored)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     try:
         fn()
     except SdgenError as e:
@@ -554,10 +569,14 @@ def _run(fn) -> None:
     except Exception as e:  # a bug, not bad input: still one line, with the way to see more
         if _state["debug"]:
             raise
+        if _interrupted(e):
+            _err("interrupted")
+            raise typer.Exit(InterruptedError_.exit_code)
         _err(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
         raise typer.Exit(1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:

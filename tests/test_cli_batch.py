@@ -1,5 +1,6 @@
-"""sdgen.batch and the CLI's help, in process (no model, no subprocess): prompt files, naming, seeds, batching
-plans, grids, output checks, deferred interruptions, and that every option's help states its default."""
+"""sdgen.batch and the CLI's help, in process (no subprocess; a model only where a run is interrupted): prompt
+files, naming, seeds, batching plans, grids, output checks, deferred interruptions, interruptions that a library
+turned into another error, and that every option's help states its default."""
 
 from __future__ import annotations
 
@@ -181,6 +182,57 @@ def test_an_ignored_interrupt_stays_ignored(ctrl_c_interrupts):
         signal.raise_signal(signal.SIGINT)
     assert held == []
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def _interrupted_into(error: Exception, sig: int):
+    """A function that gets signal sig and lets the KeyboardInterrupt it raises turn into error, as numpy's
+    structured-array comparison did (a Python helper it calls from C saw the interrupt and numpy reported a
+    TypeError instead)."""
+    def body(*args, **kwargs):
+        try:
+            signal.raise_signal(sig)
+        except KeyboardInterrupt:
+            raise error from None
+    return body
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_an_error_an_interruption_turned_into_ends_the_run_as_interrupted(sig, ctrl_c_interrupts, capsys):
+    from typer import Exit
+
+    from sdgen import cli
+
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    structured = TypeError("Cannot compare structured arrays unless they have a common dtype")
+    with pytest.raises(Exit) as stopped:
+        cli._run(_interrupted_into(structured, sig))
+    assert stopped.value.exit_code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["sdgen: error: interrupted"]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # put back
+    # the next run starts afresh: the same error without a signal is a bug, reported as such
+    with pytest.raises(Exit) as stopped:
+        cli._run(lambda: _raise(TypeError("a bug")))
+    assert stopped.value.exit_code == 1
+    assert capsys.readouterr().err.strip() == ("sdgen: error: internal error: TypeError: a bug (run with --debug for "
+                                               "the traceback)")
+
+
+def _raise(error: Exception):
+    raise error
+
+
+def test_txt2img_interrupted_inside_a_library_says_how_to_resume(tiny_sd1, tmp_path, monkeypatch,
+                                                                ctrl_c_interrupts):
+    from sdgen.pipeline import Pipeline
+
+    monkeypatch.setattr(Pipeline, "encode_prompt", _interrupted_into(TypeError("numpy's own"), signal.SIGTERM))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["txt2img", "-m", tiny_sd1, "-t", "1", "--steps", "1", "-W", "32", "-H", "32",
+                                      "-p", "a dog", "-N", "2", "--seed", "3", "-o", "out/", "-q"])
+    assert result.exit_code == 130, result.output
+    assert "sdgen: error: interrupted: 0 of 2 images written; run the same command with --skip-existing" in (
+        result.stderr if result.stderr_bytes is not None else result.output)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # ------------------------------------------------------------------------------------------------ help
