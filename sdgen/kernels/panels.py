@@ -3,14 +3,14 @@ products of small maps (few tiles, many channels).
 
 OpenBLAS runs Q K^T of heads 40-80 wide at 55-81 GFLOP/s a core (AVX-512 Zen 4): with an inner dimension that short,
 its packing of both operands at every call weighs on few multiply-adds per element; and P V on heads of 40 (a
-product only 40 columns wide) at 69-84. Here a register tile of R rows x V vectors of 8 floats runs down the inner
-dimension, with R V accumulators held in vector registers throughout: at each step V vector loads of a row of B,
-R broadcasts of A's elements and R V fused multiply-adds. The Winograd products (winograd.point_products) have the
-opposite shape, a long inner dimension (1280 channels) and few rows (32 tiles), and OpenBLAS's packing weighs there
-too: 50-75 GFLOP/s a core where the same tiles reach 90-110.
+product only 40 columns wide) at 69-84. Here a register tile of R rows x V vectors (of 16 or 8 floats) runs down
+the inner dimension, with R V accumulators held in vector registers throughout: at each step V vector loads of a
+row of B, R broadcasts of A's elements and R V fused multiply-adds. The Winograd products (winograd.point_products)
+have the opposite shape, a long inner dimension (1280 channels) and few rows (32 tiles), and OpenBLAS's packing
+weighs there too: 50-75 GFLOP/s a core where the same tiles reach 90-110.
 
 - gemm_panels (Q K^T): B (K^T) packed once, (n / 32, k, 32): panel p holds columns 32 p .. 32 p + 31 of every row
-  of B, contiguous; tiles of up to 6 rows x 4 vectors (24 accumulators). The panel (k x 128 bytes) stays in L1
+  of B, contiguous; tiles of up to 6 rows x 2 512-bit vectors (12 accumulators). The panel (k x 128 bytes) stays in L1
   while the tiles of all the rows of A pass over it. 109-113 GFLOP/s a core for 256 x 4096 scores on heads of 40,
   64 and 80, and the same numbers as OpenBLAS's here: each sum in the same order, one fused multiply-add at a time.
 - gemm_tiles (Winograd's V[p] U[p]): the same tiles, B's panels further apart (the filters made in panels,
@@ -18,7 +18,7 @@ too: 50-75 GFLOP/s a core where the same tiles reach 90-110.
   are 320-640 floats apart, as the Winograd filters of SD's 64x64 maps), in passes of _ROWS_CHUNK steps of the
   inner dimension whose sums are added.
 - gemm_rows (P V, heads of 40, 64 and 80): B (V) as it is, rows of 40, 64 or 80 floats; tiles of 4 rows x 5
-  vectors (of 6 rows x 4 512-bit vectors for 64, of 4 x 5 for 80), in passes of 512 steps of the inner dimension
+  256-bit vectors (of 6 rows x 4 512-bit vectors for 64, of 4 x 5 for 80), in passes of 512 steps of the inner dimension
   whose sums are added, as BLAS adds its blocks. 93-117 GFLOP/s a core.
 - tile_rows_then (the linear layers, linear_tiles.py): gemm_tiles' tiles adding a bias and a residual to the sums
   while they are in registers, before the store: no pass of their own over the outputs; and prefetching, a line
@@ -26,8 +26,8 @@ too: 50-75 GFLOP/s a core where the same tiles reach 90-110.
 
 The tile is written in LLVM IR (a Numba intrinsic) since Numba has no vector type: the accumulators are vector
 registers for the whole run down the inner dimension, which no Numba loop over arrays becomes. It needs 32 vector
-registers (AVX-512VL gives 32 of 256 bits; AVX2 has 16, where the tiles would spill): AVAILABLE says whether this CPU
-has them, and attention and the Winograd products use BLAS where not.
+registers (AVX-512 has 32, of 512 bits and, with VL, of 256; AVX2 has 16, where the tiles would spill): AVAILABLE
+says whether this CPU has them, and attention and the Winograd products use BLAS where not.
 
 Numba's on-disk cache only watches the file of each cached kernel: the kernels of other modules that call these
 (mha.py, winograd.py) keep their compiled copy after this file is edited; delete sdgen/kernels/__pycache__ (or touch
@@ -42,8 +42,15 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-LANES = 8  # floats per vector (256 bits: as fast as 512 on Zen 4, and 32 registers of it with AVX-512VL)
-VECTORS = 4  # vectors per tile row
+# The tiles of gemm_tiles / tile_rows_then: rows of VECTORS vectors of LANES floats, one panel wide. 512-bit vectors:
+# Zen 4 runs a 512-bit multiply-add as two 256-bit halves, so there tiles of 6 rows x 2 vectors of 16 and of 6 x 4
+# vectors of 8 run alike (one thread, hot panels, 480-96 rows x 320-512 x 256-1024: 116.3-117.0 against 115.7-117.1
+# GFLOP/s, the same numbers; SD 1.5's guided forward 0.996 and SDXL-Turbo's 1.000 of the time with the 256-bit
+# tiles, medians of 8 and 6 rounds of alternating processes); cores with two full-width 512-bit multiply-add pipes
+# (Intel's server cores, Zen 5) do twice the multiply-adds a cycle in 512 bits, which 256-bit tiles leave idle (not
+# measured: no such CPU here).
+LANES = 16  # floats per vector (512 bits)
+VECTORS = 2  # vectors per tile row
 PANEL = LANES * VECTORS  # columns per panel of B
 
 
@@ -60,9 +67,9 @@ AVAILABLE = _has_32_vector_registers()
 
 
 def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: bool = False):
-    """The intrinsic computing one tile of `rows` rows x `vectors` vectors of `lanes` floats (LANES, or 16: 512-bit
-    vectors) (see tile's docstring); with epilogue, a tile that can also add a bias and a residual as it stores
-    (tile_then's docstring)."""
+    """The intrinsic computing one tile of `rows` rows x `vectors` vectors of `lanes` floats (16: 512-bit
+    vectors, or 8: 256-bit) (see tile's docstring); with epilogue, a tile that can also add a bias and a residual as
+    it stores (tile_then's docstring)."""
 
     def codegen(context, builder, signature, args):
         cv, co, lc, av, ao, la, bv, bo, lb, kk, more = args[:11]
@@ -184,18 +191,18 @@ def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: 
     return tile_then
 
 
-# Q K^T and the linear layers: tiles of 6 rows x 4 vectors (24 accumulators, 4 panel vectors and a broadcast: 29
-# registers), then 4, 2, 1; they can add a bias and a residual as they store (tile_rows_then)
+# Q K^T, the Winograd products and the linear layers: tiles of 6 rows x 2 vectors (12 accumulators, 2 panel vectors
+# and a broadcast), then 4, 2, 1; they can add a bias and a residual as they store (tile_rows_then)
 _TILE6, _TILE4, _TILE2, _TILE1 = (_make_tile(r, epilogue=True) for r in (6, 4, 2, 1))
 # C = A B with B's rows 40 floats (5 vectors; attention's P V on SD 1.5's heads of 40): tiles of 4 rows (20
 # accumulators, with the row of B and the broadcast 26 registers) and of 1 row for the rest. 93-115 GFLOP/s a core
 # against OpenBLAS's 69-84 on 256 x 4096 x 40. Rows of 64 floats (SD 2.x's and SDXL's heads) in 512-bit vectors:
-# tiles of 6 rows x 4 vectors (24 accumulators, as the 256-bit tiles of 6 x 4 above), then 4, 2, 1 rows; 116-117
+# tiles of 6 rows x 4 vectors (24 accumulators), then 4, 2, 1 rows; 116-117
 # GFLOP/s a core against OpenBLAS's 91-94 on 256 x 4096 x 64 and 113 x 9216 x 64 (tiles of 3 rows x 8 256-bit
 # vectors: 80-90; of 2 rows: no faster than OpenBLAS). Rows of 80 (SD 1.5's heads over 32x32): tiles of 4 rows x 5
 # 512-bit vectors, then 1 row: 117 GFLOP/s a core against OpenBLAS's 99-100 on 256 x 1024 x 80 and 256 x 4096 x 80.
 ROW_WIDTHS = (40, 64, 80)
-_W40, _W40_1 = _make_tile(4, 5), _make_tile(1, 5)
+_W40, _W40_1 = _make_tile(4, 5, 8), _make_tile(1, 5, 8)
 _W64_6, _W64_4, _W64_2, _W64_1 = (_make_tile(r, 4, 16) for r in (6, 4, 2, 1))
 _W80, _W80_1 = _make_tile(4, 5, 16), _make_tile(1, 5, 16)
 _ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_rows, gemm_tiles)
