@@ -17,8 +17,8 @@ weighs there too: 50-75 GFLOP/s a core where the same tiles reach 90-110.
   winograd.filter_buffer) or B's rows read where they lie (PANEL columns of each: 20-30% slower where those rows
   are 320-640 floats apart, as the Winograd filters of SD's 64x64 maps), in passes of _ROWS_CHUNK steps of the
   inner dimension whose sums are added.
-- gemm_rows (P V, heads of 40, 64 and 80): B (V) as it is, rows of 40, 64 or 80 floats; tiles of 4 rows x 5
-  256-bit vectors (of 6 rows x 4 512-bit vectors for 64, of 4 x 5 for 80), in passes of 512 steps of the inner dimension
+- gemm_rows (P V, heads of 40, 64 and 80): B (V) as it is, rows of 40, 64 or 80 floats; tiles of 4 rows x 16 + 16
+  + 8 floats (of 6 rows x 4 512-bit vectors for 64, of 4 x 5 for 80), in passes of 512 steps of the inner dimension
   whose sums are added, as BLAS adds its blocks. 93-117 GFLOP/s a core.
 - tile_rows_then (the linear layers, linear_tiles.py): gemm_tiles' tiles adding a bias and a residual to the sums
   while they are in registers, before the store: no pass of their own over the outputs; and prefetching, a line
@@ -66,46 +66,46 @@ def _has_32_vector_registers() -> bool:
 AVAILABLE = _has_32_vector_registers()
 
 
-def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: bool = False):
-    """The intrinsic computing one tile of `rows` rows x `vectors` vectors of `lanes` floats (16: 512-bit
-    vectors, or 8: 256-bit) (see tile's docstring); with epilogue, a tile that can also add a bias and a residual as
-    it stores (tile_then's docstring)."""
+def _make_tile(rows: int, widths: tuple = (LANES,) * VECTORS, epilogue: bool = False):
+    """The intrinsic computing one tile of `rows` rows x len(widths) vectors, vector v of widths[v] floats (16:
+    512 bits, 8: 256 bits), side by side along the row (see tile's docstring); with epilogue, a tile that can also
+    add a bias and a residual as it stores (tile_then's docstring)."""
+    starts = [sum(widths[:v]) for v in range(len(widths))]  # each vector's first column
 
     def codegen(context, builder, signature, args):
         cv, co, lc, av, ao, la, bv, bo, lb, kk, more = args[:11]
-        vec = ir.VectorType(ir.FloatType(), lanes)
-        vptr = vec.as_pointer()
+        vecs = {w: ir.VectorType(ir.FloatType(), w) for w in set(widths)}
         i64 = co.type
 
         def data(pos, value):
             return context.make_array(signature.args[pos])(context, builder, value).data
 
-        def vec_at(base, off, r, ld, v):  # the vector v of row r of a flat array: base[off + r ld + v lanes ..]
+        def vec_at(base, off, r, ld, v):  # the vector v of row r of a flat array: base[off + r ld + starts[v] ..]
             row = builder.add(off, builder.mul(ir.Constant(i64, r), ld))
-            return builder.bitcast(builder.gep(base, [builder.add(row, ir.Constant(i64, v * lanes))]), vptr)
+            at = builder.gep(base, [builder.add(row, ir.Constant(i64, starts[v]))])
+            return builder.bitcast(at, vecs[widths[v]].as_pointer())
 
         cp, ap, bp = data(0, cv), data(3, av), data(6, bv)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                             f"llvm.fma.v{lanes}f32")
-        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(vectors)]
-               for _ in range(rows)]
-        undef = ir.Constant(vec, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        fma = {w: cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t, t]), f"llvm.fma.v{w}f32")
+               for w, t in vecs.items()}
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vecs[w], None)) for w in widths] for _ in range(rows)]
         first = ir.Constant(ir.IntType(32), 0)
 
         def run(start, count):  # steps start .. start + count - 1 down the inner dimension
             with cgutils.for_range(builder, count) as loop:
                 e = builder.add(start, loop.index)
                 row_b = builder.add(bo, builder.mul(e, lb))
-                bvec = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(row_b, ir.Constant(i64, v * lanes))]),
-                                                     vptr), align=4)
-                        for v in range(vectors)]
+                bvec = [builder.load(vec_at(bp, row_b, 0, row_b, v), align=4) for v in range(len(widths))]
                 for r in range(rows):
                     at = builder.add(builder.add(ao, builder.mul(ir.Constant(i64, r), la)), e)
                     a_elem = builder.load(builder.gep(ap, [at]))
-                    x = builder.shuffle_vector(builder.insert_element(undef, a_elem, first), undef, splat)
-                    for v in range(vectors):
-                        builder.store(builder.call(fma, [x, bvec[v], builder.load(acc[r][v])]), acc[r][v])
+                    x = {}  # a_elem in every lane, at each width
+                    for w, t in vecs.items():
+                        undef = ir.Constant(t, ir.Undefined)
+                        x[w] = builder.shuffle_vector(builder.insert_element(undef, a_elem, first), undef,
+                                                      ir.Constant(ir.VectorType(ir.IntType(32), w), [0] * w))
+                    for v, w in enumerate(widths):
+                        builder.store(builder.call(fma[w], [x[w], bvec[v], builder.load(acc[r][v])]), acc[r][v])
 
         if epilogue:  # pevery steps at a time, each run followed by a prefetch of the stream's next line
             pv, pbase, pld, plpr, pj0, pj1, pevery = args[17:]
@@ -136,7 +136,7 @@ def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: 
 
         def add_from(base, off, ld, per_row):  # acc[r][v] += base's vector (the same for every row unless per_row)
             for r in range(rows):
-                for v in range(vectors):
+                for v in range(len(widths)):
                     y = builder.load(vec_at(base, off, r if per_row else 0, ld, v), align=4)
                     builder.store(builder.fadd(builder.load(acc[r][v]), y), acc[r][v])
 
@@ -149,7 +149,7 @@ def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: 
                 with builder.if_then(builder.icmp_signed("!=", flag, ir.Constant(then.type, 0))):
                     add_from(base, off, lr, per_row)
         for r in range(rows):
-            for v in range(vectors):
+            for v in range(len(widths)):
                 builder.store(builder.load(acc[r][v]), vec_at(cp, co, r, lc, v), align=4)
         return context.get_dummy_value()
 
@@ -161,7 +161,7 @@ def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: 
         @intrinsic
         def tile(typingctx, c, c_off, ldc, a, a_off, lda, b, b_off, ldb, k, accumulate):
             """c[c_off + r ldc + j] (+)= sum_e a[a_off + r lda + e] b[b_off + e ldb + j] for r < rows,
-            j < vectors lanes, e < k: each sum from 0 in order of e by fused multiply-adds, then added to c's value
+            j < sum(widths), e < k: each sum from 0 in order of e by fused multiply-adds, then added to c's value
             if accumulate is non-zero, else stored (1-D C-contiguous float32 arrays; no bounds check)."""
             if not f32_arrays(c, a, b):
                 return None
@@ -194,17 +194,19 @@ def _make_tile(rows: int, vectors: int = VECTORS, lanes: int = LANES, epilogue: 
 # Q K^T, the Winograd products and the linear layers: tiles of 6 rows x 2 vectors (12 accumulators, 2 panel vectors
 # and a broadcast), then 4, 2, 1; they can add a bias and a residual as they store (tile_rows_then)
 _TILE6, _TILE4, _TILE2, _TILE1 = (_make_tile(r, epilogue=True) for r in (6, 4, 2, 1))
-# C = A B with B's rows 40 floats (5 vectors; attention's P V on SD 1.5's heads of 40): tiles of 4 rows (20
-# accumulators, with the row of B and the broadcast 26 registers) and of 1 row for the rest. 93-115 GFLOP/s a core
-# against OpenBLAS's 69-84 on 256 x 4096 x 40. Rows of 64 floats (SD 2.x's and SDXL's heads) in 512-bit vectors:
-# tiles of 6 rows x 4 vectors (24 accumulators), then 4, 2, 1 rows; 116-117
-# GFLOP/s a core against OpenBLAS's 91-94 on 256 x 4096 x 64 and 113 x 9216 x 64 (tiles of 3 rows x 8 256-bit
-# vectors: 80-90; of 2 rows: no faster than OpenBLAS). Rows of 80 (SD 1.5's heads over 32x32): tiles of 4 rows x 5
-# 512-bit vectors, then 1 row: 117 GFLOP/s a core against OpenBLAS's 99-100 on 256 x 1024 x 80 and 256 x 4096 x 80.
+# C = A B with B's rows 40 floats (attention's P V on SD 1.5's heads of 40): tiles of 4 rows x 16 + 16 + 8 floats
+# (two 512-bit vectors and a 256-bit one: 12 accumulators) and of 1 row for the rest. 93-115 GFLOP/s a core against
+# OpenBLAS's 69-84 on 256 x 4096 x 40; as fast on Zen 4 as 4 rows x 5 256-bit vectors (115.7-115.8 GFLOP/s, hot;
+# the same numbers), in 12 multiply-add instructions a step instead of 20 where 512-bit ones take no longer. Rows of
+# 64 floats (SD 2.x's and SDXL's heads) in 512-bit vectors: tiles of 6 rows x 4 vectors (24 accumulators), then 4,
+# 2, 1 rows; 116-117 GFLOP/s a core against OpenBLAS's 91-94 on 256 x 4096 x 64 and 113 x 9216 x 64 (tiles of 3
+# rows x 8 256-bit vectors: 80-90; of 2 rows: no faster than OpenBLAS). Rows of 80 (SD 1.5's heads over 32x32):
+# tiles of 4 rows x 5 512-bit vectors, then 1 row: 117 GFLOP/s a core against OpenBLAS's 99-100 on 256 x 1024 x 80
+# and 256 x 4096 x 80.
 ROW_WIDTHS = (40, 64, 80)
-_W40, _W40_1 = _make_tile(4, 5, 8), _make_tile(1, 5, 8)
-_W64_6, _W64_4, _W64_2, _W64_1 = (_make_tile(r, 4, 16) for r in (6, 4, 2, 1))
-_W80, _W80_1 = _make_tile(4, 5, 16), _make_tile(1, 5, 16)
+_W40, _W40_1 = _make_tile(4, (16, 16, 8)), _make_tile(1, (16, 16, 8))
+_W64_6, _W64_4, _W64_2, _W64_1 = (_make_tile(r, (16,) * 4) for r in (6, 4, 2, 1))
+_W80, _W80_1 = _make_tile(4, (16,) * 5), _make_tile(1, (16,) * 5)
 _ROWS_CHUNK = 512  # inner-dimension steps per pass over the rows of A (gemm_rows, gemm_tiles)
 
 
