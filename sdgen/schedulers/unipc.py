@@ -135,17 +135,20 @@ class UniPCMultistepScheduler(SolverScheduler):
         rks = np.array(rks, dtype=F32)
         hh = -h if self.predict_x0 else h
         h_phi_1 = np.expm1(hh)
-        h_phi_k = h_phi_1 / hh - F32(1)
-        factorial = 1
-        B_h = hh if self.config["solver_type"] == "bh1" else np.expm1(hh)
-        R, b = [], []
-        power = np.ones_like(rks)
-        for k in range(1, order + 1):
-            R.append(power)  # rks ** (k - 1), multiplied out as torch.pow does for small integer exponents
-            power = power * rks
-            b.append(h_phi_k * F32(factorial) / B_h)
-            factorial *= k + 1
-            h_phi_k = h_phi_k / hh - F32(1 / factorial)
+        # hh = 0 where the last two sigmas are equal (Karras sigmas ending at sigma_min): b is then nan, as in
+        # diffusers, and no step uses it (the latents stay finite); numpy would warn of the 0 / 0 on stderr
+        with np.errstate(invalid="ignore", divide="ignore"):
+            h_phi_k = h_phi_1 / hh - F32(1)
+            factorial = 1
+            B_h = hh if self.config["solver_type"] == "bh1" else np.expm1(hh)
+            R, b = [], []
+            power = np.ones_like(rks)
+            for k in range(1, order + 1):
+                R.append(power)  # rks ** (k - 1), multiplied out as torch.pow does for small integer exponents
+                power = power * rks
+                b.append(h_phi_k * F32(factorial) / B_h)
+                factorial *= k + 1
+                h_phi_k = h_phi_k / hh - F32(1 / factorial)
         return alpha_t, sigma_t, alpha_s0, sigma_s0, h_phi_1, B_h, np.stack(R), np.array(b, F32), D1s
 
     @staticmethod
