@@ -95,7 +95,7 @@ def _make_tile(rows: int, widths: tuple = (LANES,) * VECTORS, epilogue: bool = F
             with cgutils.for_range(builder, count) as loop:
                 e = builder.add(start, loop.index)
                 row_b = builder.add(bo, builder.mul(e, lb))
-                bvec = [builder.load(vec_at(bp, row_b, 0, row_b, v), align=4) for v in range(len(widths))]
+                bvec = [builder.load(vec_at(bp, row_b, 0, lb, v), align=4) for v in range(len(widths))]
                 for r in range(rows):
                     at = builder.add(builder.add(ao, builder.mul(ir.Constant(i64, r), la)), e)
                     a_elem = builder.load(builder.gep(ap, [at]))
