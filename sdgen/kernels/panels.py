@@ -45,8 +45,8 @@ from numba.extending import intrinsic
 # The tiles of gemm_tiles / tile_rows_then: rows of VECTORS vectors of LANES floats, one panel wide. 512-bit vectors:
 # Zen 4 runs a 512-bit multiply-add as two 256-bit halves, so there tiles of 6 rows x 2 vectors of 16 and of 6 x 4
 # vectors of 8 run alike (one thread, hot panels, 480-96 rows x 320-512 x 256-1024: 116.3-117.0 against 115.7-117.1
-# GFLOP/s, the same numbers; SD 1.5's guided forward 0.996 and SDXL-Turbo's 1.000 of the time with the 256-bit
-# tiles, medians of 8 and 6 rounds of alternating processes); cores with two full-width 512-bit multiply-add pipes
+# GFLOP/s, the same numbers; SD 1.5's guided forward 0.997 and SDXL-Turbo's 0.979 of the time with the 256-bit
+# tiles: scripts/ab_revisions.py --base 14a1bd5, 6 rounds); cores with two full-width 512-bit multiply-add pipes
 # (Intel's server cores, Zen 5) do twice the multiply-adds a cycle in 512 bits, which 256-bit tiles leave idle (not
 # measured: no such CPU here).
 LANES = 16  # floats per vector (512 bits)
