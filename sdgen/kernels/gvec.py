@@ -101,8 +101,6 @@ def _make_step(m: int):
 _STEP2, _STEP4, _STEP6 = (_make_step(m) for m in (2, 4, 6))
 
 
-
-
 @njit(nogil=True, cache=True)
 def filters(g, ldg, n, m, u, ldu, rows, r0, r1, cols, panel_step):
     """u[(p - r0 alpha) ldu + e] = (G g_e G^T)[p] for the points p of the tile's rows [r0, r1) and e < n, where
