@@ -38,33 +38,20 @@ def side(folder: Path, what: str, size: int, threads: int, forwards: int) -> lis
     from sdgen.pipeline import Pipeline
     from sdgen.threads import set_threads
 
+    from ab_settings import run_step, step_inputs  # (this script's folder, first on sys.path)
+
     wanted = Path(os.environ["PYTHONPATH"]).resolve()
     if Path(sdgen.__file__).resolve().parents[1] != wanted:  # (an installed sdgen that PYTHONPATH did not hide)
         sys.exit(f"sdgen imported from {sdgen.__file__}, not from {wanted}")
     fresh_memory_settings()  # as the sdgen command does
     set_threads(threads)
     pipe = Pipeline.load(folder)
-    rng = np.random.default_rng(0)
-    xl = pipe.family == "sdxl"
-    lat = size // 8
-    x = rng.standard_normal((1, 4, lat, lat), dtype=np.float32)
-    ctx = rng.standard_normal((1 if xl else 2, 77, pipe.unet.cfg.cross_attention_dim), dtype=np.float32)
-    extra = {}
-    if xl:
-        extra = {"text_embeds": rng.standard_normal((1, 1280), dtype=np.float32),
-                 "time_ids": np.array([[size, size, 0, 0, size, size]], np.float32)}
-
-    def run():
-        if what == "vae":
-            return pipe.vae.decode(x)
-        pipe.unet.forget_context()  # the cross-attention keys made again at each forward
-        return pipe.unet(x, 500, ctx, **extra)
-
-    run()
+    inputs = step_inputs(pipe, size)
+    run_step(pipe, what, inputs)
     times = []
     for _ in range(forwards):
         t0 = time.perf_counter()
-        run()
+        run_step(pipe, what, inputs)
         times.append(time.perf_counter() - t0)
     return times
 

@@ -26,9 +26,30 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+
+
+def step_inputs(pipe, size: int) -> tuple:
+    """(latents, contexts, SDXL's extra inputs) of a forward as a guided step's (SD 1.x/2.x: the latents once, two
+    contexts; SDXL: batch 1); the latents are also what a VAE decode takes."""
+    rng = np.random.default_rng(0)
+    xl = pipe.family == "sdxl"
+    lat = size // 8
+    x = rng.standard_normal((1, 4, lat, lat), dtype=np.float32)
+    ctx = rng.standard_normal((1 if xl else 2, 77, pipe.unet.cfg.cross_attention_dim), dtype=np.float32)
+    extra = {}
+    if xl:
+        extra = {"text_embeds": rng.standard_normal((1, 1280), dtype=np.float32),
+                 "time_ids": np.array([[size, size, 0, 0, size, size]], np.float32)}
+    return x, ctx, extra
+
+
+def run_step(pipe, what: str, inputs: tuple):
+    """One UNet forward (what "unet") or VAE decode ("vae") of step_inputs' inputs."""
+    x, ctx, extra = inputs
+    if what == "vae":
+        return pipe.vae.decode(x)
+    pipe.unet.forget_context()  # the cross-attention keys made again at each forward
+    return pipe.unet(x, 500, ctx, **extra)
 
 
 def main() -> None:
@@ -47,6 +68,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sdgen" / "random-models")
     args = ap.parse_args()
 
+    sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests"), str(ROOT)]
     from compare_full_size import build_random_model
 
     from sdgen.memory import fresh_memory_settings
@@ -72,30 +94,14 @@ def main() -> None:
         shared = Pipeline.load(folder)
         sides = {v: (Pipeline.load(folder) if v == "on" else shared, v) for v in values}
 
-    rng = np.random.default_rng(0)
-    pipe0 = next(iter(sides.values()))[0]
-    xl = pipe0.family == "sdxl"
-    lat = args.size // 8
-    x = rng.standard_normal((1, 4, lat, lat), dtype=np.float32)
-    ctx = rng.standard_normal((1 if xl else 2, 77, pipe0.unet.cfg.cross_attention_dim), dtype=np.float32)
-    extra = {}
-    if xl:
-        extra = {"text_embeds": rng.standard_normal((1, 1280), dtype=np.float32),
-                 "time_ids": np.array([[args.size, args.size, 0, 0, args.size, args.size]], np.float32)}
-
-    def run(pipe):
-        if args.what == "vae":
-            return pipe.vae.decode(x)
-        pipe.unet.forget_context()  # the cross-attention keys made again at each forward
-        return pipe.unet(x, 500, ctx, **extra)
-
+    inputs = step_inputs(next(iter(sides.values()))[0], args.size)
     times = {v: [] for v in values}
     for r in range(args.rounds):
         for v in (values if r % 2 == 0 else values[::-1]):
             pipe, mode = sides[v]
             set_linear_panels(mode)
             t0 = time.perf_counter()
-            run(pipe)
+            run_step(pipe, args.what, inputs)
             times[v].append(time.perf_counter() - t0)
     set_linear_panels(None)
     med = {v: float(np.median(times[v][1:] if len(times[v]) > 1 else times[v])) for v in values}
