@@ -121,7 +121,6 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
     default = (unet_cfg.get("sample_size") or 64) * 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
     width = width or (spec.width if spec and spec.width else default)
     height = height or (spec.height if spec and spec.height else default)
-    run_shape = {"width": width, "height": height, "batch": batch, "guided": guided, "vae_tiling": vae_tiling}
     est = memory.estimate({k: c for k, (c, _) in src.components.items()}, src.family, width, height, batch, guided,
                           weights_dtype or "auto", None, True, vae_tiling, conv_filters=conv_filters)
     if decode_only:  # the VAE alone

@@ -20,7 +20,7 @@ from sdgen.image import to_uint8
 from sdgen.kernels import Conv2dPlan, attention, conv2d
 from sdgen.kernels import panels
 from sdgen.kernels import weights as W
-from sdgen.models.layers import Params, set_attention_slicing, set_linear_panels, weights_dtype
+from sdgen.models.layers import set_attention_slicing, set_linear_panels, weights_dtype
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig
 from tiny_models import SD1_UNET, SD1_VAE, build_sd_folder, make_unet, make_vae, state_dict_numpy

@@ -7,7 +7,6 @@ it cannot write, cache weights that are not the file's own bytes."""
 import os
 
 import numpy as np
-import pytest
 
 from sdgen import relaid_cache
 from sdgen.checkpoint.safetensors_file import SafetensorsFile, file_origin, write_safetensors

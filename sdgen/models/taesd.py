@@ -85,7 +85,7 @@ class _Sequence:
         last = indices[-1]
         for k in range(last + 1):
             lp = p.sub(k)
-            if f"conv.0.weight" in lp:
+            if "conv.0.weight" in lp:
                 w = lp["conv.0.weight"]
                 self.layers.append(TinyBlock(lp, w.shape[1], w.shape[0]))
             elif "weight" in lp:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import kernels
 from .layers import Conv2d, GroupNorm, Linear, Params, attention, nchw_to_nhwc, nhwc_to_nchw
 from .unet import ResnetBlock
 
