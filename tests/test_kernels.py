@@ -19,7 +19,7 @@ import pytest
 from sdgen import kernels as K
 from sdgen.kernels import reference as R
 from sdgen.kernels import panels, winograd
-from sdgen.kernels.conv import WINOGRAD, Conv2dPlan, choose_variant, conv2d
+from sdgen.kernels.conv import Conv2dPlan, choose_variant, conv2d
 from sdgen.kernels.gemm import conv_im2col, conv_kn2row
 
 TOL = 1e-5
@@ -161,7 +161,8 @@ def test_winograd_worker_splits(rng, m, nworkers, block):
     b = rng.standard_normal(130, dtype=np.float32)
     res = rng.standard_normal((2, 9, 7, 130), dtype=np.float32)
     ref = R.conv2d(*f64(x, wt, b), stride=1, padding=1) + res
-    y = winograd.winograd_conv(x, winograd.filter_transform(wt, m), m, 1, b, 130, res, block_tiles=block, nworkers=nworkers)
+    y = winograd.winograd_conv(x, winograd.filter_transform(wt, m), m, 1, b, 130, res, block_tiles=block,
+                               nworkers=nworkers)
     assert rel_err(y, ref) < TOL
 
 
@@ -793,7 +794,8 @@ def test_softmax(rng, axis):
 # ------------------------------------------------------------------------------------------------ norms
 
 
-@pytest.mark.parametrize("shape,groups", [((1, 7, 9, 64), 32), ((3, 13, 5, 33), 3), ((2, 17, 19, 8), 4), ((1, 1, 1, 6), 2)])
+@pytest.mark.parametrize("shape,groups",
+                         [((1, 7, 9, 64), 32), ((3, 13, 5, 33), 3), ((2, 17, 19, 8), 4), ((1, 1, 1, 6), 2)])
 @pytest.mark.parametrize("silu", [False, True])
 def test_group_norm(rng, shape, groups, silu):
     x = rng.standard_normal(shape, dtype=np.float32) * 3 + 0.5
@@ -903,7 +905,8 @@ def test_upconv_f42_matrices_and_phases(rng):
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     for a in range(2):
         for c in range(2):
-            y = sum(xp[:, a + r: a + r + 5, c + s: c + s + 6] @ taps[a, c, :, :, r, s].T for r in range(2) for s in range(2))
+            y = sum(xp[:, a + r: a + r + 5, c + s: c + s + 6] @ taps[a, c, :, :, r, s].T
+                    for r in range(2) for s in range(2))
             assert np.allclose(ref[:, a::2, c::2], y, atol=1e-12)
 
 
@@ -957,23 +960,30 @@ def test_upsample_conv2d_falls_back_on_small_maps(rng):
 # ------------------------------------------------------------------------------------------------ packed panels
 
 
-@pytest.mark.parametrize("m, k, n", [(1, 40, 32), (5, 3, 64), (13, 64, 96), (256, 40, 128), (7, 80, 32)])
+@pytest.mark.parametrize("m, k, n", [(1, 40, 32), (5, 3, 64), (13, 64, 96), (256, 40, 128), (7, 80, 32),
+                                     (11, 1100, 64)])
 def test_gemm_panels(rng, m, k, n):
     """panels.gemm_panels (register tiles of 6, 4, 2 and 1 rows) on rows of A that lie apart (lda > k) and from an
-    offset, into a block of C at an offset, against float64; nothing outside the block is written."""
+    offset, into a block of C at an offset, against float64; nothing outside the block is written. And
+    gemm_panels_by_chunk (its loops the other way round): the same numbers, bit for bit (k = 1100: three passes of
+    _ROWS_CHUNK steps, the last one partial)."""
     from sdgen.kernels import panels
 
     a_full = rng.standard_normal((m + 2, k + 5), dtype=np.float32)
     b = rng.standard_normal((k, n + 32), dtype=np.float32)
     # columns 32 .. 32 + n of b in panels: bp[p, e, t] = b[e, 32 + p PANEL + t]
     bp = np.ascontiguousarray(b[:, 32:32 + n].reshape(k, n // panels.PANEL, panels.PANEL).transpose(1, 0, 2))
-    c = np.full((m + 1, n + 8), 7.0, dtype=np.float32)
-    a_off = (k + 5) + 2  # A = a_full[1:, 2:2 + k]
-    panels.gemm_panels(a_full.reshape(-1), a_off, k + 5, m, k, bp.reshape(-1), 0, n // panels.PANEL,
-                       c.reshape(-1), (n + 8) + 4, n + 8)  # into c[1:, 4:4 + n]
     want = a_full[1:m + 1, 2:2 + k].astype(np.float64) @ b[:, 32:32 + n].astype(np.float64)
-    assert rel_err(c[1:, 4:4 + n], want) < TOL
-    assert (c[0] == 7).all() and (c[:, :4] == 7).all() and (c[:, 4 + n:] == 7).all()
+    a_off = (k + 5) + 2  # A = a_full[1:, 2:2 + k]
+    outs = []
+    for gemm in (panels.gemm_panels, panels.gemm_panels_by_chunk):
+        c = np.full((m + 1, n + 8), 7.0, dtype=np.float32)
+        gemm(a_full.reshape(-1), a_off, k + 5, m, k, bp.reshape(-1), 0, n // panels.PANEL,
+             c.reshape(-1), (n + 8) + 4, n + 8)  # into c[1:, 4:4 + n]
+        assert rel_err(c[1:, 4:4 + n], want) < TOL
+        assert (c[0] == 7).all() and (c[:, :4] == 7).all() and (c[:, 4 + n:] == 7).all()
+        outs.append(c)
+    assert np.array_equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("m", [1, 5, 6, 11, 259])
@@ -1070,6 +1080,42 @@ def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq, lk):
     n_calls = len(calls)
     blas = K.attention(q, k, v, heads)
     assert len(calls) == n_calls and rel_err(ys[0], blas) < 1e-6
+
+
+@pytest.mark.parametrize("d, heads, lq, lk", [(512, 1, 300, 1024), (96, 1, 37, 1056), (96, 3, 50, 1056),
+                                             (64, 1, 20, 1088)])
+def test_attention_values_in_panels(rng, monkeypatch, d, heads, lq, lk):
+    """A single head filling whole panels (the VAE's of 512) takes Q K^T from its keys in panels like narrow heads,
+    and heads that fill panels but are none of panels.ROW_WIDTHS take P V from their values in panels
+    (mha._values_panels; a head of 64 keeps gemm_rows): against float64, the same whatever the workers, and as
+    the BLAS path (keys read in place) to 1e-6."""
+    from sdgen.kernels import mha, panels
+
+    if not panels.AVAILABLE:
+        pytest.skip("no AVX-512VL: attention takes BLAS's path")
+    q = rng.standard_normal((2, lq, heads * d), dtype=np.float32)
+    k, v = (rng.standard_normal((2, lk, heads * d), dtype=np.float32) for _ in range(2))
+    calls = {"scores": 0, "values": 0}
+    real_s, real_v = mha._scores_panels, mha._values_panels
+
+    def scores(*a):
+        calls["scores"] += 1
+        return real_s(*a)
+
+    def values(*a):
+        calls["values"] += 1
+        return real_v(*a)
+
+    monkeypatch.setattr(mha, "_scores_panels", scores)
+    monkeypatch.setattr(mha, "_values_panels", values)
+    ys = [K.attention(q, k, v, heads, nworkers=n) for n in (1, 2, 3)]
+    assert calls["scores"] and bool(calls["values"]) == (d not in panels.ROW_WIDTHS)
+    assert all(np.array_equal(ys[0], y) for y in ys[1:])
+    assert rel_err(ys[0], R.attention(*f64(q, k, v), heads)) < TOL
+    monkeypatch.setattr(mha, "_PACK_MIN_KEYS", 1 << 30)  # keys read in place (fewer than _COPY_MIN_KEYS): BLAS
+    before = dict(calls)
+    blas = K.attention(q, k, v, heads)
+    assert calls == before and rel_err(ys[0], blas) < 1e-6
 
 
 @pytest.mark.parametrize("m, k", [(1, 3), (7, 40), (15, 600), (256, 1100)])

@@ -1,20 +1,21 @@
 """Multi-head scaled dot-product attention and softmax.
 
 attention() splits the work into jobs of (image, group of heads, block of query rows), sized by _partition so that
-the score block stays within block_bytes whatever the sequence length (one head per job for self-attention over
-long sequences, all heads of a block of rows for cross-attention's 77 keys), and runs the jobs on the kernel
-workers (_pool.py), each with single-threaded BLAS and its own score buffer; the workers take the jobs one at a
-time from a shared counter, so a thread slowed down by a busy machine takes fewer. A job: one (batched over its
-heads) GEMM S = Q K^T, a fused Numba pass over S (scale, mask, row max, exp, row sum in float64), and a GEMM
-O = P V written straight into the output; Q, K, V and O are read and written in place through strided views
-(except long keys split into heads, whose K^T and V are first copied contiguous per head: on CPUs with 32 vector
-registers, for heads up to 128 wide, K^T into panels for panels.gemm_panels' register tiles instead of BLAS (from
-1024 keys on; else from 2048), and on heads of 40, 64 and 80 P V by panels.gemm_rows' too; 0.82 of PyTorch's SDPA
-time on SD 1.5's 4096 tokens where BLAS gave 1.06-1.09, scripts/bench_kernels.py --only attention). Score rows are
-padded to a multiple of 8 columns, which the GEMMs skip: the exp loop then has no scalar tail. The probabilities are
-divided by their sums in the softmax pass when keys are fewer than a head is wide (cross-attention's 77 keys on
-160-wide heads), else the output rows after P V (d columns instead of Lk). Results are bit-identical whatever
-the number of workers.
+the score block stays within block_bytes whatever the sequence length (one head per job for self-attention over long
+sequences, all heads of a block of rows for cross-attention's 77 keys), and runs the jobs on the kernel workers
+(_pool.py), each with single-threaded BLAS and its own score buffer; the workers take the jobs one at a time from a
+shared counter, so a thread slowed down by a busy machine takes fewer. A job: one (batched over its heads) GEMM S =
+Q K^T, a fused Numba pass over S (scale, mask, row max, exp, row sum in float64), and a GEMM O = P V written
+straight into the output; Q, K, V and O are read and written in place through strided views (except long keys split
+into heads, whose K^T and V are first copied contiguous per head: on CPUs with 32 vector registers, for heads up to
+128 wide, K^T into panels for panels.gemm_panels' register tiles instead of BLAS (from 1024 keys on; else from
+2048), and on heads of 40, 64 and 80 P V by panels.gemm_rows' too; 0.82 of PyTorch's SDPA time on SD 1.5's 4096
+tokens where BLAS gave 1.06-1.09, scripts/bench_kernels.py --only attention; a single head that fills whole panels,
+the VAE's of 512, from 1024 keys on: K^T and V into panels, Q K^T and P V by the tiles, 0.92-0.96 of SDPA's time
+where BLAS, reading them in place, gave 1.04-1.05). Score rows are padded to a multiple of 8 columns, which the
+GEMMs skip: the exp loop then has no scalar tail. The probabilities are divided by their sums in the softmax pass
+when keys are fewer than a head is wide (cross-attention's 77 keys on 160-wide heads), else the output rows after P
+V (d columns instead of Lk). Results are bit-identical whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from . import _pool, panels
-from .panels import PANEL, ROW_WIDTHS, flat, gemm_panels, gemm_rows
+from .panels import PANEL, ROW_WIDTHS, flat, gemm_panels, gemm_panels_by_chunk, gemm_rows
 from ._math import _C2, _C3, _C4, _C5, _C6, _EXP_LO, _LN2_HI, _LN2_LO, _LOG2E, _P2, max32, sum64
 
 _NO_MASK = np.zeros((1, 1), dtype=np.float32)
@@ -137,6 +138,22 @@ def _pack_keys(k, kp):
 
 
 @njit(nogil=True, cache=True)
+def _pack_values(v, vp):
+    """v (Lk, C), one image's values -> vp (heads, d / PANEL, Lk, PANEL), each head's V in panels of PANEL of its
+    channels (panels.gemm_panels_by_chunk's B): vp[h, p, j, t] = v[j, h d + p PANEL + t]."""
+    heads, npd, lk, _ = vp.shape
+    d = npd * PANEL
+    for j in range(lk):
+        row = v[j]
+        for h in range(heads):
+            for p in range(npd):
+                src = row[h * d + p * PANEL:h * d + (p + 1) * PANEL]
+                dst = vp[h, p, j]
+                for t in range(PANEL):
+                    dst[t] = src[t]
+
+
+@njit(nogil=True, cache=True)
 def _scores_panels(qf, q_off, ldq, d, nq, g, kpf, kp_off, npan, sf, lds):
     """The score blocks of a job's g heads, sf[gi nq lds + i lds + j] = q_h[i] . k_h[j] (j < npan PANEL), from the
     queries in qf (head gi's row i at q_off + gi d + i ldq) and the heads' packed keys (_pack_keys' panels, head gi's
@@ -152,6 +169,15 @@ def _values_rows(sf, lds, nq, lk, g, vf, v_off, of, o_off, ldo, d):
     + e]."""
     for gi in range(g):
         gemm_rows(sf, gi * nq * lds, lds, nq, lk, vf, v_off + gi * lk * d, of, o_off + gi * d, ldo, d)
+
+
+@njit(nogil=True, cache=True)
+def _values_panels(sf, lds, nq, lk, g, vpf, vp_off, of, o_off, ldo, d):
+    """O = P V for a job's g heads of d (a multiple of PANEL) from their values in panels (_pack_values; head gi's
+    from vp_off + gi d lk): as _values_rows, by panels.gemm_panels_by_chunk."""
+    for gi in range(g):
+        gemm_panels_by_chunk(sf, gi * nq * lds, lds, nq, lk, vpf, vp_off + gi * d * lk, d // PANEL, of, o_off + gi * d,
+                             ldo)
 
 
 @njit(nogil=True, cache=True)
@@ -246,9 +272,12 @@ def attention(
     # The copied keys go into panels of PANEL keys when the heads are narrow (up to _PANEL_MAX_D) and the keys
     # fill whole panels (and the CPU has the registers for it, panels.AVAILABLE): Q K^T is then panels.gemm_panels'
     # register tiles, 1.4-1.5x OpenBLAS's speed on heads of 40-80 (its packing of both operands at each call weighs
-    # on an inner dimension that short), the same numbers.
-    packable = panels.AVAILABLE and heads > 1 and d <= _PANEL_MAX_D and lk % PANEL == 0 and lk == lkp
-    copied = heads > 1 and (lk >= _COPY_MIN_KEYS or (packable and lk >= _PACK_MIN_KEYS))
+    # on an inner dimension that short), the same numbers. So do a single head's keys when the head fills whole
+    # panels (the VAE's head of 512), and its values too (_pack_values: P V by panels.gemm_panels_by_chunk): Q K^T
+    # and P V ~1.2x and ~1.1x OpenBLAS's speed there.
+    packable = (panels.AVAILABLE and lk % PANEL == 0 and lk == lkp
+                and (d <= _PANEL_MAX_D if heads > 1 else d % PANEL == 0))
+    copied = (lk >= _COPY_MIN_KEYS if heads > 1 else False) or (packable and lk >= _PACK_MIN_KEYS)
     packed = packable and copied
     if block_bytes is None:
         block_bytes = _BLOCK_BYTES if packed else _BLAS_BLOCK_BYTES
@@ -263,7 +292,8 @@ def attention(
     # and split into heads: on 4096 keys, 8 heads of 40 or 5 of 64, BLAS packs contiguous operands 5-7% faster than
     # rows of d floats C apart, which pays for copying K^T and V per head (an image per worker, before the jobs);
     # on shorter keys the copies cost more than they save (256 keys, 1280 channels, 8 heads, batch 2: 10.3 -> 6.5
-    # ms), and a single head (the VAE's) is contiguous already. Same results either way: BLAS reads the same numbers.
+    # ms), and a single head is contiguous already (but goes into panels where it fills them: packable, above).
+    # Same results either way: BLAS reads the same numbers.
     qv = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     ov = out.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     if not copied:
@@ -272,7 +302,8 @@ def attention(
     else:
         npan = lk // PANEL
         kt = np.empty((b, heads, npan, d, PANEL) if packed else (b, heads, d, lk), dtype=np.float32)
-        vv = np.empty((b, heads, lk, d), dtype=np.float32)
+        panels_pv = packed and d not in ROW_WIDTHS and d % PANEL == 0
+        vv = np.empty((b, heads, d // PANEL, lk, PANEL) if panels_pv else (b, heads, lk, d), dtype=np.float32)
         nwc = min(b, _pool.workers() if nworkers is None else max(1, nworkers))
 
         def copy(i: int) -> None:  # an image per worker
@@ -281,13 +312,17 @@ def attention(
                     _pack_keys(k[bi], kt[bi])
                 else:
                     _transpose_keys(k[bi], kt[bi])
-                vv[bi] = v[bi].reshape(lk, heads, d).transpose(1, 0, 2)
+                if panels_pv:
+                    _pack_values(v[bi], vv[bi])
+                else:
+                    vv[bi] = v[bi].reshape(lk, heads, d).transpose(1, 0, 2)
 
         _pool.run(copy, nwc)
     if packed:
         qf, ktf, vvf, outf = flat(q), kt.reshape(-1), vv.reshape(-1), out.reshape(-1)
         sq0, sq1 = q.strides[0] // 4, q.strides[1] // 4
     rows_pv = packed and d in ROW_WIDTHS  # and P V by panels.gemm_rows' register tiles (1.25-1.4x OpenBLAS's speed)
+    panels_pv = packed and not rows_pv and d % PANEL == 0  # ... or by gemm_panels_by_chunk's, from V in panels
     # the probabilities are normalised before P V when that is the narrower of the two (keys fewer than d: the
     # 77 keys of cross-attention on 160-wide heads), else the output rows after it
     norm_p = lk < d
@@ -323,6 +358,9 @@ def attention(
             if rows_pv:
                 _values_rows(sbuf, lkp, nq, lk, g, vvf, (bi * heads + h0) * lk * d, outf,
                              (bi * lq + q0) * c + h0 * d, c, d)
+            elif panels_pv:
+                _values_panels(sbuf, lkp, nq, lk, g, vvf, (bi * heads + h0) * lk * d, outf,
+                               (bi * lq + q0) * c + h0 * d, c, d)
             else:
                 np.matmul(s[:, :, :lk], vv[bi, h0:h1], out=ov[bi, h0:h1, q0:q1])
             if not norm_p:
