@@ -1082,13 +1082,13 @@ def test_attention_scores_from_packed_keys(rng, monkeypatch, d, lq, lk):
     assert len(calls) == n_calls and rel_err(ys[0], blas) < 1e-6
 
 
-@pytest.mark.parametrize("d, heads, lq, lk", [(512, 1, 300, 1024), (96, 1, 37, 1056), (96, 3, 50, 1056),
-                                             (64, 1, 20, 1088)])
+@pytest.mark.parametrize("d, heads, lq, lk", [(512, 1, 300, 2048), (96, 1, 37, 2080), (96, 3, 50, 1056),
+                                             (64, 1, 20, 2112)])
 def test_attention_values_in_panels(rng, monkeypatch, d, heads, lq, lk):
-    """A single head filling whole panels (the VAE's of 512) takes Q K^T from its keys in panels like narrow heads,
-    and heads that fill panels but are none of panels.ROW_WIDTHS take P V from their values in panels
-    (mha._values_panels; a head of 64 keeps gemm_rows): against float64, the same whatever the workers, and as
-    the BLAS path (keys read in place) to 1e-6."""
+    """A single head filling whole panels (the VAE's of 512; from _COPY_MIN_KEYS keys on) takes Q K^T from its keys
+    in panels like narrow heads, and heads that fill panels but are none of panels.ROW_WIDTHS take P V from their
+    values in panels (mha._values_panels; a head of 64 keeps gemm_rows): against float64, the same whatever the
+    workers, and as the BLAS path (keys read in place) to 1e-6."""
     from sdgen.kernels import mha, panels
 
     if not panels.AVAILABLE:
@@ -1112,7 +1112,8 @@ def test_attention_values_in_panels(rng, monkeypatch, d, heads, lq, lk):
     assert calls["scores"] and bool(calls["values"]) == (d not in panels.ROW_WIDTHS)
     assert all(np.array_equal(ys[0], y) for y in ys[1:])
     assert rel_err(ys[0], R.attention(*f64(q, k, v), heads)) < TOL
-    monkeypatch.setattr(mha, "_PACK_MIN_KEYS", 1 << 30)  # keys read in place (fewer than _COPY_MIN_KEYS): BLAS
+    monkeypatch.setattr(mha, "_PACK_MIN_KEYS", 1 << 30)  # keys read in place: BLAS
+    monkeypatch.setattr(mha, "_COPY_MIN_KEYS", 1 << 30)
     before = dict(calls)
     blas = K.attention(q, k, v, heads)
     assert calls == before and rel_err(ys[0], blas) < 1e-6

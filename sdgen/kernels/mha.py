@@ -11,7 +11,7 @@ into heads, whose K^T and V are first copied contiguous per head: on CPUs with 3
 128 wide, K^T into panels for panels.gemm_panels' register tiles instead of BLAS (from 1024 keys on; else from
 2048), and on heads of 40, 64 and 80 P V by panels.gemm_rows' too; 0.82 of PyTorch's SDPA time on SD 1.5's 4096
 tokens where BLAS gave 1.06-1.09, scripts/bench_kernels.py --only attention; a single head that fills whole panels,
-the VAE's of 512, from 1024 keys on: K^T and V into panels, Q K^T and P V by the tiles, 0.92-0.96 of SDPA's time
+the VAE's of 512, from 2048 keys on: K^T and V into panels, Q K^T and P V by the tiles, 0.92-0.96 of SDPA's time
 where BLAS, reading them in place, gave 1.04-1.05). Score rows are padded to a multiple of 8 columns, which the
 GEMMs skip: the exp loop then has no scalar tail. The probabilities are divided by their sums in the softmax pass
 when keys are fewer than a head is wide (cross-attention's 77 keys on 160-wide heads), else the output rows after P
@@ -274,10 +274,15 @@ def attention(
     # register tiles, 1.4-1.5x OpenBLAS's speed on heads of 40-80 (its packing of both operands at each call weighs
     # on an inner dimension that short), the same numbers. So do a single head's keys when the head fills whole
     # panels (the VAE's head of 512), and its values too (_pack_values: P V by panels.gemm_panels_by_chunk): Q K^T
-    # and P V ~1.2x and ~1.1x OpenBLAS's speed there.
+    # and P V ~1.2x and ~1.1x OpenBLAS's speed there; from _COPY_MIN_KEYS keys on, since the copies cost more than
+    # they save on fewer (one head of 512, 2 threads, Zen 4, time against BLAS's: 1024 keys 1.07, 2048 0.95, 4096
+    # 0.89, 9216 0.90).
     packable = (panels.AVAILABLE and lk % PANEL == 0 and lk == lkp
                 and (d <= _PANEL_MAX_D if heads > 1 else d % PANEL == 0))
-    copied = (lk >= _COPY_MIN_KEYS if heads > 1 else False) or (packable and lk >= _PACK_MIN_KEYS)
+    if heads > 1:
+        copied = lk >= _COPY_MIN_KEYS or (packable and lk >= _PACK_MIN_KEYS)
+    else:
+        copied = packable and lk >= _COPY_MIN_KEYS
     packed = packable and copied
     if block_bytes is None:
         block_bytes = _BLOCK_BYTES if packed else _BLAS_BLOCK_BYTES
