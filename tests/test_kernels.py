@@ -44,6 +44,37 @@ def f64(*arrays):
 # ------------------------------------------------------------------------------------------------ Winograd maths
 
 
+@pytest.mark.parametrize("name, nin, nout", [("_b8", 8, 8), ("_b6", 6, 6), ("_b5", 5, 5), ("_b4", 4, 4),
+                                             ("_a8", 8, 6), ("_a6", 6, 4), ("_a5", 5, 4), ("_a4", 4, 2)])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 64, 70])
+def test_channel_passes_match_the_scalar_formulas(rng, name, nin, nout, n):
+    """channel_passes.make_pass (vectors of 16 channels, then one at a time) gives, bit for bit, the numbers of the
+    Winograd 1-D transform's scalar formula evaluated in float32 by numpy, from rows at an offset and a stride into
+    rows at another; nothing else written."""
+    from sdgen.kernels import winograd
+    from sdgen.kernels.channel_passes import make_pass
+    from numba import njit
+
+    fn = getattr(winograd, name).py_func
+    vpass = make_pass(fn, nin, nout)
+
+    @njit
+    def run(src, s_off, s_ld, dst, d_off, d_ld, n):
+        vpass(src, s_off, s_ld, dst, d_off, d_ld, n)
+
+    s_ld, d_ld = n + 5, n + 3
+    src = rng.standard_normal((nin + 1) * s_ld, dtype=np.float32).reshape(nin + 1, s_ld)
+    dst = np.full((nout + 1) * d_ld, 7.0, dtype=np.float32)
+    run(src, s_ld + 2, s_ld, dst, 1, d_ld, n)  # rows 1.. of src from column 2; rows of dst from element 1
+    with np.errstate(all="ignore"):
+        want = fn(*(src[1 + j, 2:2 + n] for j in range(nin)))
+    got = dst[1:1 + nout * d_ld].reshape(nout, d_ld)
+    for i in range(nout):
+        assert np.array_equal(got[i, :n], np.asarray(want[i], dtype=np.float32))
+        assert (got[i, n:] == 7).all()
+    assert dst[0] == 7 and (dst[1 + nout * d_ld:] == 7).all()
+
+
 @pytest.mark.parametrize("m", [2, 4, 6])
 def test_winograd_matrices_compute_correlation(m):
     """A^T [(G g) * (B^T d)] is the valid 1-D correlation of d (m + 2 values) with g (3 taps), exactly."""

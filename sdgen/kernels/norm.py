@@ -41,33 +41,40 @@ def _gn_partial_sums(x, s, q):
 
 
 @njit(inline="always")
-def normalize_pixel(xs, mu, a, b, dst, silu):
-    """dst = (xs - mu) * a + b, then SiLU if silu: one pixel's channels (1-D float32 slices of equal length), as
-    GroupNorm normalizes them; _scale_shift's pass and the Winograd input transform (which normalizes as it reads)
-    both call it, so that their numbers are the same. Subtracting the mean first keeps float32 exact when the mean
-    is large against the spread. In a function with Numba's default error model SiLU's division checks for zero
-    and the loop stays scalar: the input transform takes numpy's."""
+def normalize_pixel(x, x_off, mu, a, b, ab_off, dst, d_off, n, silu):
+    """dst[d_off + c] = (x[x_off + c] - mu[ab_off + c]) * a[ab_off + c] + b[ab_off + c], then SiLU if silu, for
+    c < n: one pixel's channels (flat float32 arrays), as GroupNorm normalizes them; _scale_shift's pass and the
+    Winograd input transform (which normalizes as it reads) both call it, so that their numbers are the same.
+    Subtracting the mean first keeps float32 exact when the mean is large against the spread. The offsets are
+    taken unsigned: no view made per pixel (each costs two atomic reference counts) and no negative-index
+    wraparound (which keeps the loop scalar). In a function with Numba's default error model SiLU's division
+    checks for zero and the loop stays scalar too: the input transform takes numpy's."""
+    xo, ao, do = np.uint64(x_off), np.uint64(ab_off), np.uint64(d_off)
     if silu:
-        for c in range(xs.shape[0]):
-            dst[c] = fsilu((xs[c] - mu[c]) * a[c] + b[c])
+        for c in range(n):
+            u = np.uint64(c)
+            dst[do + u] = fsilu((x[xo + u] - mu[ao + u]) * a[ao + u] + b[ao + u])
     else:
-        for c in range(xs.shape[0]):
-            dst[c] = (xs[c] - mu[c]) * a[c] + b[c]
+        for c in range(n):
+            u = np.uint64(c)
+            dst[do + u] = (x[xo + u] - mu[ao + u]) * a[ao + u] + b[ao + u]
 
 
 @njit(parallel=True, cache=True)
 def _scale_shift(x, mu, a, b, y, silu):
     """y[n, i] = normalize_pixel of x[n, i] by mu[n], a[n], b[n] (then SiLU if silu); x, y (N, P, C), mu, a, b
-    (N, C) float32."""
+    (N, C) float32, C-contiguous."""
     n_, p, c = x.shape
     nch = -(-p // _PIX_CHUNK)
+    xf, yf, muf, af, bf = x.reshape(-1), y.reshape(-1), mu.reshape(-1), a.reshape(-1), b.reshape(-1)
     for job in prange(n_ * nch):
         n = job // nch
         ch = job - n * nch
         lo = ch * _PIX_CHUNK
         hi = min(p, lo + _PIX_CHUNK)
         for i in range(lo, hi):
-            normalize_pixel(x[n, i], mu[n], a[n], b[n], y[n, i], silu)
+            at = (n * p + i) * c
+            normalize_pixel(xf, at, muf, af, bf, n * c, yf, at, c, silu)
 
 
 class Normalization(NamedTuple):
