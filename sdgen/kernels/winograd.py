@@ -34,6 +34,7 @@ from numba import njit
 from . import panels
 from .norm import normalize_pixel
 from .channel_passes import make_pass
+from .prefetch import prefetch_span
 
 _F23 = (
     np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),  # B^T
@@ -174,7 +175,7 @@ def tile_block(m: int, cin: int, cout: int, ntiles: int, budget_bytes: int = 6 <
 # value gets Numba's negative-index wraparound on every element (gathers or scalar code), and a slice made per
 # pixel costs two atomic reference counts (10% of the output transform's time). 8 x 8 tiles of 128 channels, one
 # thread, Zen 4: the output transform 6.3 -> 2.9-3.7 us a tile; in a 1024 x 1024 convolution of 128 channels (2
-# threads, with input_transform's prefetches) the output transforms 267 -> 156 ms of thread time, the input transforms
+# threads, with _prefetch_window) the output transforms 267 -> 156 ms of thread time, the input transforms
 # 246 -> 190, the convolution 622 -> 534 ms.
 
 
@@ -423,6 +424,22 @@ def _tile_out(a, m, mm, k, y, n, oy, ox, bias, res, has_res, b_lo, b_hi, c_lo, s
 
 
 @njit(inline="always")
+def _prefetch_window(x, n, y0, rows, x0, x1):
+    """Prefetch pixels x0 .. x1 - 1 (all channels) of rows y0 .. y0 + rows - 1 of image n of NHWC x, clipped to the
+    image: the part of the next tile's window that this tile's does not cover, while this one is transformed. The
+    hardware prefetchers stop at 4 KB pages, which the window's rows of a large map cross at nearly every tile
+    (prefetch.py): an 8 x 8 tile of 128 channels of a 1024 x 1024 map, one thread, Zen 4, 7.8 -> 5.4 us."""
+    n_, h, w, c = x.shape
+    xs, xe = max(x0, 0), min(x1, w)
+    if xe <= xs:
+        return
+    for i in range(rows):
+        yy = y0 + i
+        if 0 <= yy < h:
+            prefetch_span(x, ((n * h + yy) * w + xs) * c, (xe - xs) * c)
+
+
+@njit(inline="always")
 def tile_position(t, tiles_h, tiles_w):
     """(image, tile row, tile column) of tile t, tiles numbered by image, then tile row, then tile column."""
     per_img = tiles_h * tiles_w
@@ -444,6 +461,11 @@ def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad_y, pad_x, mu,
     row = np.empty((1, a, cb), dtype=np.float32)
     for k in range(k_lo, k_hi):
         n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
+        if k + 1 < k_hi:  # the next tile's window: the columns past this one's, or all of it on a new tile row
+            n1, ty1, tx1 = tile_position(t0 + k + 1, tiles_h, tiles_w)
+            x1 = tx1 * m - pad_x
+            xs = tx * m - pad_x + a if n1 == n and ty1 == ty else x1
+            _prefetch_window(x, n1, ty1 * m - pad_y, a, xs, x1 + a)
         _tile_in(a, x, n, ty * m - pad_y, tx * m - pad_x, v, k, tmp, row, mu, sc, sh, pre)
 
 
