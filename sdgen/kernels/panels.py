@@ -17,6 +17,8 @@ weighs there too: 50-75 GFLOP/s a core where the same tiles reach 90-110.
   winograd.filter_buffer) or B's rows read where they lie (PANEL columns of each: 20-30% slower where those rows
   are 320-640 floats apart, as the Winograd filters of SD's 64x64 maps), in passes of _ROWS_CHUNK steps of the
   inner dimension whose sums are added.
+- gemm_panels_by_chunk (P V on a single head of 512, the VAE's): gemm_panels with the loops the other way round,
+  every panel over each chunk of the rows of A while it is in L2, for a long inner dimension (thousands of keys).
 - gemm_rows (P V, heads of 40, 64 and 80): B (V) as it is, rows of 40, 64 or 80 floats; tiles of 4 rows x 16 + 16
   + 8 floats (of 6 rows x 4 512-bit vectors for 64, of 4 x 5 for 80), in passes of 512 steps of the inner dimension
   whose sums are added, as BLAS adds its blocks. 93-117 GFLOP/s a core.

@@ -32,8 +32,8 @@ import numpy as np
 from numba import njit
 
 from . import panels
-from .norm import normalize_pixel
 from .channel_passes import make_pass
+from .norm import normalize_pixel
 from .prefetch import prefetch_span
 
 _F23 = (
