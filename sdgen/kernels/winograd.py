@@ -346,16 +346,14 @@ def _at_col(a, tmp, j, col, nc):
 
 
 @njit(inline="always")
-def _tile_in(a, x, n, y0, x0, v, k, tmp, row, mu, sc, sh, pre):
+def _tile_in(a, x, xf, n, y0, x0, v, k, tmp, rowf, muf, scf, shf, pre):
     """Input transform of one a x a tile of image n whose top-left input pixel is (y0, x0) (may lie in the
-    padding) into v[:, k]. tmp: (a, a, cb) scratch, row: (1, a, cb) scratch, cb = v.shape[3]. pre: each pixel of x
-    first normalized, (x - mu[n, c]) * sc[n, c] + sh[n, c] (pre 1), then SiLU (pre 2), as norm.normalize does;
-    the padding stays zero."""
+    padding) into v[:, k]. xf: x flat; tmp: (a, a, cb) scratch, rowf: a cb floats of scratch, cb = v.shape[3].
+    pre: each pixel of x first normalized, (x - mu[n, c]) * sc[n, c] + sh[n, c] (pre 1), then SiLU (pre 2), as
+    norm.normalize does, mu, sc, sh given flat (muf, scf, shf); the padding stays zero."""
     n_, h, w, cin = x.shape
     cb = v.shape[3]
     inside_x = x0 >= 0 and x0 + a <= w
-    # flat views, made once: a view per pixel costs two atomic reference counts
-    xf, rowf, muf, scf, shf = x.reshape(-1), row.reshape(-1), mu.reshape(-1), sc.reshape(-1), sh.reshape(-1)
     for b in range(-(-cin // cb)):
         c0 = b * cb
         nc = min(cb, cin - c0)
@@ -377,7 +375,7 @@ def _tile_in(a, x, n, y0, x0, v, k, tmp, row, mu, sc, sh, pre):
                     xx = x0 + kk
                     if xx < 0 or xx >= w:
                         for c in range(nc):
-                            row[0, kk, c] = np.float32(0.0)
+                            rowf[kk * cb + c] = np.float32(0.0)
                     elif pre:
                         normalize_pixel(xf, s_off + kk * cin, muf, scf, shf, ab, rowf, kk * cb, nc, pre == 2)
                     else:
@@ -391,15 +389,15 @@ def _tile_in(a, x, n, y0, x0, v, k, tmp, row, mu, sc, sh, pre):
 
 
 @njit(inline="always")
-def _tile_out(a, m, mm, k, y, n, oy, ox, bias, res, has_res, b_lo, b_hi, c_lo, step, py, px, tmp, col):
-    """Output transform of tile k of the block (mm[:, k]), channel blocks b_lo .. b_hi-1, + bias (+ res if has_res,
-    NHWC like y), into the m x m outputs at (oy.., ox..) of the grid of y's pixels (step r + py, step q + px) (all of
-    them for step 1), channels from c_lo on (bias too), clipped at the edge. tmp: (a, m, cb), col: (m, cb)."""
+def _tile_out(a, m, mm, k, y, yf, n, oy, ox, bias, rf, has_res, b_lo, b_hi, c_lo, step, py, px, tmp, col):
+    """Output transform of tile k of the block (mm[:, k]), channel blocks b_lo .. b_hi-1, + bias (+ the residual if
+    has_res, NHWC like y, given flat as rf), into the m x m outputs at (oy.., ox..) of the grid of y's pixels (step r
+    + py, step q + px) (all of them for step 1), through yf (y flat), channels from c_lo on (bias too), clipped at
+    the edge. tmp: (a, m, cb), col: (m, cb)."""
     n_, h, w, cout = y.shape
     cb = mm.shape[3]
     nh = min(m, (h - py + step - 1) // step - oy)
     nw = min(m, (w - px + step - 1) // step - ox)
-    yf, rf = y.reshape(-1), res.reshape(-1)
     for b in range(b_lo, b_hi):
         c0 = c_lo + b * cb
         nc = min(cb, cout - c0)
@@ -458,7 +456,9 @@ def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad_y, pad_x, mu,
     a = _alpha(v.shape[0])
     cb = v.shape[3]
     tmp = np.empty((a, a, cb), dtype=np.float32)
-    row = np.empty((1, a, cb), dtype=np.float32)
+    rowf = np.empty(a * cb, dtype=np.float32)
+    # flat views, made once per call (a view costs two atomic reference counts: none is made per tile or pixel)
+    xf, muf, scf, shf = x.reshape(-1), mu.reshape(-1), sc.reshape(-1), sh.reshape(-1)
     for k in range(k_lo, k_hi):
         n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
         if k + 1 < k_hi:  # the next tile's window: the columns past this one's, or all of it on a new tile row
@@ -466,7 +466,7 @@ def input_transform(m, x, v, t0, k_lo, k_hi, tiles_h, tiles_w, pad_y, pad_x, mu,
             x1 = tx1 * m - pad_x
             xs = tx * m - pad_x + a if n1 == n and ty1 == ty else x1
             _prefetch_window(x, n1, ty1 * m - pad_y, a, xs, x1 + a)
-        _tile_in(a, x, n, ty * m - pad_y, tx * m - pad_x, v, k, tmp, row, mu, sc, sh, pre)
+        _tile_in(a, x, xf, n, ty * m - pad_y, tx * m - pad_x, v, k, tmp, rowf, muf, scf, shf, pre)
 
 
 @njit(nogil=True, cache=True)
@@ -480,9 +480,11 @@ def output_transform(m, mm, y, t0, k_lo, k_hi, tiles_h, tiles_w, bias, res, has_
     cb = mm.shape[3]
     tmp = np.empty((a, m, cb), dtype=np.float32)
     col = np.empty((m, cb), dtype=np.float32)
+    yf, rf = y.reshape(-1), res.reshape(-1)  # flat views, made once per call
     for k in range(k_lo, k_hi):
         n, ty, tx = tile_position(t0 + k, tiles_h, tiles_w)
-        _tile_out(a, m, mm, k, y, n, ty * m, tx * m, bias, res, has_res, b_lo, b_hi, c_lo, step, py, px, tmp, col)
+        _tile_out(a, m, mm, k, y, yf, n, ty * m, tx * m, bias, rf, has_res, b_lo, b_hi, c_lo, step, py, px, tmp,
+                  col)
 
 
 # ---------------------------------------------------------------- driver
