@@ -299,6 +299,8 @@ def attention(
     # on shorter keys the copies cost more than they save (256 keys, 1280 channels, 8 heads, batch 2: 10.3 -> 6.5
     # ms), and a single head is contiguous already (but goes into panels where it fills them: packable, above).
     # Same results either way: BLAS reads the same numbers.
+    rows_pv = packed and d in ROW_WIDTHS  # and P V by panels.gemm_rows' register tiles (1.25-1.4x OpenBLAS's speed)
+    panels_pv = packed and not rows_pv and d % PANEL == 0  # ... or by gemm_panels_by_chunk's, from V in panels
     qv = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     ov = out.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     if not copied:
@@ -307,7 +309,6 @@ def attention(
     else:
         npan = lk // PANEL
         kt = np.empty((b, heads, npan, d, PANEL) if packed else (b, heads, d, lk), dtype=np.float32)
-        panels_pv = packed and d not in ROW_WIDTHS and d % PANEL == 0
         vv = np.empty((b, heads, d // PANEL, lk, PANEL) if panels_pv else (b, heads, lk, d), dtype=np.float32)
         nwc = min(b, _pool.workers() if nworkers is None else max(1, nworkers))
 
@@ -326,8 +327,6 @@ def attention(
     if packed:
         qf, ktf, vvf, outf = flat(q), kt.reshape(-1), vv.reshape(-1), out.reshape(-1)
         sq0, sq1 = q.strides[0] // 4, q.strides[1] // 4
-    rows_pv = packed and d in ROW_WIDTHS  # and P V by panels.gemm_rows' register tiles (1.25-1.4x OpenBLAS's speed)
-    panels_pv = packed and not rows_pv and d % PANEL == 0  # ... or by gemm_panels_by_chunk's, from V in panels
     # the probabilities are normalised before P V when that is the narrower of the two (keys fewer than d: the
     # 77 keys of cross-attention on 160-wide heads), else the output rows after it
     norm_p = lk < d
