@@ -25,8 +25,8 @@ LANES = 16  # floats per vector (512 bits)
 
 
 class _Value:
-    """An LLVM float (or vector of floats) value that Python's arithmetic operators build on: a + b, a - b, a * b,
-    -a, with numbers (float32 constants) on either side."""
+    """An LLVM float (or vector of floats) value that Python's arithmetic operators build on: a + b, a - b and a * b,
+    with numbers (float32 constants) on either side (all that the transforms' formulas use)."""
 
     __array_ufunc__ = None  # numpy scalars on the left defer to our reflected operators
 
@@ -61,9 +61,6 @@ class _Value:
 
     def __rmul__(self, other):
         return self._new(self.builder.fmul(self._of(other), self.value))
-
-    def __neg__(self):
-        return self._new(self.builder.fneg(self.value))
 
 
 def make_pass(fn, nin: int, nout: int):
