@@ -389,3 +389,31 @@ def test_models_lists_registry_with_presence(tiny_sd1, tmp_path):
     pulled = sdgen("pull", "remote", cwd=tmp_path, env=dict(env, HF_ENDPOINT="http://127.0.0.1:9"), timeout=60)
     assert_one_line_error(pulled, 1, "no network", "127.0.0.1")
     assert not (tmp_path / "hub").exists()
+
+
+def test_bench_random_weights_of_a_registry_architecture(tmp_path):
+    """`sdgen bench --model sd15 --random-weights` on a machine without its weights: the full-size SD 1.5
+    architecture with random weights (at 64x64, one step, so that the run takes seconds), marked "random", every
+    stage timed; the weights' values are deterministic and in their stated ranges
+    (layers.RandomParams, kernels.counter_random)."""
+    from sdgen.models.layers import RandomParams
+
+    env = {"SDGEN_MODELS_DIR": str(tmp_path / "none"), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = sdgen("bench", "--model", "sd15", "--random-weights", "-W", "64", "-H", "64", "--steps", "1", "-t", "2",
+                   "--json", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["model"], report["family"], report["weights"]) == ("sd15", "sd1", "random")
+    assert (report["width"], report["height"], report["steps"]) == (64, 64, 1)
+    for key in ("load_s", "text_encode_s", "unet_step_s", "vae_decode_s", "total_s", "peak_rss_mb"):
+        assert report[key] > 0, key
+    p = RandomParams(5).sub("down_blocks.0")
+    w = p.shaped("conv.weight", (64, 32, 3, 3))
+    assert np.array_equal(w, RandomParams(5).sub("down_blocks.0").shaped("conv.weight", (64, 32, 3, 3)))
+    assert not np.array_equal(w, RandomParams(6).sub("down_blocks.0").shaped("conv.weight", (64, 32, 3, 3)))
+    half = np.sqrt(3 / 288)  # uniform with the variance 1 / fan-in (32 x 3 x 3)
+    assert np.abs(w).max() <= half and abs(w.std() / np.sqrt(1 / 288) - 1) < 0.03  # 18432 values: std's sd ~0.4%
+    norm = p.sub("norm1").shaped("weight", (320,))
+    bias = p.sub("conv").shaped("bias", (320,))
+    assert np.abs(norm - 1).max() <= 0.1 * np.sqrt(3) and np.abs(bias).max() <= 0.1 * np.sqrt(3)
+    assert abs(norm.mean() - 1) < 0.03 and not np.array_equal(norm - 1, bias)

@@ -111,3 +111,17 @@ def geglu(x: np.ndarray) -> np.ndarray:
 def upsample2x(x: np.ndarray) -> np.ndarray:
     """Nearest-neighbour upsampling by 2 of NHWC x: each pixel repeated 2 x 2."""
     return np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def counter_uniform(shape, key: int, lo: float, hi: float) -> np.ndarray:
+    """counter_random.uniform: element i lo + u_i (hi - lo), u_i the top 24 bits of SplitMix64's output i for seed
+    key, times 2^-24 (numpy's uint64 arithmetic wraps modulo 2^64, as the generator's does)."""
+    n = math.prod(shape)
+    with np.errstate(over="ignore"):
+        z = np.uint64(key % (1 << 64)) + (np.arange(n, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+    width = np.float32(np.float32(hi) - np.float32(lo))
+    return (np.float32(lo) + u * width).reshape(shape)
