@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import kernel_compiles, registry, relaid_cache
@@ -49,6 +49,8 @@ class BenchResult:
     stages: str = "txt2img"     # "txt2img", or "decode" (VAE decode of random latents only)
     compile_s: float = 0.0      # of total_s: Numba compiling kernels (a first run; 0 when all came from its cache)
     compiled_kernels: int = 0   # functions it compiled (sdgen.kernel_compiles)
+    unet_steps_s: list = field(default_factory=list)  # each UNet evaluation's time, in order: one per step (PNDM
+    # one more, as diffusers' runs); unet_step_s is their mean after the first, first_step_s the first
 
 
 def architecture_dir(name: str, spec: registry.ModelSpec | None) -> Path:
@@ -58,7 +60,8 @@ def architecture_dir(name: str, spec: registry.ModelSpec | None) -> Path:
             return CONFIGS / candidate
     if spec is not None and spec.family in _FAMILY_CONFIGS:
         return CONFIGS / _FAMILY_CONFIGS[spec.family]
-    raise UsageError(f"no architecture config for {name!r}; known: {', '.join(sorted(p.name for p in CONFIGS.iterdir()))}")
+    known = ", ".join(sorted(p.name for p in CONFIGS.iterdir()))
+    raise UsageError(f"no architecture config for {name!r}; known: {known}")
 
 
 def peak_rss_mb() -> float:
@@ -164,6 +167,7 @@ def run(model: str, width: int | None = None, height: int | None = None, steps: 
         relaid_made=relaid_cache.TOTALS["made"] - relaid_before["made"],
         estimate_mb=round(est.peak / 2**20, 1), stages="decode" if decode_only else "txt2img",
         compile_s=round(compile_s, 3), compiled_kernels=compiled,
+        unet_steps_s=[round(x, 3) for x in t.unet_steps_s],
     )
 
 

@@ -407,6 +407,7 @@ def test_bench_random_weights_of_a_registry_architecture(tmp_path):
     assert (report["width"], report["height"], report["steps"]) == (64, 64, 1)
     for key in ("load_s", "text_encode_s", "unet_step_s", "vae_decode_s", "total_s", "peak_rss_mb"):
         assert report[key] > 0, key
+    assert report["unet_steps_s"] == [report["first_step_s"]]  # one step (sd15's PNDM: one evaluation)
     p = RandomParams(5).sub("down_blocks.0")
     w = p.shaped("conv.weight", (64, 32, 3, 3))
     assert np.array_equal(w, RandomParams(5).sub("down_blocks.0").shaped("conv.weight", (64, 32, 3, 3)))
