@@ -171,12 +171,12 @@ def tile_block(m: int, cin: int, cout: int, ntiles: int, budget_bytes: int = 6 <
 # The 1-D passes of B^T and A^T across the channels are vector intrinsics (channel_passes.make_pass, from the
 # formulas below, the same numbers): as Numba loops, reading 4-8 rows and writing 2-8 rows of arrays LLVM cannot
 # prove apart, they stayed scalar. The other loops run over the contiguous channel axis and reach channels at an
-# offset through flat views made once per tile, by unsigned indices: an index c0 + c with c0 a signed run-time
-# value gets Numba's negative-index wraparound on every element (gathers or scalar code), and a slice made per
-# pixel costs two atomic reference counts (10% of the output transform's time). 8 x 8 tiles of 128 channels, one
-# thread, Zen 4: the output transform 6.3 -> 2.9-3.7 us a tile; in a 1024 x 1024 convolution of 128 channels (2
-# threads, with _prefetch_window) the output transforms 267 -> 156 ms of thread time, the input transforms
-# 246 -> 190, the convolution 622 -> 534 ms.
+# offset through flat views made once per transform call, by unsigned indices: an index c0 + c with c0 a signed
+# run-time value gets Numba's negative-index wraparound on every element (gathers or scalar code), and a slice
+# made per pixel costs two atomic reference counts (10% of the output transform's time). 8 x 8 tiles of 128
+# channels, one thread, Zen 4: the output transform 6.3 -> 2.9-3.7 us a tile; in a 1024 x 1024 convolution of 128
+# channels (2 threads, with _prefetch_window) the output transforms 267 -> 156 ms of thread time, the input
+# transforms 246 -> 190, the convolution 622 -> 534 ms.
 
 
 # The 1-D transforms, each written once: B^T d (a values of a row or column of an input tile, d) and A^T m (the
@@ -401,7 +401,7 @@ def _tile_out(a, m, mm, k, y, yf, n, oy, ox, bias, rf, has_res, b_lo, b_hi, c_lo
     for b in range(b_lo, b_hi):
         c0 = c_lo + b * cb
         nc = min(cb, cout - c0)
-        bs = bias[c0:c0 + nc]
+        bo = np.uint64(c0)  # the block's bias, by offset (no view per tile)
         for i in range(a):
             _at_row(a, mm, i, k, b, tmp, nc)
         for j in range(nw):
@@ -415,10 +415,10 @@ def _tile_out(a, m, mm, k, y, yf, n, oy, ox, bias, rf, has_res, b_lo, b_hi, c_lo
                 if has_res:
                     for c in range(nc):
                         u = off + np.uint64(c)
-                        yf[u] = col[i, c] + bs[c] + rf[u]
+                        yf[u] = col[i, c] + bias[bo + np.uint64(c)] + rf[u]
                 else:
                     for c in range(nc):
-                        yf[off + np.uint64(c)] = col[i, c] + bs[c]
+                        yf[off + np.uint64(c)] = col[i, c] + bias[bo + np.uint64(c)]
 
 
 @njit(inline="always")
