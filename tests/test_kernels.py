@@ -51,9 +51,9 @@ def test_channel_passes_match_the_scalar_formulas(rng, name, nin, nout, n):
     """channel_passes.make_pass (vectors of 16 channels, then one at a time) gives, bit for bit, the numbers of the
     Winograd 1-D transform's scalar formula evaluated in float32 by numpy, from rows at an offset and a stride into
     rows at another; nothing else written."""
-    from sdgen.kernels import winograd
-    from sdgen.kernels.channel_passes import make_pass
     from numba import njit
+
+    from sdgen.kernels.channel_passes import make_pass
 
     fn = getattr(winograd, name).py_func
     vpass = make_pass(fn, nin, nout)

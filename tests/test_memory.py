@@ -589,6 +589,6 @@ def test_half_weights_from_the_tiles(sd1_folder, capsys):
         assert report["weights"] == "file" and report["steps"] == 2 and report["threads"] == 1
         for key in ("load_s", "text_encode_s", "unet_step_s", "vae_decode_s", "total_s", "peak_rss_mb"):
             assert report[key] > 0, key
-        steps = report["unet_steps_s"]  # each UNet evaluation, the mean of all but the first the step time
+        steps = report["unet_steps_s"]  # each UNet evaluation's time; unet_step_s is the mean of all but the first
         assert len(steps) >= 2 and steps[0] == report["first_step_s"]
         assert abs(sum(steps[1:]) / len(steps[1:]) - report["unet_step_s"]) <= 1e-3
