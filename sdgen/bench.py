@@ -181,8 +181,38 @@ SD_CONV_SHAPES = [(320, 64, 64, 2), (640, 32, 32, 2), (1280, 16, 16, 2), (1280, 
                   (512, 128, 128, 1), (256, 256, 256, 1), (128, 512, 512, 1)]
 
 
-def kernels(threads: int | None = None, shapes=SD_CONV_SHAPES, repeat: int = 2) -> list[dict]:
-    """Time each convolution path (im2col GEMM, Winograd F(2,3), F(4,3), F(6,3)) on the SD layer shapes, in ms."""
+def conv_case(rng, c: int, h: int, w: int, n: int):
+    """The input (n, h, w, c), weight (c, c, 3, 3) and bias of one `kernels` shape, drawn from rng in that order."""
+    import numpy as np
+
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    weight = rng.standard_normal((c, c, 3, 3), dtype=np.float32) / np.float32(np.sqrt(9 * c))
+    bias = rng.standard_normal(c, dtype=np.float32)
+    return x, weight, bias
+
+
+def conv_plans(weight, bias) -> dict:
+    """The plans `kernels` times for one weight: "model", the models' own (models.layers.Conv2d: weights held as
+    the models hold them, each path's Winograd filters made at each call); each path forced in such a plan ("f43",
+    ...); each Winograd path with its filters transformed once and kept ("f43_kept", ...)."""
+    from .kernels import conv
+    from .models.layers import Conv2d, Params
+
+    c = weight.shape[0]
+    plans = {"model": Conv2d(Params({"weight": weight, "bias": bias}), c, c).plan}
+    for variant in ("im2col", "f23", "f43", "f63"):
+        plans[variant] = conv.Conv2dPlan(weight, bias, 1, 1, cache=False, variant=variant)
+    for variant in ("f23", "f43", "f63"):
+        plans[f"{variant}_kept"] = conv.Conv2dPlan(weight, bias, 1, 1, variant=variant)
+    return plans
+
+
+def kernels(threads: int | None = None, shapes=None, repeat: int = 2) -> list[dict]:
+    """Time the 3x3 convolutions SD spends its time in (`shapes`: (channels, height, width, batch), default
+    SD_CONV_SHAPES), plan by plan (conv_plans), in ms: the least of `repeat` calls, each after an untimed one.
+    A row: the shape, `chosen` (the path the models take there), `model_ms`, `{path}_ms` (filters made at each
+    call), `{path}_kept_ms` (filters kept), and `max_rel_diff`: the largest difference of any plan's output from the
+    models' plan's, relative to its largest value (every plan computes the same convolution, rounding apart)."""
     import numpy as np
 
     from .kernels import conv
@@ -191,20 +221,22 @@ def kernels(threads: int | None = None, shapes=SD_CONV_SHAPES, repeat: int = 2) 
     set_threads(threads)
     rng = np.random.default_rng(0)
     rows = []
-    for c, h, w, n in shapes:
-        x = rng.standard_normal((n, h, w, c), dtype=np.float32)
-        weight = rng.standard_normal((c, c, 3, 3), dtype=np.float32) / np.float32(np.sqrt(9 * c))
-        bias = rng.standard_normal(c, dtype=np.float32)
-        chosen = conv.Conv2dPlan(weight, bias, 1, 1).variant_for(h, w, n)
-        row = {"channels": c, "size": f"{h}x{w}", "batch": n, "chosen": chosen}
-        for variant in ("im2col", "f23", "f43", "f63"):
-            plan = conv.Conv2dPlan(weight, bias, 1, 1, variant=variant)
-            conv.conv2d(x, plan)
-            times = []
+    for c, h, w, n in SD_CONV_SHAPES if shapes is None else shapes:
+        x, weight, bias = conv_case(rng, c, h, w, n)
+        plans = conv_plans(weight, bias)
+        row = {"channels": c, "size": f"{h}x{w}", "batch": n, "chosen": plans["model"].variant_for(h, w, n)}
+        outputs = {}
+        for name, plan in plans.items():
+            outputs[name] = conv.conv2d(x, plan)
+            best = float("inf")
             for _ in range(repeat):
+                conv.conv2d(x, plan)  # untimed: wakes the workers, as the layer before would in a model
                 t0 = time.perf_counter()
                 conv.conv2d(x, plan)
-                times.append(time.perf_counter() - t0)
-            row[f"{variant}_ms"] = round(1000 * min(times), 1)
+                best = min(best, time.perf_counter() - t0)
+            row[f"{name}_ms"] = round(1000 * best, 3)
+        ref = outputs["model"]
+        diff = max(float(np.abs(y - ref).max()) for y in outputs.values()) / (float(np.abs(ref).max()) or 1.0)
+        row["max_rel_diff"] = float(f"{diff:.2g}")
         rows.append(row)
     return rows

@@ -468,7 +468,9 @@ def bench(
                                         help="Random weights of the model's real architecture (configs shipped with "
                                              "sdgen): the same compute without the checkpoint. [default: off]"),
     kernels: bool = typer.Option(False, "--kernels", show_default=False,
-                                 help="Time each convolution variant on the SD layer shapes instead. [default: off]"),
+                                 help="Time the 3x3 convolutions of the SD layer shapes instead: the path the models "
+                                      "take, and each path with its filters made at each call and kept. "
+                                      "[default: off]"),
     json_out: bool = typer.Option(False, "--json", show_default=False,
                                   help="Print one JSON object on stdout. [default: a table]"),
     weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", show_default=False,

@@ -298,3 +298,35 @@ def test_models_json_and_pull_without_repo(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "no Hugging Face repo" in result.output
     result = CliRunner().invoke(app, ["pull", "locl"])
     assert result.exit_code == 3 and "did you mean local" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ bench --kernels
+def test_bench_kernels_reports_the_models_path_and_every_path_agrees(monkeypatch):
+    """`sdgen bench --kernels --json` on two awkward shapes (odd sizes, batch 3): a row per shape with every plan
+    timed, `chosen` the path a model's convolution of that shape takes (models.layers.Conv2d), and `max_rel_diff`
+    what the outputs of all the plans, recomputed here from the same inputs, give: each differs from the models'
+    by float32 rounding only (under 1e-5 of the largest value, the kernels' bound against float64)."""
+    import numpy as np
+
+    from sdgen import bench
+    from sdgen.kernels import conv2d
+    from sdgen.models.layers import Conv2d, Params
+
+    shapes = [(40, 9, 11, 1), (24, 8, 8, 3)]
+    monkeypatch.setattr(bench, "SD_CONV_SHAPES", shapes)
+    result = CliRunner().invoke(app, ["bench", "--kernels", "--json", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    rng = np.random.default_rng(0)
+    plan_names = ["model", "im2col", "f23", "f43", "f63", "f23_kept", "f43_kept", "f63_kept"]
+    for row, (c, h, w, n) in zip(rows, shapes, strict=True):
+        assert (row["channels"], row["size"], row["batch"]) == (c, f"{h}x{w}", n)
+        assert all(row[f"{name}_ms"] > 0 for name in plan_names)
+        x, weight, bias = bench.conv_case(rng, c, h, w, n)
+        assert row["chosen"] == Conv2d(Params({"weight": weight, "bias": bias}), c, c).plan.variant_for(h, w, n)
+        plans = bench.conv_plans(weight, bias)
+        assert sorted(plans) == sorted(plan_names)
+        ref = conv2d(x, plans["model"])
+        diff = max(float(np.abs(conv2d(x, p) - ref).max()) for p in plans.values()) / float(np.abs(ref).max())
+        assert row["max_rel_diff"] == float(f"{diff:.2g}") and 0 < diff < 1e-5
+    assert [r["chosen"] for r in rows] == ["im2col", "f23"]  # both kinds of path are among the timed ones
