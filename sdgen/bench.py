@@ -211,8 +211,8 @@ def kernels(threads: int | None = None, shapes=None, repeat: int = 2) -> list[di
     """Time the 3x3 convolutions SD spends its time in (`shapes`: (channels, height, width, batch), default
     SD_CONV_SHAPES), plan by plan (conv_plans), in ms: the least of `repeat` calls, each after an untimed one.
     A row: the shape, `chosen` (the path the models take there), `model_ms`, `{path}_ms` (filters made at each
-    call), `{path}_kept_ms` (filters kept), and `max_rel_diff`: the largest difference of any plan's output from the
-    models' plan's, relative to its largest value (every plan computes the same convolution, rounding apart)."""
+    call), `{path}_kept_ms` (filters kept), and `max_rel_diff`: the largest relative difference (2-norm) of any
+    plan's output from the models' plan's (every plan computes the same convolution, rounding apart)."""
     import numpy as np
 
     from .kernels import conv
@@ -236,7 +236,7 @@ def kernels(threads: int | None = None, shapes=None, repeat: int = 2) -> list[di
                 best = min(best, time.perf_counter() - t0)
             row[f"{name}_ms"] = round(1000 * best, 3)
         ref = outputs["model"]
-        diff = max(float(np.abs(y - ref).max()) for y in outputs.values()) / (float(np.abs(ref).max()) or 1.0)
+        diff = max(float(np.linalg.norm(y - ref)) for y in outputs.values()) / (float(np.linalg.norm(ref)) or 1.0)
         row["max_rel_diff"] = float(f"{diff:.2g}")
         rows.append(row)
     return rows
