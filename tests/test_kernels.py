@@ -220,7 +220,8 @@ def test_winograd_filters_made_by_blocks(rng, m, nworkers, dtype):
 def test_block_filters_by_rows_of_the_tile(rng, m):
     """gvec's filters (all of a step's 16 filters in registers), made for groups of the tile's rows into a buffer
     whose points lie further apart than their matrices (filter_block_buffer), are filter_transform's bit for bit
-    (the same operations in the same order), with the channel padding rows zero (Cin 70 -> 128), laid out as rows
+    (the same operations in the same order; the groups winograd_conv_blocks makes, whose steps are compiled for
+    their rows, and others), with the channel padding rows zero (Cin 70 -> 128), laid out as rows
     or in panels of 32 columns (their panels and points further apart than their matrices); and they are within
     float32 rounding of G g G^T in float64. A block too narrow for gvec's 16-wide steps (8 channels of 3 inputs: 24
     filters) takes the two-pass transform (by rows: made whole, then copied), with the same numbers."""
@@ -237,16 +238,17 @@ def test_block_filters_by_rows_of_the_tile(rng, m):
         for j in range(blocks.shape[0]):
             whole = np.full((a * a, cinp, ob), np.nan, dtype=np.float32)
             fill_block_filters(blocks[j], m, whole)
-            made = np.full_like(whole, np.nan)
-            for r0, r1 in ((0, 1), (1, a - 2), (a - 2, a)):
-                u = filter_block_buffer((r1 - r0) * a, cinp, ob)
-                u[...] = np.nan
-                fill_block_filters(blocks[j], m, u, rows=(r0, r1))
-                made[r0 * a:r1 * a] = u
             assert np.array_equal(whole, kept[:, :, j * ob:(j + 1) * ob])
-            assert np.array_equal(made, whole)
+            for groups in (((0, 1), (1, a - 2), (a - 2, a)), winograd.BLOCK_ROW_GROUPS[m]):
+                made = np.full_like(whole, np.nan)
+                for r0, r1 in groups:
+                    u = filter_block_buffer((r1 - r0) * a, cinp, ob)
+                    u[...] = np.nan
+                    fill_block_filters(blocks[j], m, u, rows=(r0, r1))
+                    made[r0 * a:r1 * a] = u
+                assert np.array_equal(made, whole)
             if ob % 32 == 0:  # in panels of 32 output columns (as winograd_conv_blocks makes them): the same numbers
-                for r0, r1 in ((0, 1), (1, a - 2), (a - 2, a)):
+                for r0, r1 in ((0, 1), (1, a - 2), (a - 2, a)) + winograd.BLOCK_ROW_GROUPS[m]:
                     u = filter_block_buffer((r1 - r0) * a, cinp, ob, panels=True)
                     u[...] = np.nan
                     fill_block_filters(blocks[j], m, u, rows=(r0, r1))
