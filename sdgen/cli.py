@@ -472,7 +472,8 @@ def bench(
                                       "take, and each path with its filters made at each call and kept. "
                                       "[default: off]"),
     json_out: bool = typer.Option(False, "--json", show_default=False,
-                                  help="Print one JSON object on stdout. [default: a table]"),
+                                  help="Print one JSON object on stdout (with --kernels: a JSON array, an object per "
+                                       "shape). [default: a table]"),
     weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", show_default=False,
                                                 help=_WEIGHTS_DTYPE_HELP),
     vae_tiling: str = typer.Option("auto", "--vae-tiling", help=_VAE_TILING_HELP),
