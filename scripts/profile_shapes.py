@@ -65,7 +65,9 @@ def profile(folder: Path, size: int, threads: int) -> tuple[float, dict, dict]:
     extra = {k: x[k] for k in ("text_embeds", "time_ids") if k in x}
     linear, conv = (collections.defaultdict(lambda: [0.0, 0, 0.0]) for _ in range(2))
 
-    def timed(module, name: str, record) -> None:
+    def timed(module, name: str, record, table: dict) -> None:
+        """module.name wrapped: each call's seconds, count and flops added to table[key], (key, flops) = record(...)
+        (no key: not counted)."""
         fn = getattr(module, name)
 
         def run(*args, **kwargs):
@@ -73,7 +75,7 @@ def profile(folder: Path, size: int, threads: int) -> tuple[float, dict, dict]:
             out = fn(*args, **kwargs)
             key, flops = record(name, args, kwargs, out)
             if key is not None:
-                entry = record.table[key]
+                entry = table[key]
                 entry[0] += time.perf_counter() - t0
                 entry[1] += 1
                 entry[2] += flops
@@ -92,10 +94,9 @@ def profile(folder: Path, size: int, threads: int) -> tuple[float, dict, dict]:
             return None, 0.0
         return conv_key(name, args[0], args[1], out, kwargs.get("pre"))
 
-    linear_call.table, conv_call.table = linear, conv
-    timed(linear_tiles, "linear", linear_call)
+    timed(linear_tiles, "linear", linear_call, linear)
     for name in ("conv2d", "upsample_conv2d"):
-        timed(kernels, name, conv_call)
+        timed(kernels, name, conv_call, conv)
 
     def forward():
         unet.forget_context()  # the cross-attention keys made again, as diffusers does at every forward
