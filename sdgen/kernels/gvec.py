@@ -122,6 +122,7 @@ def filters(g, ldg, n, m, u, ldu, rows, r0, r1, cols, panel_step):
     multiple of LANES. With panel_step > 0, filter e = i cols + j (input i, output column j < cols, a multiple of
     PANEL) goes to column j % PANEL of row i of panel j // PANEL instead, panels panel_step floats apart, and rows
     from n / cols to rows / cols of each panel are 0. Serial; releases the GIL."""
+    pair = r0 if m == 4 and r1 == r0 + 2 else -1  # F(4,3)'s rows r0, r0 + 1: the step compiled for them, if any
     for e in range(0, n, LANES):
         at = e
         if panel_step > 0:
@@ -131,15 +132,14 @@ def filters(g, ldg, n, m, u, ldu, rows, r0, r1, cols, panel_step):
             at = q * panel_step + i * PANEL + (j - q * PANEL)
         if m == 2:
             _STEP2(g, e, ldg, u, at, ldu, r0, r1)
+        elif pair == 0:
+            _STEP4_01(g, e, ldg, u, at, ldu, r0, r1)
+        elif pair == 2:
+            _STEP4_23(g, e, ldg, u, at, ldu, r0, r1)
+        elif pair == 4:
+            _STEP4_45(g, e, ldg, u, at, ldu, r0, r1)
         elif m == 4:
-            if r1 - r0 == 2 and r0 == 0:
-                _STEP4_01(g, e, ldg, u, at, ldu, r0, r1)
-            elif r1 - r0 == 2 and r0 == 2:
-                _STEP4_23(g, e, ldg, u, at, ldu, r0, r1)
-            elif r1 - r0 == 2 and r0 == 4:
-                _STEP4_45(g, e, ldg, u, at, ldu, r0, r1)
-            else:
-                _STEP4(g, e, ldg, u, at, ldu, r0, r1)
+            _STEP4(g, e, ldg, u, at, ldu, r0, r1)
         else:
             _STEP6(g, e, ldg, u, at, ldu, r0, r1)
     for p in range((r1 - r0) * (m + 2)):
