@@ -51,38 +51,25 @@ def conv_key(name: str, x, plan, out, pre) -> tuple[tuple, float]:
 
 def profile(folder: Path, size: int, threads: int) -> tuple[float, dict, dict]:
     """One timed forward: (wall seconds, {linear key: [seconds, calls, flops]}, {conv key: [...]})."""
-    import profile_split
+    from profile_split import sdgen_forward, wrap_timed
     from sdgen import kernels
     from sdgen.kernels import linear_tiles
-    from sdgen.memory import fresh_memory_settings
-    from sdgen.pipeline import Pipeline
-    from sdgen.threads import set_threads
 
-    fresh_memory_settings()  # as the sdgen command does
-    set_threads(threads)
-    unet = Pipeline.load(folder).unet
-    x = profile_split.inputs(folder, size)
-    extra = {k: x[k] for k in ("text_embeds", "time_ids") if k in x}
+    forward = sdgen_forward(folder, size, threads)
     linear, conv = (collections.defaultdict(lambda: [0.0, 0, 0.0]) for _ in range(2))
 
     def timed(module, name: str, record, table: dict) -> None:
-        """module.name wrapped: each call's seconds, count and flops added to table[key], (key, flops) = record(...)
-        (no key: not counted)."""
-        fn = getattr(module, name)
-
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            seconds = time.perf_counter() - t0  # the call alone, not the bookkeeping below
+        """module.name timed (profile_split.wrap_timed): each call's seconds, count and flops added to table[key],
+        (key, flops) = record(...) (no key: not counted)."""
+        def add(args, kwargs, out, seconds):
             key, flops = record(name, args, kwargs, out)
             if key is not None:
                 entry = table[key]
                 entry[0] += seconds
                 entry[1] += 1
                 entry[2] += flops
-            return out
 
-        setattr(module, name, run)
+        wrap_timed(module, name, add)
 
     def linear_call(name, args, kwargs, out):
         a, residual = args[0], args[3] if len(args) > 3 else kwargs.get("residual")
@@ -98,10 +85,6 @@ def profile(folder: Path, size: int, threads: int) -> tuple[float, dict, dict]:
     timed(linear_tiles, "linear", linear_call, linear)
     for name in ("conv2d", "upsample_conv2d"):
         timed(kernels, name, conv_call, conv)
-
-    def forward():
-        unet.forget_context()  # the cross-attention keys made again, as diffusers does at every forward
-        return unet(x["sample"], 500, x["context"], **extra)
 
     forward()
     linear.clear()

@@ -68,6 +68,20 @@ def best_of(fn, n: int) -> float:
     return best
 
 
+def wrap_timed(module, name: str, record) -> None:
+    """module.name replaced by a wrapper that times each call, then hands record(args, kwargs, out, seconds) the
+    call's arguments, its result and its seconds (the call alone: what record does is not timed)."""
+    fn = getattr(module, name)
+
+    def run(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        record(args, kwargs, out, time.perf_counter() - t0)
+        return out
+
+    setattr(module, name, run)
+
+
 def split(forward, targets: list) -> dict:
     """The forward's untimed best of 2 ("plain"), then its time by kind: for each (module, kinds) of targets, the
     module's functions named in kinds wrapped in timers (kinds[name](args, out) -> (kind, flops of a linear product,
@@ -77,17 +91,12 @@ def split(forward, targets: list) -> dict:
     flops = [0.0]
 
     def timed(module, name: str, kind_of) -> None:
-        fn = getattr(module, name)
-
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
+        def record(args, kwargs, out, sec):
             kind, f = kind_of(args, out)
-            seconds[kind] += time.perf_counter() - t0
+            seconds[kind] += sec
             flops[0] += f
-            return out
 
-        setattr(module, name, run)
+        wrap_timed(module, name, record)
 
     for module, kinds in targets:
         for name, kind_of in kinds.items():
@@ -129,9 +138,9 @@ def diffusers_side(folder: Path, size: int, threads: int) -> dict:
                                 "scaled_dot_product_attention": lambda args, out: ("attention", 0.0)})])
 
 
-def sdgen_side(folder: Path, size: int, threads: int) -> dict:
-    from sdgen import kernels
-    from sdgen.kernels import linear_tiles
+def sdgen_forward(folder: Path, size: int, threads: int):
+    """sdgen's UNet of the model in folder, loaded with the sdgen command's memory settings and threads: a function
+    that runs one forward on inputs(folder, size)."""
     from sdgen.memory import fresh_memory_settings
     from sdgen.pipeline import Pipeline
     from sdgen.threads import set_threads
@@ -145,6 +154,15 @@ def sdgen_side(folder: Path, size: int, threads: int) -> dict:
     def forward():
         unet.forget_context()  # the cross-attention keys made again, as diffusers does at every forward
         return unet(x["sample"], 500, x["context"], **extra)
+
+    return forward
+
+
+def sdgen_side(folder: Path, size: int, threads: int) -> dict:
+    from sdgen import kernels
+    from sdgen.kernels import linear_tiles
+
+    forward = sdgen_forward(folder, size, threads)
 
     def conv_kind(args, out):  # (input NHWC, Conv2dPlan)
         if (args[1].kh, args[1].kw) == (1, 1):
