@@ -115,7 +115,12 @@ def main() -> None:
 
     from compare_full_size import build_random_model
     from fp32_peak import fma_peak
+    from sdgen.threads import set_threads
 
+    # the threads set before the peak's parallel loop, as fp32_peak.py does: with Numba's OpenMP layer, a parallel
+    # loop run before set_threads left the forward after it 12-15% slower (sd15, 2 threads, Zen 4: 6.7-7.0 s against
+    # 6.0-6.2, linear and convolutions alike; not with the workqueue layer)
+    set_threads(args.threads)
     peak = fma_peak(args.threads)  # GFLOP/s
     folder = build_random_model(args.model, args.workdir / args.model)
     wall, linear, conv = profile(folder, args.size, args.threads)
