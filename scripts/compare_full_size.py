@@ -36,7 +36,11 @@ PROMPT, NEGATIVE = "portrait photo of a old warrior chief", "blurry"
 
 
 def build_random_model(model: str, out: Path, seed: int = 0) -> Path:
-    """Save a random-weight diffusers folder of the architecture sdgen ships configs for."""
+    """Save a random-weight diffusers folder of the architecture sdgen ships configs for. Where it is saved already,
+    nothing is imported: PyTorch loaded into a process that then runs sdgen's kernels (scripts/profile_shapes.py,
+    ab_settings.py) brings its own threads and OpenMP runtime beside Numba's."""
+    if (out / "model_index.json").exists():
+        return out
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -45,8 +49,6 @@ def build_random_model(model: str, out: Path, seed: int = 0) -> Path:
     from sdgen.tokenizer import write_vocab_files
     from tiny_models import randomize
 
-    if (out / "model_index.json").exists():
-        return out
     cfg_dir = ROOT / "sdgen" / "data" / "configs" / model
     read = lambda rel: json.loads((cfg_dir / rel).read_text())  # noqa: E731
     index = read("model_index.json")
